@@ -1,0 +1,27 @@
+"""From a validated config to the objects of a run: data loaders, tasks, models, optimiser."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from omegaconf import OmegaConf
+
+from kdmtl_cli.data import DataBundle
+from kdmtl_cli.data.loader import TensorLoader
+from kdmtl_cli.engine.hardware import Hardware
+
+
+def make_loader(data: DataBundle, split: str, tasks, cfg, hardware: Hardware, *, train: bool,
+                limit: Optional[int]) -> TensorLoader:
+    kinds = {t.target: t.kind.name for t in tasks.values()}
+    return TensorLoader(data.splits[split], kinds,
+                        batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
+                        mean=data.mean, std=data.std, device=hardware.device, shuffle=train,
+                        hflip=train and cfg.data.hflip, seed=cfg.seed, limit_batches=limit)
+
+
+def model_meta(model_cfg, tasks_signature: Dict) -> Dict:
+    """What rebuilds a model from its weights: architecture fields and task heads."""
+    arch_keys = ("arch", "width", "depth", "stages", "stem_stride", "decoder_width", "small_input")
+    container = OmegaConf.to_container(model_cfg, resolve=True)
+    return {"model": {k: container[k] for k in arch_keys}, "tasks": tasks_signature}

@@ -1,0 +1,122 @@
+"""`kdmtl` console script: pick the subcommand, hand the rest of argv to its Hydra main.
+
+Each subcommand is one ``@hydra.main`` (kdmtl_cli/commands/) with its own primary
+config (conf/<command>.yaml), so each keeps Hydra's --help, --cfg, --info, -m and
+--config-dir. Errors the user can fix are printed as one line (exit 1); the
+traceback appears only with HYDRA_FULL_ERROR=1.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from typing import Callable, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from kdmtl_cli.errors import KdmtlError, one_line
+
+USAGE = """usage: kdmtl <command> [overrides...] [hydra options]
+
+Knowledge distillation into multi-task students, driven by Hydra configs.
+
+commands:
+  train   train (or load) the teacher(s), distil into the student, evaluate, checkpoint
+  eval    re-evaluate a finished run's checkpoint: kdmtl eval run_dir=outputs/...
+
+Each command takes Hydra's options: --help, --cfg job, --info, -m/--multirun,
+--config-dir DIR (your own configs and experiments), --hydra-help.
+Examples:
+  kdmtl train
+  kdmtl train +experiment=shapes_cls_seg_depth student=tiny loss.kd_weight=0.5
+  kdmtl train -m loss.temperature=2,4,8 seed=0,1,2
+  kdmtl train --help
+"""
+
+# One id per process: two runs started in the same second never share a directory,
+# and every rank/job of one process resolves the same value.
+_RUN_ID = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("kdmtl_run_id"):
+        OmegaConf.register_new_resolver("kdmtl_run_id", lambda: _RUN_ID, use_cache=True)
+
+
+def _commands() -> Dict[str, Callable[[], None]]:
+    from kdmtl_cli.commands.eval import eval_main
+    from kdmtl_cli.commands.train import train_main
+
+    return {"train": train_main, "eval": eval_main}
+
+
+def _format_error(err: BaseException) -> str:
+    from hydra.errors import MissingConfigException
+
+    text = str(err)
+    if isinstance(err, MissingConfigException):
+        text = text.split("Config search path:")[0]
+        text += "\n(choose one of the available options, or add a config with --config-dir)"
+    if isinstance(err, KdmtlError):
+        return one_line(text)
+    if isinstance(err, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
+        return f"cannot use path {err.filename!r}: {err.strerror}; choose a readable/writable location"
+    if isinstance(err, OSError):
+        return f"{type(err).__name__}: {one_line(text)}"
+    cause = err.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text}\n{cause}"
+    return one_line(text)
+
+
+def _run(command: Callable[[], None]) -> int:
+    """Run a Hydra main with Hydra's own error printing off, so every error reaches us."""
+    user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        command()
+    except SystemExit as exit_:
+        return int(exit_.code) if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except KeyboardInterrupt:
+        print("kdmtl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI boundary: turn anything into one line
+        if user_wants_traceback:
+            raise
+        print(f"kdmtl: error: {_format_error(err)}", file=sys.stderr)
+        return 1
+    finally:
+        if not user_wants_traceback:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from kdmtl_cli import __version__
+
+        print(f"kdmtl {__version__}")
+        sys.exit(0)
+    name, rest = argv[0], argv[1:]
+    commands = _commands()
+    if name not in commands:
+        print(f"kdmtl: error: unknown command '{name}'; choose one of: {', '.join(commands)} "
+              "(kdmtl --help lists them)", file=sys.stderr)
+        sys.exit(2)
+    _register_resolvers()
+    # Hydra parses sys.argv itself; it must not see the subcommand.
+    if name == "train":
+        try:
+            from kdmtl_cli.resume import rewrite_argv_for_resume
+
+            rest = rewrite_argv_for_resume(rest)
+        except KdmtlError as err:
+            print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
+            sys.exit(1)
+    sys.argv = [f"kdmtl-{name}"] + rest
+    sys.exit(_run(commands[name]))

@@ -1,0 +1,1 @@
+"""One Hydra main per subcommand."""

@@ -1,0 +1,69 @@
+"""`kdmtl eval run_dir=...`: rebuild a run's data and student from its saved config and
+evaluate a checkpoint (best by default) on a split. Writes eval.json in its own dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.schema import EvalConfig, TrainConfig, validate
+
+
+@hydra.main(version_base="1.3", config_path="pkg://kdmtl_cli.conf", config_name="eval")
+def _eval(raw: DictConfig) -> float:
+    from kdmtl_cli.build import make_loader
+    from kdmtl_cli.data import build_data
+    from kdmtl_cli.distill.objective import Objective
+    from kdmtl_cli.distill.logit import NoDistillation
+    from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
+    from kdmtl_cli.engine.hardware import setup_hardware
+    from kdmtl_cli.engine.trainer import evaluate
+    from kdmtl_cli.engine.logging import console
+    from kdmtl_cli.models import build_model
+    from kdmtl_cli.tasks import build_tasks
+    from rich.table import Table
+
+    cfg = validate(raw, EvalConfig)
+    run_dir = Path(cfg.run_dir).expanduser()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise KdmtlError(f"{run_dir} is not a kdmtl train run directory (no config.yaml); "
+                         "pass run_dir=outputs/DATE/TIME-ID")
+    if cfg.split not in ("val", "test"):
+        raise KdmtlError(f"split must be val or test (got '{cfg.split}')")
+    train_cfg = validate(OmegaConf.load(saved), TrainConfig)
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint not in ("best", "last") \
+        else run_dir / "checkpoints" / f"{cfg.checkpoint}.pt"
+    state = load_checkpoint(checkpoint)
+    hardware = setup_hardware(cfg.hardware)
+    data = build_data(train_cfg.data)
+    tasks = build_tasks(train_cfg.tasks, data.targets)
+    model = build_model(train_cfg.student, tasks)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise KdmtlError(f"{checkpoint} does not match the run's student ({str(err).splitlines()[0]})") from None
+    model = hardware.prepare_model(model)
+    loader = make_loader(data, cfg.split, tasks, train_cfg, hardware, train=False,
+                         limit=train_cfg.limit_eval_batches)
+    objective = Objective(tasks, OmegaConf.create({"task_weight": 1.0, "kd_weight": 0.0}), NoDistillation(None, tasks))
+    metrics = evaluate(model, loader, tasks, objective, hardware, cfg.split)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    atomic_write_text(json.dumps({"checkpoint": str(checkpoint), "epoch": state.get("epoch"),
+                                  "split": cfg.split, "metrics": metrics}, indent=2), out_dir / "eval.json")
+    table = Table(title=f"kdmtl eval: {checkpoint} (epoch {state.get('epoch')}) on {cfg.split}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    console.print(table)
+    return metrics.get(f"{cfg.split}/loss/task", 0.0)
+
+
+def eval_main() -> None:
+    _eval()

@@ -1,0 +1,60 @@
+"""`kdmtl train`: teacher(s) loaded, reused or trained -> student distilled -> evaluated.
+
+The run directory (Hydra's output dir) receives .hydra/, config.yaml (the validated,
+resolved config), checkpoints/{last,best}.pt, metrics.jsonl, tensorboard/, teacher/
+(when a teacher was trained here), results.json and summary.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.schema import TrainConfig, validate
+
+
+def apply_debug(cfg: DictConfig) -> DictConfig:
+    """`debug=fast`: one epoch of a few batches on small splits, for any experiment."""
+    if cfg.debug is None:
+        return cfg
+    d = cfg.debug
+    cfg.optim.epochs = d.epochs
+    cfg.teacher.optim.epochs = d.epochs
+    cfg.limit_train_batches = d.max_batches
+    cfg.limit_eval_batches = d.max_batches
+    cfg.data.train_size, cfg.data.val_size, cfg.data.test_size = d.train_size, d.val_size, d.test_size
+    return cfg
+
+
+def effective_config(raw: DictConfig, overrides) -> DictConfig:
+    cfg = apply_debug(validate(raw, TrainConfig))
+    if cfg.resume not in (None, False):
+        from kdmtl_cli.resume import merge_for_resume
+
+        saved_path = Path(str(cfg.resume)) / "config.yaml"
+        if not saved_path.is_file():
+            raise KdmtlError(f"cannot resume: {saved_path} is missing; was this directory made by kdmtl train?")
+        saved = validate(OmegaConf.load(saved_path), TrainConfig)
+        cfg = validate(merge_for_resume(cfg, saved, overrides), TrainConfig)
+    return cfg
+
+
+@hydra.main(version_base="1.3", config_path="pkg://kdmtl_cli.conf", config_name="train")
+def _train(raw: DictConfig) -> Optional[float]:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    cfg = effective_config(raw, list(hydra_cfg.overrides.task))
+    from kdmtl_cli.run import run_training
+
+    return run_training(cfg, run_dir, resume=cfg.resume not in (None, False))
+
+
+def train_main() -> None:
+    _train()

@@ -1,0 +1,49 @@
+"""Data sets by name. Each module registers a builder ``cfg.data -> DataBundle``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from kdmtl_cli.registry import Registry
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a data set provides for one target: its task kind and, for labels, the class count."""
+
+    kind: str                           # classification | segmentation | depth
+    num_classes: Optional[int] = None
+    class_names: Optional[List[str]] = None
+    mean: Optional[float] = None        # regression targets: train-split statistics, so heads
+    std: Optional[float] = None         # predict in normalised units from the first step
+
+
+@dataclass
+class DataBundle:
+    """A data set resident in memory: per split, uint8 images [N,C,H,W] and target tensors."""
+
+    name: str
+    targets: Dict[str, TargetSpec]
+    splits: Dict[str, Dict[str, torch.Tensor]]
+    mean: List[float]
+    std: List[float]
+    fingerprint: str = ""               # identifies the exact data (for teacher cache keys)
+    info: Dict[str, str] = field(default_factory=dict)
+
+    def size(self, split: str) -> int:
+        return int(self.splits[split]["image"].shape[0])
+
+
+DATASETS: Registry = Registry("data set", "data.name")
+
+
+def build_data(data_cfg) -> DataBundle:
+    # Import the modules so that they register themselves.
+    from kdmtl_cli.data import shapes  # noqa: F401
+
+    return DATASETS.get(data_cfg.name)(data_cfg)

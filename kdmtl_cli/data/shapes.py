@@ -1,0 +1,77 @@
+"""`shapes`: the embedded multi-task data set, generated offline from a seed.
+
+Scenes of circles, squares, triangles and crosses over textured backgrounds
+(kdmtl_cli/data/shapes_generator.py). Targets: `cls` (shape of the largest visible
+object), `seg` (per-pixel shape, 0 = background), `depth` (distance of the visible
+surface). Splits are generated once and cached under ``<data.root>/shapes/<fingerprint>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec
+from kdmtl_cli.engine.checkpoint import atomic_torch_save, load_tensor_file
+from kdmtl_cli.errors import KdmtlError
+
+GENERATOR_VERSION = 1  # bump when the generator's output changes, to invalidate caches
+
+
+def _fingerprint(cfg, sizes: dict) -> str:
+    key = {"version": GENERATOR_VERSION, "image_size": cfg.image_size, "seed": cfg.seed,
+           "min_objects": cfg.min_objects, "max_objects": cfg.max_objects, "sizes": sizes}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _split_sizes(cfg) -> dict:
+    sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
+    for split, n in sizes.items():
+        if n < 1:
+            raise KdmtlError(f"data.{split}_size must be at least 1 (got {n})")
+    return sizes
+
+
+@DATASETS.register("shapes")
+def build_shapes(cfg) -> DataBundle:
+    from kdmtl_cli.data.shapes_generator import SHAPE_NAMES, generate_shapes
+
+    sizes = _split_sizes(cfg)
+    fingerprint = _fingerprint(cfg, sizes)
+    folder = Path(cfg.root).expanduser() / "shapes" / fingerprint
+    splits = {}
+    for index, split in enumerate(SPLITS):
+        path = folder / f"{split}.pt"
+        if path.exists():
+            tensors = load_tensor_file(path, what="shapes data file")
+            expected = {"image", "cls", "seg", "depth"}
+            if set(tensors) != expected or tensors["image"].shape[0] != sizes[split]:
+                raise KdmtlError(f"shapes data file {path} does not hold the expected {sizes[split]} "
+                                 f"images with {sorted(expected)}; delete {folder} to regenerate it")
+        elif not cfg.generate:
+            raise KdmtlError(f"no shapes data at {folder} (expected train.pt, val.pt, test.pt); "
+                             "set data.generate=true to create it, or point data.root at existing data")
+        else:
+            # Each split has its own seed so no scene repeats across splits.
+            tensors = generate_shapes(sizes[split], image_size=cfg.image_size,
+                                      seed=cfg.seed * 1000 + index, min_objects=cfg.min_objects,
+                                      max_objects=cfg.max_objects)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_torch_save(tensors, path)
+            except OSError as err:
+                raise KdmtlError(f"cannot write generated data to {folder} ({err.strerror}); "
+                                 "set data.root (or KDMTL_CACHE) to a writable directory") from None
+        splits[split] = tensors
+    num_shapes = len(SHAPE_NAMES)
+    targets = {
+        "cls": TargetSpec("classification", num_shapes, list(SHAPE_NAMES)),
+        "seg": TargetSpec("segmentation", num_shapes + 1, ["background", *SHAPE_NAMES]),
+        "depth": TargetSpec("depth", mean=float(splits["train"]["depth"].mean()),
+                            std=float(splits["train"]["depth"].std())),
+    }
+    return DataBundle(name="shapes", targets=targets, splits=splits, mean=list(cfg.mean),
+                      std=list(cfg.std), fingerprint=fingerprint, info={"path": str(folder)})

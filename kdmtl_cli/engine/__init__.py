@@ -1,0 +1,1 @@
+"""The thin engine: device and precision, the training loop, checkpoints, teacher cache."""

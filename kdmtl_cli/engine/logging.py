@@ -1,0 +1,119 @@
+"""Where numbers go: metrics.jsonl (one JSON object per line), TensorBoard scalars, and
+the terminal (rich progress bars on a terminal, plain lines otherwise)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from rich.console import Console
+
+console = Console(stderr=False, highlight=False)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no nan/inf literals
+    return value
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard. Scalars go to TensorBoard with add_scalar per name
+    (add_scalars would create a sub-run per key)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, prefix: str = ""):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def truncate_after_epoch(self, epoch: int) -> None:
+        """On resume: drop records written after the checkpoint we resume from."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("type") == "final" or record.get("epoch", 0) > epoch:
+                continue
+            kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: Dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(self.prefix + name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+class Progress:
+    """Epoch and batch progress with loss and samples/s. Rich bars on a terminal; plain
+    lines (one per epoch) when output is redirected; nothing with mode=none."""
+
+    def __init__(self, mode: str, label: str, epochs: int):
+        if mode == "auto":
+            mode = "rich" if console.is_terminal else "plain"
+        if mode not in ("rich", "plain", "none"):
+            from kdmtl_cli.errors import KdmtlError
+
+            raise KdmtlError(f"unknown log.progress '{mode}'; choose auto, rich, plain or none")
+        self.mode, self.label, self.epochs = mode, label, epochs
+        self._bar = None
+
+    def __enter__(self):
+        if self.mode == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
+            from rich.progress import TextColumn, TimeElapsedColumn
+
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                                     console=console, transient=False)
+            self._bar.start()
+            self._epoch_task = self._bar.add_task(f"{self.label} epochs", total=self.epochs, info="")
+            self._batch_task = self._bar.add_task("  batches", total=1, info="")
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+
+    def start_epoch(self, epoch: int, batches: int, completed_epochs: int) -> None:
+        self._t0 = time.perf_counter()
+        if self._bar is not None:
+            self._bar.update(self._epoch_task, completed=completed_epochs)
+            self._bar.reset(self._batch_task, total=batches)
+            self._bar.update(self._batch_task, description=f"  epoch {epoch}")
+
+    def batch(self, loss: Optional[float], samples_per_s: float) -> None:
+        if self._bar is not None:
+            info = f"loss {loss:.4f}  {samples_per_s:,.0f} samples/s" if loss is not None else ""
+            self._bar.update(self._batch_task, advance=1, info=info)
+
+    def end_epoch(self, epoch: int, summary: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._epoch_task, completed=epoch, info=summary)
+        elif self.mode == "plain":
+            print(f"[{self.label}] epoch {epoch}/{self.epochs} {summary}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.mode != "none":
+            (self._bar.console.print if self._bar is not None else print)(text)
+            sys.stdout.flush()

@@ -1,0 +1,47 @@
+"""Optimisers and per-step learning-rate schedules from the `optim` config group."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdmtl_cli.errors import KdmtlError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "step", "constant")
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    if cfg.lr <= 0:
+        raise KdmtlError(f"optim.lr must be > 0 (got {cfg.lr})")
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    raise KdmtlError(f"unknown optim.name '{cfg.name}'; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per batch: linear warm-up, then cosine to zero / step decay / constant."""
+    if cfg.scheduler not in SCHEDULERS:
+        raise KdmtlError(f"unknown optim.scheduler '{cfg.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
+    if cfg.epochs < 1:
+        raise KdmtlError(f"optim.epochs must be at least 1 (got {cfg.epochs})")
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.scheduler == "step":
+            return cfg.gamma ** ((step // steps_per_epoch) // max(1, cfg.step_epochs))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

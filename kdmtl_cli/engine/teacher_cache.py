@@ -1,0 +1,38 @@
+"""Teachers trained once: a trained teacher is stored under
+``<cache_dir>/teachers/<key>/teacher.pt``, where the key hashes everything that
+determines it (architecture, tasks and their classes, data, teacher optimiser, seed,
+precision, batch limits). Every later run or sweep point with the same key reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+from omegaconf import OmegaConf
+
+CACHE_FORMAT_VERSION = 1
+# Fields of the teacher node that do not change the trained weights.
+_NOT_IN_KEY = ("checkpoint",)
+
+
+def teacher_key(teacher_cfg, task_signature: Dict, data_cfg, data_fingerprint: str, seed: int,
+                precision: str, limit_train_batches) -> str:
+    teacher = {k: v for k, v in OmegaConf.to_container(teacher_cfg, resolve=True).items() if k not in _NOT_IN_KEY}
+    data = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items()
+            if k not in ("root", "generate", "eval_batch_size")}
+    content = {"version": CACHE_FORMAT_VERSION, "teacher": teacher, "tasks": task_signature,
+               "data": data, "data_fingerprint": data_fingerprint, "seed": seed,
+               "precision": str(precision), "limit_train_batches": limit_train_batches}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def teacher_dir(cache_dir: str, key: str) -> Path:
+    return Path(cache_dir).expanduser() / "teachers" / key
+
+
+def describe(entry_dir: Path) -> Dict[str, Any]:
+    info = entry_dir / "teacher.json"
+    return json.loads(info.read_text()) if info.exists() else {}

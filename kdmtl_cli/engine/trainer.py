@@ -1,0 +1,224 @@
+"""The training loop: batch -> outputs -> named loss terms -> step; validate every
+epoch; checkpoint `last` and `best` (by a validation metric) atomically; resume exactly.
+
+One loop trains teachers and students alike; what is optimised lives in the
+`objective` (kdmtl_cli/distill/objective.py), so this file never knows about KD.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from kdmtl_cli.engine.checkpoint import save_checkpoint
+from kdmtl_cli.engine.hardware import Hardware
+from kdmtl_cli.engine.logging import MetricsLog, Progress
+from kdmtl_cli.engine.seeding import rng_state, set_rng_state
+from kdmtl_cli.errors import KdmtlError
+
+
+class NonFiniteLoss(KdmtlError):
+    pass
+
+
+def metric_direction(name: str, tasks) -> str:
+    """'max' when higher is better, 'min' otherwise (losses and errors)."""
+    parts = name.split("/")
+    if len(parts) == 3 and parts[1] in tasks:
+        return "max" if tasks[parts[1]].kind.higher_is_better.get(parts[2], False) else "min"
+    return "min"
+
+
+@torch.no_grad()
+def evaluate(model, loader, tasks, objective, hardware: Hardware, split: str) -> Dict[str, float]:
+    """Task losses and every task metric over a whole split, as {split/...: float}."""
+    model.eval()
+    metrics = {name: {m: metric.to(hardware.device) for m, metric in task.kind.metrics(task.spec).items()}
+               for name, task in tasks.items()}
+    sums: Dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        with hardware.autocast():
+            out = model(hardware.to_input(batch["image"]))
+        terms = objective.task_terms(out["outputs"], batch["targets"])
+        n = batch["image"].shape[0]
+        count += n
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value) * n
+        for name, task in tasks.items():
+            pred, target = task.kind.prepare_for_metrics(out["outputs"][name], batch["targets"][task.target])
+            for metric in metrics[name].values():
+                metric.update(pred, target)
+    result = {f"{split}/{key}": value / max(count, 1) for key, value in sums.items()}
+    result[f"{split}/loss/task"] = sum(result[f"{split}/task/{name}"] for name in tasks)
+    for name, per_task in metrics.items():
+        for metric_name, metric in per_task.items():
+            result[f"{split}/{name}/{metric_name}"] = float(metric.compute())
+    return result
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0                 # epochs completed
+    global_step: int = 0
+    best_value: Optional[float] = None
+    best_epoch: Optional[int] = None
+    best_metrics: Dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, *, model, objective, tasks, optimizer, scheduler, hardware: Hardware,
+                 train_loader, val_loader, epochs: int, checkpoint_dir: Path, log: MetricsLog,
+                 progress_mode: str, label: str, monitor: str, mode: str = "auto",
+                 grad_clip_norm: Optional[float] = None, log_every_n_steps: int = 25,
+                 stop_after_epoch: Optional[int] = None, checkpoint_extra: Optional[Dict[str, Any]] = None):
+        self.model, self.objective, self.tasks = model, objective, tasks
+        self.optimizer, self.scheduler, self.hw = optimizer, scheduler, hardware
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.epochs, self.checkpoint_dir, self.log = epochs, Path(checkpoint_dir), log
+        self.progress_mode, self.label = progress_mode, label
+        self.monitor = monitor
+        self.mode = metric_direction(monitor, tasks) if mode == "auto" else mode
+        if self.mode not in ("min", "max"):
+            raise KdmtlError(f"checkpoint.mode must be min, max or auto (got '{mode}')")
+        self.grad_clip_norm = grad_clip_norm
+        self.log_every = max(1, log_every_n_steps)
+        self.stop_after_epoch = stop_after_epoch
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.state = TrainState()
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def _checkpoint_state(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.hw.scaler.state_dict() if self.hw.scaler is not None else None,
+            "epoch": self.state.epoch, "global_step": self.state.global_step,
+            "best_value": self.state.best_value, "best_epoch": self.state.best_epoch,
+            "best_metrics": self.state.best_metrics, "monitor": self.monitor,
+            "rng": rng_state(), **self.checkpoint_extra,
+        }
+
+    def restore(self, checkpoint: Dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.hw.scaler is not None and checkpoint.get("scaler"):
+            self.hw.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = TrainState(epoch=checkpoint["epoch"], global_step=checkpoint["global_step"],
+                                best_value=checkpoint["best_value"], best_epoch=checkpoint["best_epoch"],
+                                best_metrics=dict(checkpoint.get("best_metrics") or {}))
+        set_rng_state(checkpoint["rng"])
+
+    def _improved(self, value: float) -> bool:
+        best = self.state.best_value
+        return best is None or (value < best if self.mode == "min" else value > best)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        with Progress(self.progress_mode, self.label, self.epochs) as progress:
+            while self.state.epoch < self.epochs:
+                epoch = self.state.epoch + 1
+                train_metrics = self._train_epoch(epoch, progress)
+                val_metrics = evaluate(self.model, self.val_loader, self.tasks, self.objective, self.hw, "val")
+                if self.monitor not in val_metrics:
+                    raise KdmtlError(f"checkpoint.monitor '{self.monitor}' is not a validation metric; "
+                                     f"choose one of: {', '.join(sorted(val_metrics))}")
+                value = val_metrics[self.monitor]
+                self.state.epoch = epoch
+                improved = self._improved(value)
+                if improved:
+                    self.state.best_value, self.state.best_epoch = value, epoch
+                    self.state.best_metrics = dict(val_metrics)
+                lr = self.optimizer.param_groups[0]["lr"]
+                record = {"type": "epoch", "epoch": epoch, "step": self.state.global_step, "lr": lr,
+                          **train_metrics, **val_metrics, "best_epoch": self.state.best_epoch}
+                self.log.write(record)
+                self.log.scalars({**train_metrics, **val_metrics, "lr": lr}, self.state.global_step)
+                state = self._checkpoint_state()
+                save_checkpoint(state, self.checkpoint_dir / "last.pt")
+                if improved:
+                    save_checkpoint(state, self.checkpoint_dir / "best.pt")
+                progress.end_epoch(epoch, f"train {train_metrics['train/loss/total']:.4f}  "
+                                          f"{self.monitor} {value:.4f}{'  *best' if improved else ''}  "
+                                          f"{train_metrics['train/samples_per_s']:,.0f} samples/s")
+                if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < self.epochs:
+                    progress.message(f"[{self.label}] stopping after epoch {epoch} (stop_after_epoch); "
+                                     "continue with resume=<run dir>")
+                    break
+        return self.state
+
+    def _train_epoch(self, epoch: int, progress: Progress) -> Dict[str, float]:
+        model, hw = self.model, self.hw
+        model.train()
+        self.train_loader.set_epoch(epoch)
+        progress.start_epoch(epoch, len(self.train_loader), epoch - 1)
+        sums: Dict[str, torch.Tensor] = {}
+        window: Dict[str, torch.Tensor] = {}
+        recent_losses = []
+        samples, window_steps = 0, 0
+        start = time.perf_counter()
+        for batch in self.train_loader:
+            with hw.autocast():
+                out = model(hw.to_input(batch["image"]))
+                loss, terms = self.objective(out, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            if hw.scaler is not None:
+                hw.scaler.scale(loss).backward()
+                if self.grad_clip_norm:
+                    hw.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
+                hw.scaler.step(self.optimizer)
+                hw.scaler.update()
+            else:
+                loss.backward()
+                if self.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
+                self.optimizer.step()
+            self.scheduler.step()
+            self.state.global_step += 1
+            samples += batch["image"].shape[0]
+            window_steps += 1
+            for key, value in terms.items():
+                value = value.detach().float()
+                sums[key] = sums[key] + value if key in sums else value
+                window[key] = window[key] + value if key in window else value
+            recent_losses.append(loss.detach())
+            # One host sync per window, not per step: find the first bad step afterwards.
+            if window_steps == self.log_every:
+                self._check_finite(recent_losses, epoch)
+                means = {f"train/{k}": float(v) / window_steps for k, v in window.items()}
+                elapsed = time.perf_counter() - start
+                self.log.scalars({**means, "train/lr": self.optimizer.param_groups[0]["lr"]},
+                                 self.state.global_step)
+                progress.batch(means["train/loss/total"], samples / max(elapsed, 1e-9))
+                window, window_steps, recent_losses = {}, 0, []
+            else:
+                progress.batch(None, 0.0)
+        self._check_finite(recent_losses, epoch)
+        elapsed = time.perf_counter() - start
+        steps = len(self.train_loader)
+        metrics = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
+        metrics["train/samples_per_s"] = samples / max(elapsed, 1e-9)
+        metrics["train/epoch_time_s"] = elapsed
+        return metrics
+
+    def _check_finite(self, recent_losses, epoch: int) -> None:
+        if not recent_losses:
+            return
+        stacked = torch.stack(recent_losses)
+        finite = torch.isfinite(stacked)
+        if bool(finite.all()):
+            return
+        first_bad = int((~finite).nonzero()[0])
+        step = self.state.global_step - len(recent_losses) + first_bad + 1
+        last_good = self.checkpoint_dir / "last.pt"
+        kept = f"last good checkpoint kept at {last_good}" if last_good.exists() else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"[{self.label}] loss became {float(stacked[first_bad])} at epoch {epoch}, "
+                            f"global step {step}; stopped, {kept}; lower optim.lr, set "
+                            "optim.grad_clip_norm, or use hardware.precision=32")

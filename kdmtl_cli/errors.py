@@ -1,0 +1,33 @@
+"""User-facing errors: one clear line, a non-zero exit code, no traceback.
+
+Code raises ``KdmtlError`` for anything the user can fix (bad config, missing
+file, diverged loss...). The CLI turns it, and the errors Hydra and OmegaConf
+raise while composing the config, into a single line on stderr; the full
+traceback is shown only with ``HYDRA_FULL_ERROR=1``.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class KdmtlError(Exception):
+    """An error the user can fix; its message says what is wrong and how to fix it."""
+
+
+def one_line(message: str) -> str:
+    """Fold a multi-line message (Hydra lists choices on tab-indented lines) into one line."""
+    lines = [line.strip() for line in str(message).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("full_key:")
+             and not line.startswith("object_type=") and not line.startswith("reference_type=")]
+    text = ""
+    for line in lines:
+        if not text:
+            text = line
+        elif text.endswith(":"):
+            text += " " + line
+        elif re.match(r"^[\w./\-=]+$", line) and re.search(r"(options in|choices)[^:]*:\s*[\w./\-, =]*$", text):
+            text += ", " + line  # continuation of a list of choices
+        else:
+            text += "; " + line
+    return text.replace(":,", ":")

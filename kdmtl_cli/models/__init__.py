@@ -1,0 +1,21 @@
+"""Models: trunks by name (convnet, torchvision ResNets), task heads, the multi-task network."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from kdmtl_cli.registry import Registry
+
+TRUNKS: Registry = Registry("architecture", "student.arch / teacher.arch")
+
+
+def build_model(model_cfg, tasks: Dict[str, "object"]):
+    from kdmtl_cli.models import convnet, torchvision_resnet  # noqa: F401  (register trunks)
+    from kdmtl_cli.models.multitask import MultiTaskModel
+
+    trunk = TRUNKS.get(model_cfg.arch)(model_cfg)
+    return MultiTaskModel(trunk, tasks, decoder_width=model_cfg.decoder_width)
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())

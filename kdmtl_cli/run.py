@@ -1,0 +1,122 @@
+"""One training run, start to finish (called by `kdmtl train` for each job)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from kdmtl_cli.build import make_loader, model_meta
+from kdmtl_cli.data import build_data
+from kdmtl_cli.distill import build_method
+from kdmtl_cli.distill.objective import Objective
+from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
+from kdmtl_cli.engine.efficiency import measure
+from kdmtl_cli.engine.hardware import setup_hardware
+from kdmtl_cli.engine.logging import MetricsLog
+from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
+from kdmtl_cli.engine.seeding import seed_everything
+from kdmtl_cli.engine.trainer import Trainer, evaluate
+from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.models import build_model
+from kdmtl_cli.summary import comparison_rows, markdown, print_table
+from kdmtl_cli.tasks import build_tasks, task_signature
+from kdmtl_cli.teachers import prepare_teacher
+
+
+def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            if (run_dir / "checkpoints" / "last.pt").exists():
+                raise KdmtlError(f"{run_dir} already holds a run's checkpoints; pass resume={run_dir} "
+                                 "to continue it, or choose another hydra.run.dir")
+            atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
+    except OSError as err:
+        raise KdmtlError(f"cannot write to the output directory {run_dir} ({err.strerror}); "
+                         "choose a writable one with hydra.run.dir=PATH") from None
+
+
+def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Optional[float]:
+    started = time.perf_counter()
+    _write_config(cfg, run_dir, resume)
+    seed_everything(cfg.seed)
+    hardware = setup_hardware(cfg.hardware)
+    data = build_data(cfg.data)
+    tasks = build_tasks(cfg.tasks, data.targets)
+    method = build_method(cfg.loss, tasks)
+    Objective(tasks, cfg.loss, method)  # validates the loss weights before any training
+
+    teacher, teacher_info = None, {}
+    if getattr(method, "uses_teacher", False):
+        teacher, teacher_info = prepare_teacher(cfg, tasks, data, hardware, run_dir)
+
+    # Reseed: the student starts the same whether the teacher was trained or loaded.
+    seed_everything(cfg.seed)
+    student = hardware.prepare_model(build_model(cfg.student, tasks))
+    train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
+    val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
+    test_loader = make_loader(data, "test", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
+    optimizer = build_optimizer(student.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader))
+    objective = Objective(tasks, cfg.loss, method, teacher)
+    log = MetricsLog(run_dir, cfg.log.tensorboard)
+    meta = model_meta(cfg.student, task_signature(tasks))
+    trainer = Trainer(model=student, objective=objective, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
+                      hardware=hardware, train_loader=train_loader, val_loader=val_loader,
+                      epochs=cfg.optim.epochs, checkpoint_dir=run_dir / "checkpoints", log=log,
+                      progress_mode=cfg.log.progress, label="student", monitor=cfg.checkpoint.monitor,
+                      mode=cfg.checkpoint.mode, grad_clip_norm=cfg.optim.grad_clip_norm,
+                      log_every_n_steps=cfg.log.every_n_steps, stop_after_epoch=cfg.stop_after_epoch,
+                      checkpoint_extra={"model_meta": meta})
+    if resume:
+        checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        trainer.restore(checkpoint)
+        log.truncate_after_epoch(checkpoint["epoch"])
+        if cfg.log.progress != "none":
+            print(f"student: resuming {run_dir} after epoch {checkpoint['epoch']}", flush=True)
+    state = trainer.fit()
+    if state.epoch < cfg.optim.epochs:
+        log.close()
+        return state.best_value
+
+    # Test once, with the checkpoint chosen on validation.
+    student.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
+    test_metrics = evaluate(student, test_loader, tasks, objective, hardware, "test")
+    teacher_metrics, teacher_cost, student_cost = None, None, None
+    if teacher is not None:
+        teacher_tasks = {n: t for n, t in tasks.items() if n in (cfg.teacher.tasks or list(tasks))}
+        teacher_metrics = evaluate(teacher, test_loader, teacher_tasks, objective, hardware, "test")
+    if cfg.log.efficiency:
+        sample = next(iter(test_loader))["image"]
+        student_cost = measure(student, sample, hardware)
+        teacher_cost = measure(teacher, sample, hardware) if teacher is not None else None
+    results = {
+        "type": "final", "epoch": state.epoch, "best_epoch": state.best_epoch,
+        "monitor": cfg.checkpoint.monitor, "best_value": state.best_value,
+        **{k: v for k, v in state.best_metrics.items()}, **test_metrics,
+        **({f"teacher/{k}": v for k, v in teacher_metrics.items()} if teacher_metrics else {}),
+        **({f"student/{k}": v for k, v in student_cost.items()} if student_cost else {}),
+        **({f"teacher/{k}": v for k, v in teacher_cost.items()} if teacher_cost else {}),
+        "wall_time_s": time.perf_counter() - started,
+    }
+    log.write(results)
+    log.scalars({k: v for k, v in results.items() if k.startswith(("test/", "teacher/test/"))}, state.global_step)
+    log.close()
+    atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "results": results,
+                                  "teacher": teacher_info}, indent=2), run_dir / "results.json")
+    rows = comparison_rows(tasks, "test", test_metrics, teacher_metrics, student_cost, teacher_cost)
+    title = f"kdmtl train: {cfg.loss.name} | test split | best epoch {state.best_epoch} by {cfg.checkpoint.monitor}"
+    header = [f"- run dir: `{run_dir}`", f"- teacher: {teacher_info.get('source', 'none')}",
+              f"- student: {cfg.student.arch} width {cfg.student.width} depth {cfg.student.depth}",
+              f"- data: {cfg.data.name} ({data.size('train')} train / {data.size('val')} val / "
+              f"{data.size('test')} test)", f"- epochs: {state.epoch}, seed {cfg.seed}",
+              f"- wall time: {results['wall_time_s']:.1f} s"]
+    atomic_write_text(markdown(title, rows, header), run_dir / "summary.md")
+    if cfg.log.progress != "none":
+        print_table(title, rows)
+        print(f"run dir: {run_dir}", flush=True)
+    return state.best_value

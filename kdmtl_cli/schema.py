@@ -1,0 +1,188 @@
+"""Typed schemas of every config group.
+
+The composed Hydra config is merged onto these dataclasses before any work is
+done (``validate``), so a typo'd key, a wrong type or a ``+new.key=`` that no
+schema knows fails at once with one line naming the key and the valid keys.
+Each field's comment is its documentation; units are in the names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from kdmtl_cli.errors import KdmtlError
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"                  # data set, by registry name (kdmtl_cli/data/)
+    root: str = "${cache_dir}/data"       # where the data set lives / is generated
+    generate: bool = True                 # create a missing generated data set (like torchvision's download)
+    image_size: int = 32                  # pixels per side
+    train_size: int = 4000                # images per split
+    val_size: int = 500
+    test_size: int = 500
+    seed: int = 0                         # data generation seed, independent of the training seed
+    min_objects: int = 2                  # objects per generated scene
+    max_objects: int = 4
+    batch_size: int = 64                  # training batch (samples)
+    eval_batch_size: int = 256
+    hflip: bool = True                    # random horizontal flip, applied to image and dense targets alike
+    mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel normalisation
+    std: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+
+
+@dataclass
+class TaskConfig:
+    kind: str = MISSING                   # classification | segmentation | depth (kdmtl_cli/tasks/)
+    target: Optional[str] = None          # data set target feeding this task; default: the task's name
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"                    # adam | adamw | sgd
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9                 # sgd only
+    nesterov: bool = False                # sgd only
+    epochs: int = 4
+    scheduler: str = "cosine"             # cosine | step | constant (stepped every batch)
+    warmup_epochs: float = 0.0            # linear warm-up, may be fractional
+    step_epochs: int = 30                 # step scheduler: decay every this many epochs
+    gamma: float = 0.1                    # step scheduler: decay factor
+    grad_clip_norm: Optional[float] = None
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "convnet"                 # convnet | resnet18 | resnet34 | resnet50 (kdmtl_cli/models/)
+    width: int = 16                       # convnet: channels of the first stage (doubles per stage)
+    depth: int = 1                        # convnet: residual blocks per stage
+    stages: int = 3                       # convnet: stages (each after the first halves the resolution)
+    stem_stride: int = 1                  # convnet: 2 halves the resolution of every stage (4x cheaper)
+    decoder_width: int = 16               # channels of the dense-task decoders
+    weights: Optional[str] = None         # torchvision trunks: local weights file (nothing is downloaded)
+    small_input: bool = True              # torchvision trunks: 3x3 stem without max-pool, for 32-64 px images
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    checkpoint: Optional[str] = None      # load this teacher (.pt from kdmtl or .safetensors) instead of training
+    tasks: Optional[List[str]] = None     # tasks the teacher covers; default: all student tasks
+    optim: OptimConfig = field(default_factory=OptimConfig)  # how a teacher is trained when not loaded
+
+
+@dataclass
+class LossConfig:
+    name: str = "kd"                      # kd | none (kdmtl_cli/distill/)
+    temperature: float = 4.0              # softmax temperature T of logit KD (terms are scaled by T^2)
+    task_weight: Any = 1.0                # weight of each task loss: a number, or {task: number}
+    kd_weight: Any = 1.0                  # weight of each distillation term: a number, or {task: number}
+    dense_kd: str = "l1"                  # depth distillation: l1 | l2 to the teacher's prediction
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    precision: str = "32"                 # 32 | bf16 | 16-mixed
+    num_threads: Optional[int] = None     # CPU threads for torch; default: torch's choice
+    deterministic: bool = True            # deterministic kernels (bit-reproducible CPU runs)
+    channels_last: bool = True            # NHWC memory layout: faster convolutions on CPU and GPU
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: str = "val/loss/task"        # validation metric that selects `best` (never a test metric)
+    mode: str = "auto"                    # min | max | auto (from the metric's direction)
+
+
+@dataclass
+class LogConfig:
+    progress: str = "auto"                # auto (rich on a terminal, plain lines otherwise) | rich | plain | none
+    every_n_steps: int = 25               # training losses to metrics.jsonl/TensorBoard every n steps
+    tensorboard: bool = True
+    efficiency: bool = True               # parameters, FLOPs and latency in the final table
+
+
+@dataclass
+class DebugConfig:
+    epochs: int = 1                       # epochs of teacher and student
+    max_batches: int = 2                  # batches per epoch and per evaluation
+    train_size: int = 128                 # split sizes of generated data sets
+    val_size: int = 64
+    test_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    cache_dir: str = "~/.cache/kdmtl"     # teacher cache and generated data (env KDMTL_CACHE)
+    resume: Any = None                    # true (latest matching run) | path of a run dir | null
+    stop_after_epoch: Optional[int] = None  # stop cleanly after this epoch, as if preempted; resume later
+    limit_train_batches: Optional[int] = None
+    limit_eval_batches: Optional[int] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: Dict[str, TaskConfig] = field(default_factory=dict)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    debug: Optional[DebugConfig] = None
+
+
+@dataclass
+class EvalConfig:
+    run_dir: str = MISSING                # a finished (or interrupted) kdmtl train run directory
+    checkpoint: str = "best"              # best | last | a path to a kdmtl checkpoint
+    split: str = "test"                   # val | test
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _valid_keys(schema: Any, parent_key: str) -> List[str]:
+    node = OmegaConf.structured(schema)
+    for part in [p for p in parent_key.split(".") if p]:
+        if not isinstance(node, DictConfig):
+            return []
+        child = node.get(part)
+        if child is None:  # a Dict[str, Schema] node: the keys come from its element type
+            element_type = node._metadata.element_type
+            child = OmegaConf.structured(element_type) if hasattr(element_type, "__dataclass_fields__") else None
+        node = child
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def validate(cfg: DictConfig, schema: type) -> DictConfig:
+    """Merge ``cfg`` onto ``schema``; raise a one-line KdmtlError naming any bad key or value."""
+    base = OmegaConf.structured(schema)
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    try:
+        merged = OmegaConf.merge(base, plain)
+        OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    except ConfigKeyError as err:
+        full_key = getattr(err, "full_key", None) or str(getattr(err, "key", "?"))
+        parent, _, leaf = full_key.rpartition(".")
+        valid = _valid_keys(schema, parent)
+        hint = difflib.get_close_matches(leaf, valid, n=1)
+        where = f"'{parent}'" if parent else "the top level"
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise KdmtlError(
+            f"unknown config key '{full_key}'{suggestion}; valid keys in {where}: {', '.join(valid)}"
+        ) from None
+    except ValidationError as err:
+        full_key = getattr(err, "full_key", "?")
+        detail = str(err).splitlines()[0]
+        raise KdmtlError(f"bad value for config key '{full_key}': {detail}") from None
+    except OmegaConfBaseException as err:
+        full_key = getattr(err, "full_key", None)
+        first = str(err).splitlines()[0]
+        raise KdmtlError(f"config error at '{full_key}': {first}" if full_key else f"config error: {first}") from None
+    return merged

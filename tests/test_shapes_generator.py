@@ -1,0 +1,143 @@
+import numpy as np
+import pytest
+import torch
+
+from kdmtl_cli.data.shapes_generator import SHAPE_NAMES, generate_shapes
+
+NUM_CLASSES = len(SHAPE_NAMES)
+BACKGROUND_DEPTH_MIN, BACKGROUND_DEPTH_MAX = 8.0, 10.0
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate_shapes(2000, image_size=32, seed=0)
+
+
+def _class_areas(seg: torch.Tensor) -> np.ndarray:
+    """Visible pixel count per class, [N, NUM_CLASSES]."""
+    flat = seg.flatten(1).numpy()
+    return np.stack([(flat == c + 1).sum(axis=1) for c in range(NUM_CLASSES)], axis=1)
+
+
+def _check_invariants(d: dict, n: int, size: int) -> None:
+    assert set(d) == {"image", "cls", "seg", "depth"}
+    assert d["image"].shape == (n, 3, size, size) and d["image"].dtype == torch.uint8
+    assert d["cls"].shape == (n,) and d["cls"].dtype == torch.int64
+    assert d["seg"].shape == (n, size, size) and d["seg"].dtype == torch.int64
+    assert d["depth"].shape == (n, size, size) and d["depth"].dtype == torch.float32
+
+    seg, depth = d["seg"], d["depth"]
+    assert seg.min() >= 0 and seg.max() <= NUM_CLASSES
+    assert torch.isfinite(depth).all() and (depth > 0).all()
+    obj, bg = seg > 0, seg == 0
+    assert depth[obj].max() < BACKGROUND_DEPTH_MIN
+    assert depth[bg].min() >= BACKGROUND_DEPTH_MIN and depth[bg].max() <= BACKGROUND_DEPTH_MAX
+    # At least one object is visible in every image.
+    assert obj.flatten(1).any(dim=1).all()
+    assert d["cls"].min() >= 0 and d["cls"].max() < NUM_CLASSES
+
+
+def test_shapes_dtypes_and_label_invariants(data):
+    _check_invariants(data, 2000, 32)
+
+
+@pytest.mark.parametrize("size", [48, 64])
+def test_other_image_sizes(size):
+    d = generate_shapes(64, image_size=size, seed=5)
+    _check_invariants(d, 64, size)
+
+
+def test_cls_is_class_with_largest_visible_area(data):
+    areas = _class_areas(data["seg"])
+    cls = data["cls"].numpy()
+    rows = np.arange(len(cls))
+    # A different class than argmax is only acceptable on an exact tie.
+    assert (areas[rows, cls] == areas.max(axis=1)).all()
+    assert (areas[rows, cls] > 0).all()
+
+
+def test_cls_ties_go_to_nearest_class():
+    d = generate_shapes(3000, image_size=8, seed=11)  # tiny images make ties common
+    areas = _class_areas(d["seg"])
+    seg, depth = d["seg"].flatten(1), d["depth"].flatten(1)
+    ties = 0
+    for i in np.flatnonzero((areas == areas.max(axis=1, keepdims=True)).sum(axis=1) > 1):
+        tied = np.flatnonzero(areas[i] == areas[i].max())
+        nearest = [depth[i][seg[i] == c + 1].min().item() for c in tied]
+        assert d["cls"][i].item() == tied[int(np.argmin(nearest))]
+        ties += 1
+    assert ties > 0
+
+
+def test_single_object_cls_matches_seg():
+    d = generate_shapes(200, image_size=32, seed=3, min_objects=1, max_objects=1)
+    present = d["seg"].flatten(1).amax(dim=1) - 1
+    assert torch.equal(d["cls"], present)
+    # Exactly one class is visible per image.
+    assert ((_class_areas(d["seg"]) > 0).sum(axis=1) == 1).all()
+
+
+def test_deterministic_for_same_seed():
+    a = generate_shapes(50, image_size=32, seed=123)
+    b = generate_shapes(50, image_size=32, seed=123)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_different_seeds_differ():
+    a = generate_shapes(50, image_size=32, seed=1)
+    b = generate_shapes(50, image_size=32, seed=2)
+    assert not torch.equal(a["image"], b["image"])
+    assert not torch.equal(a["seg"], b["seg"])
+    assert not torch.equal(a["depth"], b["depth"])
+
+
+def test_does_not_touch_global_rng_state():
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    generate_shapes(10, image_size=32, seed=0)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+
+
+def test_background_is_textured(data):
+    image, bg = data["image"].float(), data["seg"] == 0
+    stds = [image[i][:, bg[i]].std().item() for i in range(len(image)) if bg[i].sum() >= 20]
+    assert len(stds) > 1900
+    assert min(stds) > 8.0  # in uint8 units: clearly not a flat colour
+
+
+def test_background_depth_varies_smoothly(data):
+    depth, bg = data["depth"], data["seg"] == 0
+    # Per image the far plane is tilted, so it is not a single constant...
+    spread = torch.stack([depth[i][bg[i]].max() - depth[i][bg[i]].min() for i in range(200)])
+    assert (spread > 0.05).float().mean() > 0.8
+    # ...but smooth: neighbouring background pixels differ by little.
+    both = bg[:, :, 1:] & bg[:, :, :-1]
+    step = (depth[:, :, 1:] - depth[:, :, :-1]).abs()[both]
+    assert step.max() < 0.1
+
+
+def test_objects_occlude_each_other(data):
+    # With 2-4 objects of up to 0.35 * size radius, several classes share many images.
+    visible_classes = (_class_areas(data["seg"]) > 0).sum(axis=1)
+    assert (visible_classes >= 2).mean() > 0.5
+
+
+def test_class_balance(data):
+    freq = np.bincount(data["cls"].numpy(), minlength=NUM_CLASSES) / len(data["cls"])
+    assert ((freq >= 0.15) & (freq <= 0.35)).all(), freq
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_images=0),
+        dict(num_images=4, image_size=7),
+        dict(num_images=4, min_objects=0),
+        dict(num_images=4, min_objects=3, max_objects=2),
+    ],
+)
+def test_invalid_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        generate_shapes(**kwargs)
