@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from kdmtl_cli.errors import KdmtlError, one_line
+from kdmtl_cli.errors import JobErrors, KdmtlError, one_line
 
 USAGE = """usage: kdmtl <command> [overrides...] [hydra options]
 
@@ -52,12 +52,20 @@ def _commands() -> Dict[str, Callable[[], None]]:
 
 
 def _format_error(err: BaseException) -> str:
+    import re
+
     from hydra.errors import MissingConfigException
 
-    text = str(err)
-    if isinstance(err, MissingConfigException):
+    text = re.sub(r"^\w+(Exception|Error): ", "", str(err))
+    struct = re.search(r"Could not override '([^']+)'", text)
+    if struct and "not in struct" in f"{text} {err.__cause__}":
+        from kdmtl_cli.schema import TrainConfig, unknown_key_message
+
+        return unknown_key_message(struct.group(1), TrainConfig)
+    if isinstance(err, MissingConfigException) or "Could not find" in text:
         text = text.split("Config search path:")[0]
         text += "\n(choose one of the available options, or add a config with --config-dir)"
+        return one_line(text)
     if isinstance(err, KdmtlError):
         return one_line(text)
     if isinstance(err, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
@@ -76,6 +84,8 @@ def _run(command: Callable[[], None]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         command()
+        if JobErrors.errors:
+            raise JobErrors.errors[0]
     except SystemExit as exit_:
         return int(exit_.code) if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except KeyboardInterrupt:

@@ -8,7 +8,9 @@ traceback is shown only with ``HYDRA_FULL_ERROR=1``.
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import List
 
 
 class KdmtlError(Exception):
@@ -31,3 +33,22 @@ def one_line(message: str) -> str:
         else:
             text += "; " + line
     return text.replace(":,", ":")
+
+
+class JobErrors:
+    """Errors raised inside Hydra jobs, kept so Hydra does not print its own
+    'Error executing job' banner; the CLI re-raises the first after Hydra returns."""
+
+    errors: List[BaseException] = []
+
+    @classmethod
+    def guard(cls, job):
+        @functools.wraps(job)
+        def wrapped(cfg):
+            try:
+                return job(cfg)
+            except Exception as err:  # noqa: BLE001 - re-raised by _run
+                cls.errors.append(err)
+                return None
+
+        return wrapped

@@ -22,8 +22,8 @@ RESUME_ARG = re.compile(r"^\+{0,2}resume=(.*)$")
 
 
 def find_latest_interrupted(root: Path = Path("outputs")) -> Optional[Path]:
-    candidates = [p.parent.parent for p in root.glob("*/*/checkpoints/last.pt")
-                  if not (p.parent.parent / "results.json").exists()]
+    candidates = [p.parent.parent for p in root.glob("**/checkpoints/last.pt")
+                  if (p.parent.parent / "config.yaml").exists() and not (p.parent.parent / "results.json").exists()]
     return max(candidates, key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime, default=None)
 
 
@@ -64,7 +64,7 @@ def _flatten(node, prefix: str = "") -> dict:
     return out
 
 
-def _touched_keys(overrides: List[str]) -> Tuple[List[str], bool]:
+def touched_keys(overrides: List[str]) -> Tuple[List[str], bool]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -81,7 +81,7 @@ def _touched_keys(overrides: List[str]) -> Tuple[List[str], bool]:
 
 def merge_for_resume(new_cfg: DictConfig, saved_cfg: DictConfig, overrides: List[str]) -> DictConfig:
     """The saved config, with only the allowed overrides applied; anything else that changed is an error."""
-    keys, everything = _touched_keys(overrides)
+    keys, everything = touched_keys(overrides)
     new_flat = _flatten(OmegaConf.to_container(new_cfg, resolve=True))
     old_flat = _flatten(OmegaConf.to_container(saved_cfg, resolve=True))
     changed = []

@@ -160,6 +160,15 @@ def _valid_keys(schema: Any, parent_key: str) -> List[str]:
     return sorted(node.keys()) if isinstance(node, DictConfig) else []
 
 
+def unknown_key_message(full_key: str, schema: type) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    valid = _valid_keys(schema, parent)
+    hint = difflib.get_close_matches(leaf, valid, n=1)
+    where = f"'{parent}'" if parent else "the top level"
+    suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return f"unknown config key '{full_key}'{suggestion}; valid keys in {where}: {', '.join(valid)}"
+
+
 def validate(cfg: DictConfig, schema: type) -> DictConfig:
     """Merge ``cfg`` onto ``schema``; raise a one-line KdmtlError naming any bad key or value."""
     base = OmegaConf.structured(schema)
@@ -169,14 +178,7 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
         OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except ConfigKeyError as err:
         full_key = getattr(err, "full_key", None) or str(getattr(err, "key", "?"))
-        parent, _, leaf = full_key.rpartition(".")
-        valid = _valid_keys(schema, parent)
-        hint = difflib.get_close_matches(leaf, valid, n=1)
-        where = f"'{parent}'" if parent else "the top level"
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise KdmtlError(
-            f"unknown config key '{full_key}'{suggestion}; valid keys in {where}: {', '.join(valid)}"
-        ) from None
+        raise KdmtlError(unknown_key_message(full_key, schema)) from None
     except ValidationError as err:
         full_key = getattr(err, "full_key", "?")
         detail = str(err).splitlines()[0]

@@ -40,7 +40,8 @@ def comparison_rows(tasks, split: str, student: Dict[str, float], teacher: Optio
 
 
 def print_table(title: str, rows: List[List[str]]) -> None:
-    table = Table(title=title)
+    console.print(f"[bold]{title}[/bold]")
+    table = Table()
     table.add_column("metric")
     table.add_column("teacher", justify="right")
     table.add_column("student", justify="right")

@@ -10,11 +10,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.errors import JobErrors, KdmtlError
 from kdmtl_cli.schema import EvalConfig, TrainConfig, validate
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdmtl_cli.conf", config_name="eval")
+@JobErrors.guard
 def _eval(raw: DictConfig) -> float:
     from kdmtl_cli.build import make_loader
     from kdmtl_cli.data import build_data
@@ -56,7 +57,8 @@ def _eval(raw: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     atomic_write_text(json.dumps({"checkpoint": str(checkpoint), "epoch": state.get("epoch"),
                                   "split": cfg.split, "metrics": metrics}, indent=2), out_dir / "eval.json")
-    table = Table(title=f"kdmtl eval: {checkpoint} (epoch {state.get('epoch')}) on {cfg.split}")
+    console.print(f"[bold]kdmtl eval: {checkpoint} (epoch {state.get('epoch')}) on {cfg.split}[/bold]")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():

@@ -16,25 +16,30 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.errors import JobErrors, KdmtlError
 from kdmtl_cli.schema import TrainConfig, validate
 
 
-def apply_debug(cfg: DictConfig) -> DictConfig:
-    """`debug=fast`: one epoch of a few batches on small splits, for any experiment."""
+def apply_debug(cfg: DictConfig, overrides=()) -> DictConfig:
+    """`debug=fast`: one epoch of a few batches on small splits, for any experiment.
+    Values the user set on the command line win over the debug values."""
     if cfg.debug is None:
         return cfg
+    from kdmtl_cli.resume import touched_keys
+
+    explicit, _ = touched_keys(list(overrides))
     d = cfg.debug
-    cfg.optim.epochs = d.epochs
-    cfg.teacher.optim.epochs = d.epochs
-    cfg.limit_train_batches = d.max_batches
-    cfg.limit_eval_batches = d.max_batches
-    cfg.data.train_size, cfg.data.val_size, cfg.data.test_size = d.train_size, d.val_size, d.test_size
+    shrink = {"optim.epochs": d.epochs, "teacher.optim.epochs": d.epochs,
+              "limit_train_batches": d.max_batches, "limit_eval_batches": d.max_batches,
+              "data.train_size": d.train_size, "data.val_size": d.val_size, "data.test_size": d.test_size}
+    for key, value in shrink.items():
+        if key not in explicit:
+            OmegaConf.update(cfg, key, value)
     return cfg
 
 
 def effective_config(raw: DictConfig, overrides) -> DictConfig:
-    cfg = apply_debug(validate(raw, TrainConfig))
+    cfg = apply_debug(validate(raw, TrainConfig), overrides)
     if cfg.resume not in (None, False):
         from kdmtl_cli.resume import merge_for_resume
 
@@ -47,6 +52,7 @@ def effective_config(raw: DictConfig, overrides) -> DictConfig:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdmtl_cli.conf", config_name="train")
+@JobErrors.guard
 def _train(raw: DictConfig) -> Optional[float]:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

@@ -9,6 +9,7 @@ strings, lists, dicts only) or safetensors; a file carrying pickled objects is r
 from __future__ import annotations
 
 import os
+import re
 import pickle
 import tempfile
 from pathlib import Path
@@ -61,7 +62,7 @@ def load_tensor_file(path: Path, what: str = "checkpoint") -> Dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if re.search(r"unsupported global|GLOBAL .* blocked", str(err), re.IGNORECASE):
             raise KdmtlError(f"refusing to load {what} {path}: it carries pickled Python objects, "
                              "not just tensors (only plain-tensor checkpoints are loaded)") from None
         raise KdmtlError(f"{what} {path} is corrupt or not a torch file ({one_line_err(err)})") from None
