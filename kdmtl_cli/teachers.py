@@ -17,7 +17,7 @@ from kdmtl_cli.data import TargetSpec
 from kdmtl_cli.distill.logit import NoDistillation
 from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.engine.checkpoint import (atomic_write_text, load_checkpoint, load_tensor_file,
-                                         read_safetensors_metadata, save_checkpoint)
+                                         read_safetensors_metadata, save_weights)
 from kdmtl_cli.engine.logging import MetricsLog
 from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
 from kdmtl_cli.engine.seeding import seed_everything
@@ -102,7 +102,7 @@ def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
     key = teacher_key(cfg.teacher, signature, cfg.data, data.fingerprint, cfg.seed,
                       cfg.hardware.precision, cfg.limit_train_batches)
     entry = teacher_dir(cfg.cache_dir, key)
-    weights_path = entry / "teacher.pt"
+    weights_path = entry / "teacher.safetensors"
     if weights_path.exists():
         model, meta = load_teacher_file(weights_path)
         _check_covers(f"cache entry {entry}", meta["tasks"], tasks, wanted)
@@ -113,7 +113,7 @@ def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
     start = time.perf_counter()
     model = train_teacher(cfg, teacher_tasks, data, hardware, run_dir / "teacher")
     meta = model_meta(cfg.teacher, signature)
-    save_checkpoint({"model": model.state_dict(), "model_meta": meta}, weights_path)
+    save_weights(model.state_dict(), weights_path, {"kdmtl_model_meta": json.dumps(meta)})
     info = {"key": key, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "trained_in_run": str(run_dir), "train_seconds": round(time.perf_counter() - start, 2),
             "config": OmegaConf.to_container(cfg.teacher, resolve=True), "tasks": signature}

@@ -65,7 +65,8 @@ def load_tensor_file(path: Path, what: str = "checkpoint") -> Dict[str, Any]:
         if re.search(r"unsupported global|GLOBAL .* blocked", str(err), re.IGNORECASE):
             raise KdmtlError(f"refusing to load {what} {path}: it carries pickled Python objects, "
                              "not just tensors (only plain-tensor checkpoints are loaded)") from None
-        raise KdmtlError(f"{what} {path} is corrupt or not a torch file ({one_line_err(err)})") from None
+        raise KdmtlError(f"{what} {path} is corrupt or not a torch checkpoint (unpickling failed); "
+                         "delete it or point at another file") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise KdmtlError(f"{what} {path} is corrupt or not a torch file ({one_line_err(err)}); "
                          "delete it or point at another file") from None

@@ -1,5 +1,5 @@
 """Teachers trained once: a trained teacher is stored under
-``<cache_dir>/teachers/<key>/teacher.pt``, where the key hashes everything that
+``<cache_dir>/teachers/<key>/teacher.safetensors`` (with teacher.json beside it), where the key hashes everything that
 determines it (architecture, tasks and their classes, data, teacher optimiser, seed,
 precision, batch limits). Every later run or sweep point with the same key reuses it.
 """

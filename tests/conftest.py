@@ -1,0 +1,43 @@
+"""Shared test helpers: run the real `kdmtl` CLI in a subprocess with an isolated cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small, fast settings shared by end-to-end runs: tiny splits, two batches per epoch.
+FAST = ["debug=fast", "log.progress=plain", "log.efficiency=false"]
+
+
+def run_kdmtl(args: List[str], cwd: Path, cache: Path, env_extra: Optional[dict] = None,
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["KDMTL_CACHE"] = str(cache)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "kdmtl_cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache per test session: generated data and trained teachers are reused across tests."""
+    return tmp_path_factory.mktemp("kdmtl_cache")
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    d = tmp_path / "work"
+    d.mkdir()
+    return d
