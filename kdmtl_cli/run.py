@@ -85,11 +85,11 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
 
     # Test once, with the checkpoint chosen on validation.
     student.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
-    test_metrics = evaluate(student, test_loader, tasks, objective, hardware, "test")
+    test_metrics = evaluate(student, test_loader, tasks, hardware, "test")
     teacher_metrics, teacher_cost, student_cost = None, None, None
     if teacher is not None:
         teacher_tasks = {n: t for n, t in tasks.items() if n in (cfg.teacher.tasks or list(tasks))}
-        teacher_metrics = evaluate(teacher, test_loader, teacher_tasks, objective, hardware, "test")
+        teacher_metrics = evaluate(teacher, test_loader, teacher_tasks, hardware, "test")
     if cfg.log.efficiency:
         sample = next(iter(test_loader))["image"]
         student_cost = measure(student, sample, hardware)

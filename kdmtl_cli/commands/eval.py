@@ -19,8 +19,6 @@ from kdmtl_cli.schema import EvalConfig, TrainConfig, validate
 def _eval(raw: DictConfig) -> float:
     from kdmtl_cli.build import make_loader
     from kdmtl_cli.data import build_data
-    from kdmtl_cli.distill.objective import Objective
-    from kdmtl_cli.distill.logit import NoDistillation
     from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
     from kdmtl_cli.engine.hardware import setup_hardware
     from kdmtl_cli.engine.trainer import evaluate
@@ -52,8 +50,7 @@ def _eval(raw: DictConfig) -> float:
     model = hardware.prepare_model(model)
     loader = make_loader(data, cfg.split, tasks, train_cfg, hardware, train=False,
                          limit=train_cfg.limit_eval_batches)
-    objective = Objective(tasks, OmegaConf.create({"task_weight": 1.0, "kd_weight": 0.0}), NoDistillation(None, tasks))
-    metrics = evaluate(model, loader, tasks, objective, hardware, cfg.split)
+    metrics = evaluate(model, loader, tasks, hardware, cfg.split)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     atomic_write_text(json.dumps({"checkpoint": str(checkpoint), "epoch": state.get("epoch"),
                                   "split": cfg.split, "metrics": metrics}, indent=2), out_dir / "eval.json")

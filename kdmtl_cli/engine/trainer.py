@@ -34,7 +34,7 @@ def metric_direction(name: str, tasks) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, loader, tasks, objective, hardware: Hardware, split: str) -> Dict[str, float]:
+def evaluate(model, loader, tasks, hardware: Hardware, split: str) -> Dict[str, float]:
     """Task losses and every task metric over a whole split, as {split/...: float}."""
     model.eval()
     metrics = {name: {m: metric.to(hardware.device) for m, metric in task.kind.metrics(task.spec).items()}
@@ -44,7 +44,8 @@ def evaluate(model, loader, tasks, objective, hardware: Hardware, split: str) ->
     for batch in loader:
         with hardware.autocast():
             out = model(hardware.to_input(batch["image"]))
-        terms = objective.task_terms(out["outputs"], batch["targets"])
+        terms = {f"task/{name}": task.kind.loss(out["outputs"][name], batch["targets"][task.target])
+                 for name, task in tasks.items()}
         n = batch["image"].shape[0]
         count += n
         for key, value in terms.items():
@@ -125,7 +126,7 @@ class Trainer:
             while self.state.epoch < self.epochs:
                 epoch = self.state.epoch + 1
                 train_metrics = self._train_epoch(epoch, progress)
-                val_metrics = evaluate(self.model, self.val_loader, self.tasks, self.objective, self.hw, "val")
+                val_metrics = evaluate(self.model, self.val_loader, self.tasks, self.hw, "val")
                 if self.monitor not in val_metrics:
                     raise KdmtlError(f"checkpoint.monitor '{self.monitor}' is not a validation metric; "
                                      f"choose one of: {', '.join(sorted(val_metrics))}")

@@ -1,0 +1,146 @@
+"""End-to-end `kdmtl train` / `kdmtl eval` through the real CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from conftest import FAST, read_jsonl, run_kdmtl
+
+
+def _ok(result):
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def _tensorboard_tags(run_dir: Path) -> set:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_train_writes_checkpoints_metrics_tensorboard_summary(workdir, shared_cache):
+    run_dir = workdir / "run"
+    result = _ok(run_kdmtl(["train", *FAST, "log.efficiency=true", f"hydra.run.dir={run_dir}"], workdir, shared_cache))
+    for name in ("config.yaml", "results.json", "summary.md", "metrics.jsonl", ".hydra/config.yaml",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run_dir / name).exists(), name
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["type"] for r in records] == ["epoch", "final"]
+    epoch, final = records
+    assert epoch["epoch"] == 1 and epoch["step"] == 2  # debug=fast: one epoch of two batches
+    for term in ("train/task/cls", "train/task/seg", "train/task/depth", "train/kd/cls", "train/kd/seg",
+                 "train/kd/depth", "train/loss/total", "val/cls/accuracy", "val/seg/miou", "val/depth/abs_err"):
+        assert term in epoch, term
+    # the optimised total is the weighted sum of its named terms (all weights 1 by default)
+    parts = sum(epoch[f"train/{g}/{t}"] for g in ("task", "kd") for t in ("cls", "seg", "depth"))
+    assert abs(epoch["train/loss/total"] - parts) < 1e-4 * max(1.0, abs(parts))
+    for key in ("test/cls/accuracy", "test/cls/f1", "test/cls/recall", "test/seg/miou", "test/seg/pixel_acc",
+                "test/depth/abs_err", "test/depth/rel_err", "teacher/test/cls/accuracy",
+                "student/params", "teacher/params", "student/flops", "student/latency_ms"):
+        assert key in final, key
+    assert final["teacher/params"] >= 4 * final["student/params"]
+    tags = _tensorboard_tags(run_dir)
+    assert {"train/kd/seg", "train/task/depth", "val/seg/miou", "lr", "test/cls/accuracy"} <= tags
+    summary = (run_dir / "summary.md").read_text()
+    assert "| cls/accuracy ↑ |" in summary and "teacher" in summary
+    assert "parameters" in result.stdout and "cls/accuracy" in result.stdout
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["format"] == "kdmtl-checkpoint" and state["epoch"] == 1
+    assert set(state) >= {"model", "optimizer", "scheduler", "rng", "model_meta"}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["optim"]["epochs"] == 1 and saved["data"]["train_size"] == 128
+
+
+def test_teacher_is_trained_once_and_reused(workdir, tmp_path):
+    cache = tmp_path / "fresh_cache"
+    first = _ok(run_kdmtl(["train", *FAST, f"hydra.run.dir={workdir / 'a'}"], workdir, cache))
+    assert "training it" in first.stdout and "cached at" in first.stdout
+    entries = list((cache / "teachers").iterdir())
+    assert len(entries) == 1
+    weights = entries[0] / "teacher.safetensors"
+    before = (weights.stat().st_mtime_ns, weights.read_bytes())
+    # a different student and KD temperature share the teacher; nothing is retrained
+    second = _ok(run_kdmtl(["train", *FAST, "student=tiny", "loss.temperature=2", f"hydra.run.dir={workdir / 'b'}"],
+                           workdir, cache))
+    assert "reusing cached teacher" in second.stdout and "training it" not in second.stdout
+    assert (weights.stat().st_mtime_ns, weights.read_bytes()) == before
+    assert not (workdir / "b" / "teacher").exists()
+    assert len(list((cache / "teachers").iterdir())) == 1
+    info = json.loads((entries[0] / "teacher.json").read_text())
+    assert info["trained_in_run"] == str(workdir / "a")
+    # a different teacher (width) is a different cache entry
+    third = _ok(run_kdmtl(["train", *FAST, "teacher.width=24", f"hydra.run.dir={workdir / 'c'}"], workdir, cache))
+    assert "training it" in third.stdout
+    assert len(list((cache / "teachers").iterdir())) == 2
+
+
+def test_resume_gives_identical_results(workdir, shared_cache):
+    common = [*FAST, "optim.epochs=2"]
+    straight, interrupted = workdir / "straight", workdir / "interrupted"
+    _ok(run_kdmtl(["train", *common, f"hydra.run.dir={straight}"], workdir, shared_cache))
+    stopped = _ok(run_kdmtl(["train", *common, "stop_after_epoch=1", f"hydra.run.dir={interrupted}"], workdir, shared_cache))
+    assert "stopping after epoch 1" in stopped.stdout
+    assert not (interrupted / "results.json").exists()
+    assert torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    resumed = _ok(run_kdmtl(["train", f"resume={interrupted}", "log.progress=plain"], workdir, shared_cache))
+    assert "resuming" in resumed.stdout
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(interrupted / "metrics.jsonl")
+    assert [r["type"] for r in b] == ["epoch", "epoch", "final"]
+    metric_keys = [k for k in a[-1] if k.startswith(("test/", "val/"))]
+    assert metric_keys
+    for key in metric_keys:
+        assert a[-1][key] == b[-1][key], key  # bit-identical, not approximately equal
+    wa = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the resumed run keeps its original Hydra record and adds its own
+    assert (interrupted / ".hydra" / "config.yaml").exists()
+    assert any(p.name.startswith("resume-") for p in (interrupted / ".hydra").iterdir())
+
+
+def test_same_seed_is_bit_reproducible_and_other_seed_differs(workdir, shared_cache):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        _ok(run_kdmtl(["train", *FAST, f"seed={seed}", "loss=none", f"hydra.run.dir={workdir / name}"], workdir, shared_cache))
+        runs[name] = torch.load(workdir / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+def test_vanilla_student_has_no_teacher_and_no_kd_terms(workdir, shared_cache):
+    run_dir = workdir / "vanilla"
+    result = _ok(run_kdmtl(["train", *FAST, "loss=none", f"hydra.run.dir={run_dir}"], workdir, shared_cache))
+    assert "teacher:" not in result.stdout
+    epoch = read_jsonl(run_dir / "metrics.jsonl")[0]
+    assert not any(k.startswith("train/kd/") for k in epoch)
+    assert abs(epoch["train/loss/total"] - sum(epoch[f"train/task/{t}"] for t in ("cls", "seg", "depth"))) < 1e-4
+
+
+def test_eval_reproduces_the_final_test_metrics(workdir, shared_cache):
+    run_dir = workdir / "run"
+    _ok(run_kdmtl(["train", *FAST, f"hydra.run.dir={run_dir}"], workdir, shared_cache))
+    result = _ok(run_kdmtl(["eval", f"run_dir={run_dir}", "log.progress=plain"], workdir, shared_cache))
+    assert "test/seg/miou" in result.stdout
+    outputs = list((run_dir / "eval").glob("*/eval.json"))
+    assert len(outputs) == 1
+    evaluated = json.loads(outputs[0].read_text())["metrics"]
+    final = read_jsonl(run_dir / "metrics.jsonl")[-1]
+    for key, value in evaluated.items():
+        assert abs(value - final[key]) < 1e-6, key
+    bad = run_kdmtl(["eval", f"run_dir={workdir / 'nope'}"], workdir, shared_cache)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "kdmtl train run directory" in bad.stderr
+
+
+def test_bf16_precision_and_teacher_subset(workdir, shared_cache):
+    run_dir = workdir / "bf16"
+    _ok(run_kdmtl(["train", *FAST, "hardware.precision=bf16", "teacher.tasks=[seg]", f"hydra.run.dir={run_dir}"],
+                  workdir, shared_cache))
+    epoch = read_jsonl(run_dir / "metrics.jsonl")[0]
+    # only the task the teacher covers is distilled; the others get their task loss only
+    assert "train/kd/seg" in epoch and "train/kd/cls" not in epoch and "train/kd/depth" not in epoch
