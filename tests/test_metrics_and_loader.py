@@ -4,7 +4,6 @@ loader (order, flips, normalisation, lengths) and the cached `shapes` data set."
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +14,6 @@ import kdmtl_cli.data.shapes_generator as shapes_generator
 from kdmtl_cli.data import TargetSpec, build_data
 from kdmtl_cli.data.loader import TensorLoader
 from kdmtl_cli.data.shapes import build_shapes
-from kdmtl_cli.distill.logit import NoDistillation
-from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.engine.checkpoint import atomic_torch_save
 from kdmtl_cli.engine.hardware import Hardware
 from kdmtl_cli.engine.trainer import evaluate
@@ -51,10 +48,9 @@ def _indexed_images(n, size):
 def _run_evaluate(tasks, split, table, batch_size):
     loader = TensorLoader(split, {t.target: t.kind.name for t in tasks.values()}, batch_size=batch_size,
                           mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], device=CPU)
-    objective = Objective(tasks, SimpleNamespace(task_weight=1.0, kd_weight=1.0), NoDistillation(None, None))
     model = LookupModel(table)
     model.train()
-    result = evaluate(model, loader, tasks, objective, HW, "val")
+    result = evaluate(model, loader, tasks, HW, "val")
     assert not model.training  # evaluate puts the model in eval mode
     return result
 
@@ -122,9 +118,10 @@ def test_segmentation_miou_and_pixel_accuracy_by_hand():
     valid = [(p, t) for p, t in zip(flat_p, flat_t) if t != 255]
     pixel_acc = sum(p == t for p, t in valid) / len(valid)
     # By hand: 15 valid pixels, 11 correct;
-    # class 0: tp 4 fp 1 fn 1 -> 4/6; class 1: tp 4 fp 2 fn 2 -> 4/8; class 2: tp 3 fp 1 fn 1 -> 3/5
+    # class 0: tp 4 fp 2 fn 1 -> 4/7; class 1: tp 4 fp 2 fn 2 -> 4/8;
+    # class 2: tp 3 fp 0 fn 1 -> 3/4 (the ignored pixel predicted as 2 is not a false positive)
     assert len(valid) == 15 and pixel_acc == pytest.approx(11 / 15)
-    assert iou == pytest.approx({0: 4 / 6, 1: 4 / 8, 2: 3 / 5})
+    assert iou == pytest.approx({0: 4 / 7, 1: 4 / 8, 2: 3 / 4})
 
     logits = torch.zeros(2, 3, 3, 3)
     for n in range(2):
@@ -287,9 +284,9 @@ def test_len_and_limit_batches(n, batch_size, drop_last, limit, expected):
 
 
 # ================================================================ shapes data set
-def _data_cfg(root, **overrides):
+def _data_cfg(root_dir, **overrides):
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig),
-                          {"root": str(root), "image_size": 16, "train_size": 6, "val_size": 3,
+                          {"root": str(root_dir), "image_size": 16, "train_size": 6, "val_size": 3,
                            "test_size": 2, "min_objects": 1, "max_objects": 2})
     return OmegaConf.merge(cfg, overrides)
 
@@ -373,7 +370,8 @@ def test_shapes_corrupt_file_is_a_kdmtl_error(tmp_path, first_build, shapes_root
     root = tmp_path / "copy"
     shutil.copytree(shapes_root / "shapes", root / "shapes")
     folder = root / "shapes" / first_build.fingerprint
-    (folder / "val.pt").write_bytes(b"this is not a torch file" * 4)
+    data = (folder / "val.pt").read_bytes()
+    (folder / "val.pt").write_bytes(data[: len(data) // 2])  # an interrupted copy
     with pytest.raises(KdmtlError) as info:
         build_shapes(_data_cfg(root))
     assert "val.pt" in str(info.value) and "corrupt" in str(info.value)

@@ -104,12 +104,15 @@ class Progress:
 
     def batch(self, loss: Optional[float], samples_per_s: float) -> None:
         if self._bar is not None:
-            info = f"loss {loss:.4f}  {samples_per_s:,.0f} samples/s" if loss is not None else ""
-            self._bar.update(self._batch_task, advance=1, info=info)
+            if loss is None:
+                self._bar.update(self._batch_task, advance=1)
+            else:
+                self._bar.update(self._batch_task, advance=1, info=f"loss {loss:.3f} {samples_per_s:,.0f}/s")
 
     def end_epoch(self, epoch: int, summary: str) -> None:
         if self._bar is not None:
-            self._bar.update(self._epoch_task, completed=epoch, info=summary)
+            self._bar.update(self._epoch_task, completed=epoch)
+            self._bar.console.print(f"[{self.label}] epoch {epoch}/{self.epochs} {summary}", markup=False)
         elif self.mode == "plain":
             print(f"[{self.label}] epoch {epoch}/{self.epochs} {summary}", flush=True)
 

@@ -8,6 +8,7 @@ One loop trains teachers and students alike; what is optimised lives in the
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -181,7 +182,11 @@ class Trainer:
                 if self.grad_clip_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
                 self.optimizer.step()
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # GradScaler skips optimizer steps whose gradients overflowed; the schedule
+                # still advances per batch, which is what we want, so torch's warning is noise.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
             self.state.global_step += 1
             samples += batch["image"].shape[0]
             window_steps += 1

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Benchmarks for kdmtl (figures go to the README; never asserted in tests).
+
+  python scripts/bench.py throughput [--epochs 3] [--loss kd|none]
+      Student training throughput (samples/s) of the kdmtl engine (TensorLoader +
+      Objective + Trainer.fit) against a minimal hand-written PyTorch loop on the same
+      model, batch, data and teacher, in one process; prints the ratio. Goal: >= 0.97.
+
+  python scripts/bench.py default-run
+      Times the default `kdmtl train` (teacher trained from scratch + student + test)
+      with a fresh cache, then the vanilla student (`loss=none`, same seed), and
+      compares their test metrics. Goals: < 90 s; KD student beats vanilla.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _setup(loss_name: str):
+    from omegaconf import OmegaConf
+
+    from kdmtl_cli.build import make_loader
+    from kdmtl_cli.data import build_data
+    from kdmtl_cli.distill import build_method
+    from kdmtl_cli.engine.hardware import setup_hardware
+    from kdmtl_cli.models import build_model
+    from kdmtl_cli.schema import TrainConfig, validate
+    from kdmtl_cli.tasks import build_tasks
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    raw = OmegaConf.merge(
+        OmegaConf.create({"cache_dir": os.environ.get("KDMTL_CACHE", tempfile.mkdtemp())}),
+        {"data": OmegaConf.load(conf / "data" / "shapes.yaml"), "tasks": OmegaConf.load(conf / "tasks" / "cls_seg_depth.yaml"),
+         "teacher": OmegaConf.load(conf / "teacher" / "multitask.yaml"), "student": OmegaConf.load(conf / "student" / "small.yaml"),
+         "loss": OmegaConf.load(conf / "loss" / f"{loss_name}.yaml"), "optim": OmegaConf.load(conf / "optim" / "adam.yaml"),
+         "hardware": OmegaConf.load(conf / "hardware" / "auto.yaml")})
+    cfg = validate(raw, TrainConfig)
+    cfg.log.progress, cfg.log.tensorboard = "none", False
+    hardware = setup_hardware(cfg.hardware)
+    data = build_data(cfg.data)
+    tasks = build_tasks(cfg.tasks, data.targets)
+    torch.manual_seed(0)
+    teacher = hardware.prepare_model(build_model(cfg.teacher, tasks)).eval() if loss_name == "kd" else None
+    student = hardware.prepare_model(build_model(cfg.student, tasks))
+    loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=None)
+    val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=1)
+    return cfg, hardware, data, tasks, teacher, student, loader, val_loader, build_method(cfg.loss, tasks)
+
+
+def engine_epoch(cfg, hardware, tasks, teacher, student, loader, val_loader, method) -> float:
+    from kdmtl_cli.distill.objective import Objective
+    from kdmtl_cli.engine.logging import MetricsLog
+    from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
+    from kdmtl_cli.engine.trainer import Trainer
+
+    optimizer = build_optimizer(student.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(loader))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = MetricsLog(Path(tmp), tensorboard=False)
+        trainer = Trainer(model=student, objective=Objective(tasks, cfg.loss, method, teacher), tasks=tasks,
+                          optimizer=optimizer, scheduler=scheduler, hardware=hardware, train_loader=loader,
+                          val_loader=val_loader, epochs=1, checkpoint_dir=Path(tmp) / "ckpt", log=log,
+                          progress_mode="none", label="bench", monitor="val/loss/task")
+        trainer.fit()
+        record = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[0])
+    return record["train/samples_per_s"]
+
+
+def hand_epoch(cfg, hardware, data, tasks, teacher, student, epoch: int) -> float:
+    """The same work written plainly: gather, normalise, flip, forward, losses, step."""
+    device = hardware.device
+    split = data.splits["train"]
+    images = split["image"].to(device)
+    cls, seg, depth = split["cls"].to(device), split["seg"].to(device), split["depth"].to(device)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.optim.lr)
+    steps = (len(images) + cfg.data.batch_size - 1) // cfg.data.batch_size
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    gen = torch.Generator().manual_seed(epoch)
+    order, flips = torch.randperm(len(images), generator=gen), torch.rand(len(images), generator=gen) < 0.5
+    T = cfg.loss.temperature
+    student.train()
+    start, seen = time.perf_counter(), 0
+    for b in range(steps):
+        idx = order[b * cfg.data.batch_size:(b + 1) * cfg.data.batch_size].to(device)
+        flip = flips[idx.cpu()].to(device)
+        x = (images[idx].float() / 255 - mean) / std
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        y_seg = torch.where(flip.view(-1, 1, 1), seg[idx].flip(-1), seg[idx])
+        y_depth = torch.where(flip.view(-1, 1, 1), depth[idx].flip(-1), depth[idx])
+        x = hardware.to_input(x)
+        out = student(x)["outputs"]
+        loss = F.cross_entropy(out["cls"], cls[idx]) + F.cross_entropy(out["seg"], y_seg) \
+            + (out["depth"].squeeze(1) - y_depth).abs().mean()
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(x)["outputs"]
+            for name in ("cls", "seg"):
+                loss = loss + F.kl_div(F.log_softmax(out[name] / T, 1), F.log_softmax(t_out[name] / T, 1),
+                                       reduction="none", log_target=True).sum(1).mean() * T * T
+            loss = loss + (out["depth"] - t_out["depth"]).abs().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        seen += idx.numel()
+    float(loss)  # wait for the device
+    return seen / (time.perf_counter() - start)
+
+
+def throughput(args) -> None:
+    cfg, hardware, data, tasks, teacher, student, loader, val_loader, method = _setup(args.loss)
+    engine, hand = [], []
+    for epoch in range(args.epochs):  # interleaved, so drifts in machine load hit both alike
+        engine.append(engine_epoch(cfg, hardware, tasks, teacher, copy.deepcopy(student), loader, val_loader, method))
+        hand.append(hand_epoch(cfg, hardware, data, tasks, teacher, copy.deepcopy(student), epoch))
+    e, h = statistics.median(engine), statistics.median(hand)
+    print(f"device {hardware.device}, precision {hardware.precision}, batch {cfg.data.batch_size}, "
+          f"{data.size('train')} train images, loss={args.loss}, {args.epochs} epochs each (median)")
+    print(f"engine      {e:8.1f} samples/s   (per epoch: {', '.join(f'{v:.0f}' for v in engine)})")
+    print(f"hand loop   {h:8.1f} samples/s   (per epoch: {', '.join(f'{v:.0f}' for v in hand)})")
+    print(f"ratio engine/hand = {e / h:.3f}  (goal >= 0.97)")
+
+
+def default_run(args) -> None:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "KDMTL_CACHE": str(Path(tmp) / "cache")}
+        for name, extra in (("kd", []), ("vanilla", ["loss=none"])):
+            run_dir = Path(tmp) / name
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "kdmtl_cli", "train", f"hydra.run.dir={run_dir}",
+                            "log.progress=plain", *extra], env=env, check=True, stdout=subprocess.DEVNULL)
+            seconds = time.perf_counter() - start
+            final = json.loads((run_dir / "results.json").read_text())["results"]
+            results[name] = (seconds, final)
+    keys = [k for k in results["kd"][1] if k.startswith("test/") and "/task/" not in k]
+    print(f"default `kdmtl train` (teacher trained + student + test): {results['kd'][0]:.1f} s  (goal < 90 s)")
+    print(f"vanilla `kdmtl train loss=none`: {results['vanilla'][0]:.1f} s")
+    print(f"{'test metric':24s} {'KD':>8s} {'vanilla':>8s} {'teacher':>8s}")
+    for key in keys:
+        print(f"{key:24s} {results['kd'][1][key]:8.4f} {results['vanilla'][1][key]:8.4f} "
+              f"{results['kd'][1].get('teacher/' + key, float('nan')):8.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--loss", choices=("kd", "none"), default="kd")
+    sub.add_parser("default-run")
+    args = parser.parse_args()
+    {"throughput": throughput, "default-run": default_run}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
