@@ -27,10 +27,10 @@ def per_task_weights(value, tasks, key: str) -> Dict[str, float]:
         if unknown or missing:
             raise KdmtlError(f"{key} must give a weight for each task ({', '.join(tasks)}); "
                              + (f"unknown: {', '.join(unknown)}" if unknown else f"missing: {', '.join(missing)}"))
-        try:
-            return {name: float(w) for name, w in weights.items()}
-        except (TypeError, ValueError):
-            raise KdmtlError(f"{key} values must be numbers (got {weights})") from None
+        bad = {n: w for n, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))}
+        if bad:
+            raise KdmtlError(f"{key} values must be numbers (got {bad})")
+        return {name: float(w) for name, w in weights.items()}
     raise KdmtlError(f"{key} must be a number or a mapping task -> number (got {value!r})")
 
 

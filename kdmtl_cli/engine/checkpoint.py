@@ -21,6 +21,8 @@ from kdmtl_cli.errors import KdmtlError
 
 CHECKPOINT_FORMAT = "kdmtl-checkpoint"
 CHECKPOINT_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -28,6 +30,7 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; keep shared caches readable
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -67,7 +70,7 @@ def load_tensor_file(path: Path, what: str = "checkpoint") -> Dict[str, Any]:
                              "not just tensors (only plain-tensor checkpoints are loaded)") from None
         raise KdmtlError(f"{what} {path} is corrupt or not a torch checkpoint (unpickling failed); "
                          "delete it or point at another file") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # torch's safe unpickler raises many types on non-torch bytes
         raise KdmtlError(f"{what} {path} is corrupt or not a torch file ({one_line_err(err)}); "
                          "delete it or point at another file") from None
     if not isinstance(obj, dict):

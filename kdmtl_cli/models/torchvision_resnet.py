@@ -21,7 +21,11 @@ class ResNetTrunk(nn.Module):
         if weights:
             state = load_tensor_file(Path(weights), what=f"{arch} weights file")
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            missing, unexpected = net.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = net.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shapes differ (e.g. resnet50 weights for resnet18)
+                raise KdmtlError(f"{weights} does not match torchvision {arch}: "
+                                 f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
             missing = [k for k in missing if not k.startswith("fc.")]
             if missing or unexpected:
                 raise KdmtlError(f"{weights} does not match torchvision {arch}: "
