@@ -31,6 +31,12 @@ def rewrite_argv_for_resume(args: List[str]) -> List[str]:
     """Before Hydra runs: point hydra.run.dir at the resumed run, keep its .hydra/ intact."""
     values = [m.group(1) for m in map(RESUME_ARG.match, args) if m]
     if not values or values[-1].lower() in ("null", "none", "false", ""):
+        # Refuse before Hydra runs: Hydra would first overwrite the old run's .hydra/ record.
+        run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+        multirun = any(a in ("-m", "--multirun") for a in args)
+        if run_dirs and not multirun and (Path(run_dirs[-1]).expanduser() / "checkpoints" / "last.pt").exists():
+            raise KdmtlError(f"{run_dirs[-1]} already holds a run's checkpoints; pass resume={run_dirs[-1]} "
+                             "to continue it, or choose another hydra.run.dir")
         return args
     if any(a in ("-m", "--multirun") for a in args):
         raise KdmtlError("resume cannot be combined with -m/--multirun; resume each run by its directory")

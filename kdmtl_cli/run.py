@@ -19,7 +19,7 @@ from kdmtl_cli.engine.hardware import setup_hardware
 from kdmtl_cli.engine.logging import MetricsLog
 from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
 from kdmtl_cli.engine.seeding import seed_everything
-from kdmtl_cli.engine.trainer import Trainer, evaluate
+from kdmtl_cli.engine.trainer import Trainer, check_monitor, evaluate
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import build_model
 from kdmtl_cli.summary import comparison_rows, markdown, print_table
@@ -49,6 +49,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     tasks = build_tasks(cfg.tasks, data.targets)
     method = build_method(cfg.loss, tasks)
     Objective(tasks, cfg.loss, method)  # validates the loss weights before any training
+    check_monitor(cfg.checkpoint.monitor, tasks)
 
     teacher, teacher_info = None, {}
     if getattr(method, "uses_teacher", False):

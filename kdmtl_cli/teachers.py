@@ -56,32 +56,32 @@ def _check_covers(source: str, signature: Dict, student_tasks: Dict[str, Task], 
                              f"student's has {task.spec.num_classes}; use a teacher trained on the same labels")
 
 
-def load_teacher_file(path: Path):
-    """A kdmtl checkpoint (.pt, weights_only) or .safetensors weights with kdmtl metadata."""
+def read_teacher_file(path: Path):
+    """(model description, weights) from a kdmtl checkpoint (.pt, weights_only) or
+    .safetensors weights with kdmtl metadata."""
     path = Path(path).expanduser()
+    if not path.is_file():
+        raise KdmtlError(f"teacher checkpoint not found: {path}; check teacher.checkpoint")
     if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise KdmtlError(f"teacher checkpoint not found: {path}; check teacher.checkpoint")
         meta_text = read_safetensors_metadata(path).get("kdmtl_model_meta")
         if not meta_text:
             raise KdmtlError(f"{path} has no 'kdmtl_model_meta' metadata, so its architecture is unknown; "
                              "export teachers with kdmtl or use a kdmtl .pt checkpoint")
-        meta, weights = json.loads(meta_text), load_tensor_file(path, what="teacher weights")
-    else:
-        state = load_checkpoint(path) if path.is_file() else None
-        if state is None:
-            raise KdmtlError(f"teacher checkpoint not found: {path}; check teacher.checkpoint")
-        if "model_meta" not in state:
-            raise KdmtlError(f"{path} has no model description (model_meta); it was not written by kdmtl train")
-        meta, weights = state["model_meta"], state["model"]
-    tasks = _tasks_from_signature(meta["tasks"])
-    model = build_model(OmegaConf.create({**meta["model"], "weights": None}), tasks)
+        return json.loads(meta_text), load_tensor_file(path, what="teacher weights")
+    state = load_checkpoint(path)
+    if "model_meta" not in state:
+        raise KdmtlError(f"{path} has no model description (model_meta); it was not written by kdmtl train")
+    return state["model_meta"], state["model"]
+
+
+def build_teacher(path: Path, meta: Dict, weights: Dict):
+    model = build_model(OmegaConf.create({**meta["model"], "weights": None}), _tasks_from_signature(meta["tasks"]))
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise KdmtlError(f"weights in {path} do not match their recorded architecture "
-                         f"({str(err).splitlines()[0]})") from None
-    return model, meta
+        detail = "; ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise KdmtlError(f"weights in {path} do not match their recorded architecture ({detail})") from None
+    return model
 
 
 def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
@@ -92,8 +92,10 @@ def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
     if unknown:
         raise KdmtlError(f"teacher.tasks names {', '.join(unknown)}, not student tasks ({', '.join(tasks)})")
     if cfg.teacher.checkpoint:
-        model, meta = load_teacher_file(Path(cfg.teacher.checkpoint))
+        path = Path(cfg.teacher.checkpoint)
+        meta, weights = read_teacher_file(path)
         _check_covers(f"checkpoint {cfg.teacher.checkpoint}", meta["tasks"], tasks, wanted)
+        model = build_teacher(path, meta, weights)
         _say(progress, f"teacher: loaded {cfg.teacher.checkpoint}")
         return hardware.prepare_model(model), {"source": str(cfg.teacher.checkpoint)}
 
@@ -104,8 +106,9 @@ def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
     entry = teacher_dir(cfg.cache_dir, key)
     weights_path = entry / "teacher.safetensors"
     if weights_path.exists():
-        model, meta = load_teacher_file(weights_path)
+        meta, weights = read_teacher_file(weights_path)
         _check_covers(f"cache entry {entry}", meta["tasks"], tasks, wanted)
+        model = build_teacher(weights_path, meta, weights)
         _say(progress, f"teacher: reusing cached teacher {entry}")
         return hardware.prepare_model(model), {"source": str(weights_path), "cached": True}
 

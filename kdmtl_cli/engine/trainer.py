@@ -22,6 +22,20 @@ from kdmtl_cli.engine.seeding import rng_state, set_rng_state
 from kdmtl_cli.errors import KdmtlError
 
 
+def validation_metric_names(tasks) -> list:
+    names = ["val/loss/task"] + [f"val/task/{t}" for t in tasks]
+    names += [f"val/{t}/{m}" for t, task in tasks.items() for m in task.kind.higher_is_better]
+    return sorted(names)
+
+
+def check_monitor(monitor: str, tasks) -> None:
+    """Fail at start, not after an epoch, when the selection metric does not exist."""
+    valid = validation_metric_names(tasks)
+    if monitor not in valid:
+        raise KdmtlError(f"checkpoint.monitor '{monitor}' is not a validation metric; "
+                         f"choose one of: {', '.join(valid)}")
+
+
 class NonFiniteLoss(KdmtlError):
     pass
 
@@ -83,6 +97,7 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.epochs, self.checkpoint_dir, self.log = epochs, Path(checkpoint_dir), log
         self.progress_mode, self.label = progress_mode, label
+        check_monitor(monitor, tasks)
         self.monitor = monitor
         self.mode = metric_direction(monitor, tasks) if mode == "auto" else mode
         if self.mode not in ("min", "max"):
