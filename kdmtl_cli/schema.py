@@ -82,7 +82,7 @@ class LossConfig:
     name: str = "kd"                      # kd | none (kdmtl_cli/distill/)
     temperature: float = 4.0              # softmax temperature T of logit KD (terms are scaled by T^2)
     task_weight: Any = 1.0                # weight of each task loss: a number, or {task: number}
-    kd_weight: Any = 1.0                  # weight of each distillation term: a number, or {task: number}
+    kd_weight: Any = 0.5                  # weight of each distillation term: a number, or {task: number}
     dense_kd: str = "l1"                  # depth distillation: l1 | l2 to the teacher's prediction
 
 

@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict
 
-import torch
 from omegaconf import OmegaConf
 
 from kdmtl_cli.build import make_loader, model_meta

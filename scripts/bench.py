@@ -118,7 +118,7 @@ def hand_epoch(cfg, hardware, data, tasks, teacher, student, epoch: int) -> floa
         optimizer.step()
         scheduler.step()
         seen += idx.numel()
-    float(loss)  # wait for the device
+    float(loss.detach())  # wait for the device
     return seen / (time.perf_counter() - start)
 
 

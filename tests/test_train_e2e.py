@@ -37,8 +37,10 @@ def test_train_writes_checkpoints_metrics_tensorboard_summary(workdir, shared_ca
     for term in ("train/task/cls", "train/task/seg", "train/task/depth", "train/kd/cls", "train/kd/seg",
                  "train/kd/depth", "train/loss/total", "val/cls/accuracy", "val/seg/miou", "val/depth/abs_err"):
         assert term in epoch, term
-    # the optimised total is the weighted sum of its named terms (all weights 1 by default)
-    parts = sum(epoch[f"train/{g}/{t}"] for g in ("task", "kd") for t in ("cls", "seg", "depth"))
+    # the optimised total is the weighted sum of its named terms (task_weight 1, kd_weight 0.5 by default)
+    saved_loss = yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]
+    assert (saved_loss["task_weight"], saved_loss["kd_weight"]) == (1.0, 0.5)
+    parts = sum(epoch[f"train/task/{t}"] + 0.5 * epoch[f"train/kd/{t}"] for t in ("cls", "seg", "depth"))
     assert abs(epoch["train/loss/total"] - parts) < 1e-4 * max(1.0, abs(parts))
     for key in ("test/cls/accuracy", "test/cls/f1", "test/cls/recall", "test/seg/miou", "test/seg/pixel_acc",
                 "test/depth/abs_err", "test/depth/rel_err", "teacher/test/cls/accuracy",

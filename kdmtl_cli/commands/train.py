@@ -7,8 +7,6 @@ resolved config), checkpoints/{last,best}.pt, metrics.jsonl, tensorboard/, teach
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Optional
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 
 from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec
 from kdmtl_cli.engine.checkpoint import atomic_torch_save, load_tensor_file

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import torch
 from torchmetrics.regression import MeanAbsoluteError, MeanAbsolutePercentageError
 
 from kdmtl_cli.tasks import TASK_KINDS, TaskKind
