@@ -39,7 +39,7 @@ Examples:
 _RUN_ID = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
 
 
-def _register_resolvers() -> None:
+def register_resolvers() -> None:
     if not OmegaConf.has_resolver("kdmtl_run_id"):
         OmegaConf.register_new_resolver("kdmtl_run_id", lambda: _RUN_ID, use_cache=True)
 
@@ -51,17 +51,27 @@ def _commands() -> Dict[str, Callable[[], None]]:
     return {"train": train_main, "eval": eval_main}
 
 
-def _format_error(err: BaseException) -> str:
+def _format_error(err: BaseException, schema: type) -> str:
     import re
 
     from hydra.errors import MissingConfigException
 
-    text = re.sub(r"^\w+(Exception|Error): ", "", str(err))
-    struct = re.search(r"Could not override '([^']+)'", text)
-    if struct and "not in struct" in f"{text} {err.__cause__}":
-        from kdmtl_cli.schema import TrainConfig, unknown_key_message
+    from omegaconf.errors import ConfigKeyError, ValidationError
 
-        return unknown_key_message(struct.group(1), TrainConfig)
+    from kdmtl_cli.schema import unknown_key_message
+
+    text = re.sub(r"^\w+(Exception|Error): ", "", str(err))
+    cause = err.__cause__
+    struct = re.search(r"Could not override '([^']+)'", text)
+    if struct and re.search(r"not in struct|Key '[^']+' not in '", f"{text} {cause}"):
+        return unknown_key_message(struct.group(1), schema)
+    if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
+        return unknown_key_message(cause.full_key, schema)
+    missing = re.search(r"Missing mandatory value: ([\w.]+)", f"{text} {cause}")
+    if missing:
+        return f"missing required setting '{missing.group(1)}'; pass {missing.group(1)}=... on the command line"
+    if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
+        return f"bad value for config key '{cause.full_key}': {str(cause).splitlines()[0]}"
     if isinstance(err, MissingConfigException) or "Could not find" in text:
         text = text.split("Config search path:")[0]
         text += "\n(choose one of the available options, or add a config with --config-dir)"
@@ -72,13 +82,12 @@ def _format_error(err: BaseException) -> str:
         return f"cannot use path {err.filename!r}: {err.strerror}; choose a readable/writable location"
     if isinstance(err, OSError):
         return f"{type(err).__name__}: {one_line(text)}"
-    cause = err.__cause__
     if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text}\n{cause}"
     return one_line(text)
 
 
-def _run(command: Callable[[], None]) -> int:
+def _run(command: Callable[[], None], schema: type) -> int:
     """Run a Hydra main with Hydra's own error printing off, so every error reaches us."""
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -94,7 +103,7 @@ def _run(command: Callable[[], None]) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI boundary: turn anything into one line
         if user_wants_traceback:
             raise
-        print(f"kdmtl: error: {_format_error(err)}", file=sys.stderr)
+        print(f"kdmtl: error: {_format_error(err, schema)}", file=sys.stderr)
         return 1
     finally:
         if not user_wants_traceback:
@@ -118,15 +127,22 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"kdmtl: error: unknown command '{name}'; choose one of: {', '.join(commands)} "
               "(kdmtl --help lists them)", file=sys.stderr)
         sys.exit(2)
-    _register_resolvers()
+    register_resolvers()
+    from kdmtl_cli.schema import EvalConfig, TrainConfig, register_schemas
+
+    register_schemas()
+    schema = TrainConfig if name == "train" else EvalConfig
     # Hydra parses sys.argv itself; it must not see the subcommand.
     if name == "train":
         try:
             from kdmtl_cli.resume import rewrite_argv_for_resume
 
+            from kdmtl_cli.schema import check_added_keys
+
+            check_added_keys(rest, TrainConfig)
             rest = rewrite_argv_for_resume(rest)
         except KdmtlError as err:
             print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(1)
     sys.argv = [f"kdmtl-{name}"] + rest
-    sys.exit(_run(commands[name]))
+    sys.exit(_run(commands[name], schema))

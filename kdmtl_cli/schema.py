@@ -160,6 +160,28 @@ def _valid_keys(schema: Any, parent_key: str) -> List[str]:
     return sorted(node.keys()) if isinstance(node, DictConfig) else []
 
 
+def check_added_keys(overrides: List[str], schema: type) -> None:
+    """`+a.b=v` bypasses Hydra's struct checks even with the schema in the defaults list;
+    check dotted additions against the schema before Hydra runs (so --cfg job is checked too)."""
+    for override in overrides:
+        if not override.startswith("+") or "=" not in override:
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        if "." not in key or key.startswith("hydra.") or "/" in key:
+            continue
+        node = OmegaConf.structured(schema)
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, DictConfig):
+                break
+            if part in node:
+                node = node[part]
+                continue
+            if node._metadata.object_type in (None, dict) and depth > 0:
+                break  # a Dict[str, X] node: new entries are allowed, checked later by validate()
+            raise KdmtlError(unknown_key_message(".".join(parts[:depth + 1]), schema))
+
+
 def unknown_key_message(full_key: str, schema: type) -> str:
     parent, _, leaf = full_key.rpartition(".")
     valid = _valid_keys(schema, parent)
@@ -188,3 +210,13 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
         first = str(err).splitlines()[0]
         raise KdmtlError(f"config error at '{full_key}': {first}" if full_key else f"config error: {first}") from None
     return merged
+
+
+def register_schemas() -> None:
+    """Put the schemas in Hydra's ConfigStore: train.yaml and eval.yaml list them first in
+    their defaults, so Hydra itself rejects bad keys and types while composing (--cfg job too)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="kdmtl_train_schema", node=TrainConfig)
+    store.store(name="kdmtl_eval_schema", node=EvalConfig)

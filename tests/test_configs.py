@@ -64,13 +64,11 @@ def _own_values(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def hydra_compose():
-    """Hydra's compose API on the installed config package, with the CLI's resolvers registered."""
+    """Hydra's compose API on the installed config package; importing the package registers
+    the schemas and resolvers the configs refer to, so no CLI set-up is needed."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from kdmtl_cli.cli import _register_resolvers
-
-    _register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="kdmtl_cli.conf", version_base="1.3"):
         yield compose
