@@ -51,18 +51,20 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     Objective(tasks, cfg.loss, method)  # validates the loss weights before any training
     check_monitor(cfg.checkpoint.monitor, tasks)
 
-    teacher, teacher_info = None, {}
-    if getattr(method, "uses_teacher", False):
-        teacher, teacher_info = prepare_teacher(cfg, tasks, data, hardware, run_dir)
-
-    # Reseed: the student starts the same whether the teacher was trained or loaded.
-    seed_everything(cfg.seed)
+    # The student and its optimiser are built before any teacher is trained, so a bad student
+    # setting fails in a second, not after the teacher's training.
     student = hardware.prepare_model(build_model(cfg.student, tasks))
     train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
     val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
     test_loader = make_loader(data, "test", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
     optimizer = build_optimizer(student.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader))
+
+    teacher, teacher_info = None, {}
+    if getattr(method, "uses_teacher", False):
+        teacher, teacher_info = prepare_teacher(cfg, tasks, data, hardware, run_dir)
+    # Reseed: training continues the same whether the teacher was trained here or loaded.
+    seed_everything(cfg.seed)
     objective = Objective(tasks, cfg.loss, method, teacher)
     log = MetricsLog(run_dir, cfg.log.tensorboard)
     meta = model_meta(cfg.student, task_signature(tasks))

@@ -80,6 +80,11 @@ def test_teacher_is_trained_once_and_reused(workdir, tmp_path):
     third = _ok(run_kdmtl(["train", *FAST, "teacher.width=24", f"hydra.run.dir={workdir / 'c'}"], workdir, cache))
     assert "training it" in third.stdout
     assert len(list((cache / "teachers").iterdir())) == 2
+    # the same run again, now with the cached teacher: the student ends bit-identical
+    _ok(run_kdmtl(["train", *FAST, f"hydra.run.dir={workdir / 'a2'}"], workdir, cache))
+    wa = torch.load(workdir / "a" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wa2 = torch.load(workdir / "a2" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wa2[k]) for k in wa)
 
 
 def test_resume_gives_identical_results(workdir, shared_cache):

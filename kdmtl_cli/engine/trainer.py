@@ -181,8 +181,9 @@ class Trainer:
         samples, window_steps = 0, 0
         start = time.perf_counter()
         for batch in self.train_loader:
+            batch["image"] = hw.to_input(batch["image"])  # the teacher sees the same layout
             with hw.autocast():
-                out = model(hw.to_input(batch["image"]))
+                out = model(batch["image"])
                 loss, terms = self.objective(out, batch)
             self.optimizer.zero_grad(set_to_none=True)
             if hw.scaler is not None:
