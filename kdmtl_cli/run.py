@@ -40,6 +40,17 @@ def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
                          "choose a writable one with hydra.run.dir=PATH") from None
 
 
+def _hparams(cfg: DictConfig) -> dict:
+    """The settings a sweep varies, flattened (loss, optimiser, student, teacher, data, seed)."""
+    flat = {"seed": cfg.seed}
+    for group in ("loss", "optim", "student", "teacher", "data"):
+        node = OmegaConf.to_container(cfg[group], resolve=True)
+        for key, value in node.items():
+            if not isinstance(value, dict):
+                flat[f"{group}.{key}"] = value
+    return flat
+
+
 def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Optional[float]:
     started = time.perf_counter()
     _write_config(cfg, run_dir, resume)
@@ -108,6 +119,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     }
     log.write(results)
     log.scalars({k: v for k, v in results.items() if k.startswith(("test/", "teacher/test/"))}, state.global_step)
+    log.hparams(_hparams(cfg), {k: v for k, v in results.items() if k.startswith("test/")})
     log.close()
     atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "results": results,
                                   "teacher": teacher_info}, indent=2), run_dir / "results.json")

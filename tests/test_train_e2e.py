@@ -151,3 +151,19 @@ def test_bf16_precision_and_teacher_subset(workdir, shared_cache):
     epoch = read_jsonl(run_dir / "metrics.jsonl")[0]
     # only the task the teacher covers is distilled; the others get their task loss only
     assert "train/kd/seg" in epoch and "train/kd/cls" not in epoch and "train/kd/depth" not in epoch
+
+
+def test_resume_true_continues_the_newest_interrupted_run(workdir, shared_cache):
+    _ok(run_kdmtl(["train", *FAST, "optim.epochs=2", "stop_after_epoch=1"], workdir, shared_cache))
+    (run_dir,) = [p.parent.parent for p in (workdir / "outputs").glob("*/*/checkpoints/last.pt")]
+    assert not (run_dir / "results.json").exists()
+    resumed = _ok(run_kdmtl(["train", "resume=true", "log.progress=plain"], workdir, shared_cache))
+    assert f"resuming {run_dir.resolve()} after epoch 1" in resumed.stdout
+    assert [r["type"] for r in read_jsonl(run_dir / "metrics.jsonl")] == ["epoch", "epoch", "final"]
+    # no second run directory was made for the resumed run
+    assert len(list((workdir / "outputs").glob("*/*/config.yaml"))) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert "hparam/test/seg/miou" in acc.Tags()["scalars"]  # the HParams row of the finished run

@@ -58,6 +58,14 @@ class MetricsLog:
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(self.prefix + name, value, step)
 
+    def hparams(self, params: Dict, metrics: Dict[str, float]) -> None:
+        """One row of TensorBoard's HParams table per run, so sweeps compare side by side.
+        run_name='.' keeps it in this run's event files instead of a new sub-run."""
+        if self.writer is None:
+            return
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
+        self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
