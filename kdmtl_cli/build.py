@@ -20,8 +20,10 @@ def make_loader(data: DataBundle, split: str, tasks, cfg, hardware: Hardware, *,
                         hflip=train and cfg.data.hflip, seed=cfg.seed, limit_batches=limit)
 
 
-def model_meta(model_cfg, tasks_signature: Dict) -> Dict:
-    """What rebuilds a model from its weights: architecture fields and task heads."""
+def model_meta(model_cfg, tasks_signature: Dict, data: DataBundle) -> Dict:
+    """What rebuilds a model from its weights and feeds it correctly: architecture fields,
+    task heads, and the input normalisation it was trained with."""
     arch_keys = ("arch", "width", "depth", "stages", "stem_stride", "decoder_width", "small_input")
     container = OmegaConf.to_container(model_cfg, resolve=True)
-    return {"model": {k: container[k] for k in arch_keys}, "tasks": tasks_signature}
+    return {"model": {k: container[k] for k in arch_keys}, "tasks": tasks_signature,
+            "input_norm": {"mean": list(data.mean), "std": list(data.std)}}

@@ -137,9 +137,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         try:
             from kdmtl_cli.resume import rewrite_argv_for_resume
 
-            from kdmtl_cli.schema import check_added_keys
+            from kdmtl_cli.schema import check_added_keys, mapping_entry_overrides
 
             check_added_keys(rest, TrainConfig)
+            rest = mapping_entry_overrides(rest, TrainConfig)
             rest = rewrite_argv_for_resume(rest)
         except KdmtlError as err:
             print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)

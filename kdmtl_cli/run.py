@@ -78,7 +78,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     seed_everything(cfg.seed)
     objective = Objective(tasks, cfg.loss, method, teacher)
     log = MetricsLog(run_dir, cfg.log.tensorboard)
-    meta = model_meta(cfg.student, task_signature(tasks))
+    meta = model_meta(cfg.student, task_signature(tasks), data)
     trainer = Trainer(model=student, objective=objective, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
                       hardware=hardware, train_loader=train_loader, val_loader=val_loader,
                       epochs=cfg.optim.epochs, checkpoint_dir=run_dir / "checkpoints", log=log,

@@ -72,7 +72,9 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig(ModelConfig):
+    mode: str = "multitask"               # multitask: one teacher for all its tasks | per_task: one teacher per task
     checkpoint: Optional[str] = None      # load this teacher (.pt from kdmtl or .safetensors) instead of training
+    checkpoints: Dict[str, str] = field(default_factory=dict)  # per_task: {task: path}; other tasks are trained
     tasks: Optional[List[str]] = None     # tasks the teacher covers; default: all student tasks
     optim: OptimConfig = field(default_factory=OptimConfig)  # how a teacher is trained when not loaded
 
@@ -180,6 +182,34 @@ def check_added_keys(overrides: List[str], schema: type) -> None:
             if node._metadata.object_type in (None, dict) and depth > 0:
                 break  # a Dict[str, X] node: new entries are allowed, checked later by validate()
             raise KdmtlError(unknown_key_message(".".join(parts[:depth + 1]), schema))
+
+
+def _passes_through_mapping(key: str, schema: type) -> bool:
+    """Does this dotted key name an entry of a Dict[str, ...] field (e.g. teacher.checkpoints.seg)?"""
+    node = OmegaConf.structured(schema)
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return False
+        if node._metadata.object_type is dict and part not in node:
+            return depth == len(parts) - 1  # a new entry itself, not a key inside one
+        if part not in node:
+            return False
+        node = node[part]
+    return False
+
+
+def mapping_entry_overrides(overrides: List[str], schema: type) -> List[str]:
+    """`teacher.checkpoints.seg=PATH` sets an entry of a mapping that may not exist yet;
+    Hydra needs `++` (add or override) for that, so users need not know the difference."""
+    rewritten = []
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" in override and not override.startswith(("+", "~", "-")) and "." in key \
+                and not key.startswith("hydra.") and _passes_through_mapping(key, schema):
+            override = "++" + override
+        rewritten.append(override)
+    return rewritten
 
 
 def unknown_key_message(full_key: str, schema: type) -> str:

@@ -7,8 +7,9 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
+import torch
 from omegaconf import OmegaConf
 
 from kdmtl_cli.build import make_loader, model_meta
@@ -83,20 +84,62 @@ def build_teacher(path: Path, meta: Dict, weights: Dict):
     return model
 
 
-def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
-    """Return the frozen teacher (on the run's device) for the student's tasks."""
+class Renormalize(torch.nn.Module):
+    """Feeds a teacher trained at another input normalisation: the student's input
+    x = (img - m_s) / s_s becomes (img - m_t) / s_t = x * (s_s / s_t) + (m_s - m_t) / s_t."""
+
+    def __init__(self, teacher: torch.nn.Module, student_norm: Dict, teacher_norm: Dict):
+        super().__init__()
+        self.teacher = teacher
+        m_s, s_s = torch.tensor(student_norm["mean"]), torch.tensor(student_norm["std"])
+        m_t, s_t = torch.tensor(teacher_norm["mean"]), torch.tensor(teacher_norm["std"])
+        self.register_buffer("scale", (s_s / s_t).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((m_s - m_t) / s_t).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, image):
+        return self.teacher(image * self.scale + self.shift)
+
+
+class TaskTeachers(torch.nn.Module):
+    """Several single-task (or partial) teachers acting as one: each answers for its own
+    tasks; features are prefixed with the task they come from (`seg:trunk.stages.2`)."""
+
+    def __init__(self, teachers: Dict[str, torch.nn.Module]):
+        super().__init__()
+        self.teachers = torch.nn.ModuleDict(teachers)
+
+    def forward(self, image):
+        outputs, features = {}, {}
+        for task, teacher in self.teachers.items():
+            out = teacher(image)
+            outputs[task] = out["outputs"][task]
+            features.update({f"{task}:{name}": value for name, value in out["features"].items()})
+        return {"outputs": outputs, "features": features}
+
+
+def _with_input_norm(model, meta: Dict, data, progress: str = "plain"):
+    """Wrap the teacher when it was trained at a normalisation other than the student's data."""
+    student_norm = {"mean": list(data.mean), "std": list(data.std)}
+    teacher_norm = meta.get("input_norm") or student_norm
+    same = all(abs(a - b) < 1e-12 for key in ("mean", "std") for a, b in zip(student_norm[key], teacher_norm[key]))
+    if same:
+        return model
+    _say(progress, f"teacher: trained at input mean {teacher_norm['mean']} std {teacher_norm['std']}; "
+                   "renormalising the student's input for it")
+    return Renormalize(model, student_norm, teacher_norm)
+
+
+def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, label: str,
+            checkpoint: Optional[str], logs_dir: Path):
+    """One teacher for `wanted` tasks: from a checkpoint, from the cache, or trained and cached."""
     progress = cfg.log.progress
-    wanted = list(cfg.teacher.tasks) if cfg.teacher.tasks else list(tasks)
-    unknown = [n for n in wanted if n not in tasks]
-    if unknown:
-        raise KdmtlError(f"teacher.tasks names {', '.join(unknown)}, not student tasks ({', '.join(tasks)})")
-    if cfg.teacher.checkpoint:
-        path = Path(cfg.teacher.checkpoint)
+    if checkpoint:
+        path = Path(checkpoint)
         meta, weights = read_teacher_file(path)
-        _check_covers(f"checkpoint {cfg.teacher.checkpoint}", meta["tasks"], tasks, wanted)
-        model = build_teacher(path, meta, weights)
-        _say(progress, f"teacher: loaded {cfg.teacher.checkpoint}")
-        return hardware.prepare_model(model), {"source": str(cfg.teacher.checkpoint)}
+        _check_covers(f"checkpoint {checkpoint}", meta["tasks"], tasks, wanted)
+        model = _with_input_norm(build_teacher(path, meta, weights), meta, data, progress)
+        _say(progress, f"{label}: loaded {checkpoint}")
+        return hardware.prepare_model(model), {"source": str(checkpoint)}
 
     teacher_tasks = {n: tasks[n] for n in wanted}
     signature = task_signature(teacher_tasks)
@@ -107,24 +150,60 @@ def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
     if weights_path.exists():
         meta, weights = read_teacher_file(weights_path)
         _check_covers(f"cache entry {entry}", meta["tasks"], tasks, wanted)
-        model = build_teacher(weights_path, meta, weights)
-        _say(progress, f"teacher: reusing cached teacher {entry}")
+        model = _with_input_norm(build_teacher(weights_path, meta, weights), meta, data, progress)
+        _say(progress, f"{label}: reusing cached teacher {entry}")
         return hardware.prepare_model(model), {"source": str(weights_path), "cached": True}
 
-    _say(progress, f"teacher: no cached teacher for key {key}; training it ({cfg.teacher.optim.epochs} epochs)")
+    _say(progress, f"{label}: no cached teacher for key {key}; training it ({cfg.teacher.optim.epochs} epochs)")
     start = time.perf_counter()
-    model = train_teacher(cfg, teacher_tasks, data, hardware, run_dir / "teacher")
-    meta = model_meta(cfg.teacher, signature)
+    model = train_teacher(cfg, teacher_tasks, data, hardware, logs_dir, label)
+    meta = model_meta(cfg.teacher, signature, data)
     save_weights(model.state_dict(), weights_path, {"kdmtl_model_meta": json.dumps(meta)})
     info = {"key": key, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "trained_in_run": str(run_dir), "train_seconds": round(time.perf_counter() - start, 2),
+            "trained_in_run": str(run_dir),
+            "train_seconds": round(time.perf_counter() - start, 2),
             "config": OmegaConf.to_container(cfg.teacher, resolve=True), "tasks": signature}
     atomic_write_text(json.dumps(info, indent=2), entry / "teacher.json")
-    _say(progress, f"teacher: trained in {info['train_seconds']:.1f}s and cached at {entry}")
+    _say(progress, f"{label}: trained in {info['train_seconds']:.1f}s and cached at {entry}")
     return model, {"source": str(weights_path), "cached": False}
 
 
-def train_teacher(cfg, tasks: Dict[str, Task], data, hardware, teacher_run_dir: Path):
+def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
+    """Return the frozen teacher (on the run's device) for the student's tasks, and where it came from.
+
+    teacher.mode=multitask: one teacher for all `teacher.tasks` (default: every student task).
+    teacher.mode=per_task: one single-task teacher per task, each loaded from
+    `teacher.checkpoints.<task>` or trained once and cached on its own.
+    """
+    wanted = list(cfg.teacher.tasks) if cfg.teacher.tasks else list(tasks)
+    unknown = [n for n in wanted if n not in tasks]
+    if unknown:
+        raise KdmtlError(f"teacher.tasks names {', '.join(unknown)}, not student tasks ({', '.join(tasks)})")
+    mode = cfg.teacher.mode
+    if mode not in ("multitask", "per_task"):
+        raise KdmtlError(f"unknown teacher.mode '{mode}'; choose multitask or per_task")
+    stray = [n for n in cfg.teacher.checkpoints if n not in wanted]
+    if stray:
+        raise KdmtlError(f"teacher.checkpoints names {', '.join(stray)}, which the teacher does not cover "
+                         f"(teacher tasks: {', '.join(wanted)})")
+    if mode == "multitask":
+        if cfg.teacher.checkpoints:
+            raise KdmtlError("teacher.checkpoints (one per task) needs teacher=per_task; "
+                             "for one multi-task teacher use teacher.checkpoint=PATH")
+        return _obtain(cfg, tasks, wanted, data, hardware, run_dir, "teacher", cfg.teacher.checkpoint,
+                       logs_dir=run_dir / "teacher")
+    if cfg.teacher.checkpoint:
+        raise KdmtlError("teacher=per_task takes one checkpoint per task: teacher.checkpoints.<task>=PATH "
+                         "(teacher.checkpoint is for one multi-task teacher)")
+    teachers, info = {}, {}
+    for task in wanted:
+        teachers[task], info[task] = _obtain(cfg, tasks, [task], data, hardware, run_dir, f"teacher:{task}",
+                                             cfg.teacher.checkpoints.get(task), logs_dir=run_dir / "teacher" / task)
+    sources = "; ".join(f"{task}: {i['source']}" for task, i in info.items())
+    return hardware.prepare_model(TaskTeachers(teachers)), {"source": sources, "per_task": info}
+
+
+def train_teacher(cfg, tasks: Dict[str, Task], data, hardware, teacher_run_dir: Path, label: str = "teacher"):
     seed_everything(cfg.seed)
     model = hardware.prepare_model(build_model(cfg.teacher, tasks))
     train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
@@ -136,9 +215,9 @@ def train_teacher(cfg, tasks: Dict[str, Task], data, hardware, teacher_run_dir: 
     trainer = Trainer(model=model, objective=objective, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
                       hardware=hardware, train_loader=train_loader, val_loader=val_loader,
                       epochs=cfg.teacher.optim.epochs, checkpoint_dir=teacher_run_dir / "checkpoints", log=log,
-                      progress_mode=cfg.log.progress, label="teacher", monitor="val/loss/task",
+                      progress_mode=cfg.log.progress, label=label, monitor="val/loss/task",
                       grad_clip_norm=cfg.teacher.optim.grad_clip_norm, log_every_n_steps=cfg.log.every_n_steps,
-                      checkpoint_extra={"model_meta": model_meta(cfg.teacher, task_signature(tasks))})
+                      checkpoint_extra={"model_meta": model_meta(cfg.teacher, task_signature(tasks), data)})
     trainer.fit()
     log.close()
     # The teacher kept is the best by validation task loss, not the last epoch.

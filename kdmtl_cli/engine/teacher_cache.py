@@ -15,7 +15,9 @@ from omegaconf import OmegaConf
 
 CACHE_FORMAT_VERSION = 1
 # Fields of the teacher node that do not change the trained weights.
-_NOT_IN_KEY = ("checkpoint",)
+# (which tasks a teacher covers is in the key through the task signature, so a per-task
+# teacher for `seg` and a multitask teacher with tasks=[seg] share one cache entry).
+_NOT_IN_KEY = ("checkpoint", "checkpoints", "mode", "tasks")
 
 
 def teacher_key(teacher_cfg, task_signature: Dict, data_cfg, data_fingerprint: str, seed: int,
