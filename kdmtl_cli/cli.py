@@ -29,8 +29,8 @@ Each command takes Hydra's options: --help, --cfg job, --info, -m/--multirun,
 --config-dir DIR (your own configs and experiments), --hydra-help.
 Examples:
   kdmtl train
-  kdmtl train +experiment=shapes_cls_seg_depth student=tiny loss.kd_weight=0.5
-  kdmtl train -m loss.temperature=2,4,8 seed=0,1,2
+  kdmtl train +experiment=shapes_cls_seg_depth student=tiny loss.kd.weight=0.5
+  kdmtl train -m loss.kd.temperature=2,4,8 seed=0,1,2
   kdmtl train --help
 """
 
@@ -67,6 +67,16 @@ def _format_error(err: BaseException, schema: type) -> str:
         return unknown_key_message(struct.group(1), schema)
     if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
         return unknown_key_message(cause.full_key, schema)
+    if isinstance(err, AssertionError) and "Unexpected type for root" in text:
+        from kdmtl_cli.schema import optional_parent
+
+        found = optional_parent(sys.argv[1:], schema)
+        if found:
+            section, key = found.split("|")
+            group, name = section.split(".")[0], section.split(".")[-1]
+            combined = f" or {group}=[kd,{name}]" if name != "kd" else ""
+            return (f"{key} sets a value in '{section}', which this run does not use; choose it first, "
+                    f"e.g. {group}={name}{combined}")
     missing = re.search(r"Missing mandatory value: ([\w.]+)", f"{text} {cause}")
     if missing:
         return f"missing required setting '{missing.group(1)}'; pass {missing.group(1)}=... on the command line"

@@ -11,13 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdmtl_cli.build import make_loader, model_meta
 from kdmtl_cli.data import build_data
-from kdmtl_cli.distill import build_method
+from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
 from kdmtl_cli.engine.logging import MetricsLog
-from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
+from kdmtl_cli.engine.optim import build_optimizer, build_scheduler, check_optimizer
 from kdmtl_cli.engine.seeding import seed_everything
 from kdmtl_cli.engine.trainer import Trainer, check_monitor, evaluate
 from kdmtl_cli.errors import KdmtlError
@@ -58,25 +58,29 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     hardware = setup_hardware(cfg.hardware)
     data = build_data(cfg.data)
     tasks = build_tasks(cfg.tasks, data.targets)
-    method = build_method(cfg.loss, tasks)
-    Objective(tasks, cfg.loss, method)  # validates the loss weights before any training
+    teacher_tasks = list(cfg.teacher.tasks) if cfg.teacher.tasks else list(tasks)
+    methods = build_methods(cfg.loss, tasks, teacher_tasks)  # checks each method's settings
+    Objective(tasks, cfg.loss.task_weight)  # checks the task weights before any training
     check_monitor(cfg.checkpoint.monitor, tasks)
 
-    # The student and its optimiser are built before any teacher is trained, so a bad student
-    # setting fails in a second, not after the teacher's training.
+    # The student is built before any teacher is trained, so a bad student setting fails in
+    # a second, not after the teacher's training.
     student = hardware.prepare_model(build_model(cfg.student, tasks))
+    check_optimizer(cfg.optim)
     train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
     val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
     test_loader = make_loader(data, "test", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
-    optimizer = build_optimizer(student.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader))
 
     teacher, teacher_info = None, {}
-    if getattr(method, "uses_teacher", False):
+    if methods:
         teacher, teacher_info = prepare_teacher(cfg, tasks, data, hardware, run_dir)
     # Reseed: training continues the same whether the teacher was trained here or loaded.
     seed_everything(cfg.seed)
-    objective = Objective(tasks, cfg.loss, method, teacher)
+    objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
+    objective.setup(student, next(iter(val_loader)), hardware.device)
+    optimizer = build_optimizer([{"params": list(student.parameters())}, *objective.param_groups(cfg.optim.lr)],
+                                cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader))
     log = MetricsLog(run_dir, cfg.log.tensorboard)
     meta = model_meta(cfg.student, task_signature(tasks), data)
     trainer = Trainer(model=student, objective=objective, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
@@ -102,8 +106,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     test_metrics = evaluate(student, test_loader, tasks, hardware, "test")
     teacher_metrics, teacher_cost, student_cost = None, None, None
     if teacher is not None:
-        teacher_tasks = {n: t for n, t in tasks.items() if n in (cfg.teacher.tasks or list(tasks))}
-        teacher_metrics = evaluate(teacher, test_loader, teacher_tasks, hardware, "test")
+        teacher_metrics = evaluate(teacher, test_loader, {n: tasks[n] for n in teacher_tasks}, hardware, "test")
     if cfg.log.efficiency:
         sample = next(iter(test_loader))["image"]
         student_cost = measure(student, sample, hardware)
@@ -124,7 +127,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "results": results,
                                   "teacher": teacher_info}, indent=2), run_dir / "results.json")
     rows = comparison_rows(tasks, "test", test_metrics, teacher_metrics, student_cost, teacher_cost)
-    title = f"kdmtl train: {cfg.loss.name} | test split | best epoch {state.best_epoch} by {cfg.checkpoint.monitor}"
+    title = f"kdmtl train: {'+'.join(method_names(cfg.loss)) or 'no distillation'} | test split | best epoch {state.best_epoch} by {cfg.checkpoint.monitor}"
     header = [f"- run dir: `{run_dir}`", f"- teacher: {teacher_info.get('source', 'none')}",
               f"- student: {cfg.student.arch} width {cfg.student.width} depth {cfg.student.depth}",
               f"- data: {cfg.data.name} ({data.size('train')} train / {data.size('val')} val / "

@@ -80,12 +80,63 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
+class KDConfig:
+    """Logit KD (Hinton et al., 2015) for every task the teacher covers."""
+    weight: Any = 0.5                     # a number, or {task: number}
+    temperature: float = 4.0              # T; the KL terms are scaled by T^2
+    dense: str = "l1"                     # depth/regression tasks: l1 | l2 to the teacher's prediction
+
+
+@dataclass
+class DKDConfig:
+    """Decoupled KD (Zhao et al., CVPR 2022) on classification and segmentation tasks."""
+    weight: Any = 1.0                     # a number, or {task: number}
+    alpha: float = 1.0                    # target-class term (TCKD)
+    beta: float = 8.0                     # non-target-class term (NCKD)
+    temperature: float = 4.0
+    warmup_epochs: float = 1.0            # weight ramps linearly from 0 over these epochs
+
+
+@dataclass
+class FeaturePairsConfig:
+    """Student/teacher module paths (forward hooks), paired by position."""
+    weight: float = 1.0
+    student: List[str] = field(default_factory=lambda: ["trunk.stages.2"])
+    teacher: List[str] = field(default_factory=lambda: ["trunk.stages.2"])
+
+
+@dataclass
+class ATConfig(FeaturePairsConfig):
+    """Attention transfer (Zagoruyko & Komodakis, 2017); weight is the paper's beta."""
+    weight: float = 1000.0
+    p: float = 2.0
+
+
+@dataclass
+class KD4MTLConfig:
+    """Li & Bilen (ECCV-W 2020): per-task 1x1 adaptors on the student's shared feature."""
+    weight: Any = 1.0                     # lambda: a number, or {task: number}
+    student: str = "trunk.stages.2"       # the student's shared feature
+    teacher: str = "trunk.stages.2"       # the (per-task) teacher's feature
+    adaptor_lr: float = 0.01              # the adaptors' own learning rate
+
+
+@dataclass
+class BAMConfig:
+    """Teacher annealing (Clark et al., ACL 2019): target = p*one-hot + (1-p)*teacher softmax."""
+    weight: Any = 1.0                     # a number, or {task: number}
+
+
+@dataclass
 class LossConfig:
-    name: str = "kd"                      # kd | none (kdmtl_cli/distill/)
-    temperature: float = 4.0              # softmax temperature T of logit KD (terms are scaled by T^2)
+    """Task losses plus the chosen distillation methods (`loss=kd`, `loss=[kd,at]`, `loss=none`)."""
     task_weight: Any = 1.0                # weight of each task loss: a number, or {task: number}
-    kd_weight: Any = 0.5                  # weight of each distillation term: a number, or {task: number}
-    dense_kd: str = "l1"                  # depth distillation: l1 | l2 to the teacher's prediction
+    kd: Optional[KDConfig] = None
+    dkd: Optional[DKDConfig] = None
+    fitnet: Optional[FeaturePairsConfig] = None
+    at: Optional[ATConfig] = None
+    kd4mtl: Optional[KD4MTLConfig] = None
+    bam: Optional[BAMConfig] = None
 
 
 @dataclass
@@ -155,7 +206,10 @@ def _valid_keys(schema: Any, parent_key: str) -> List[str]:
         if not isinstance(node, DictConfig):
             return []
         child = node.get(part)
-        if child is None:  # a Dict[str, Schema] node: the keys come from its element type
+        if child is None and part in node:  # an Optional[Schema] field that is None by default
+            ref_type = node._get_node(part)._metadata.ref_type
+            child = OmegaConf.structured(ref_type) if hasattr(ref_type, "__dataclass_fields__") else None
+        elif child is None:  # a Dict[str, Schema] node: the keys come from its element type
             element_type = node._metadata.element_type
             child = OmegaConf.structured(element_type) if hasattr(element_type, "__dataclass_fields__") else None
         node = child
@@ -177,7 +231,11 @@ def check_added_keys(overrides: List[str], schema: type) -> None:
             if not isinstance(node, DictConfig):
                 break
             if part in node:
-                node = node[part]
+                child = node._get_node(part)
+                ref_type = child._metadata.ref_type
+                # an Optional[Schema] section that is off by default: check against its schema
+                node = OmegaConf.structured(ref_type) if child._is_none() and \
+                    hasattr(ref_type, "__dataclass_fields__") else node[part]
                 continue
             if node._metadata.object_type in (None, dict) and depth > 0:
                 break  # a Dict[str, X] node: new entries are allowed, checked later by validate()
@@ -210,6 +268,22 @@ def mapping_entry_overrides(overrides: List[str], schema: type) -> List[str]:
             override = "++" + override
         rewritten.append(override)
     return rewritten
+
+
+def optional_parent(overrides: List[str], schema: type) -> Optional[str]:
+    """The first override that sets a key inside an optional section that is off by default
+    (e.g. loss.at.weight when `at` was not chosen): OmegaConf fails on it without naming it."""
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        node = OmegaConf.structured(schema)
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node, DictConfig) or part not in node:
+                break
+            if node._get_node(part)._is_none():
+                return ".".join(parts[:depth + 1]) + "|" + key
+            node = node[part]
+    return None
 
 
 def unknown_key_message(full_key: str, schema: type) -> str:

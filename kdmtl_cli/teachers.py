@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 
 from kdmtl_cli.build import make_loader, model_meta
 from kdmtl_cli.data import TargetSpec
-from kdmtl_cli.distill.logit import NoDistillation
 from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.engine.checkpoint import (atomic_write_text, load_checkpoint, load_tensor_file,
                                          read_safetensors_metadata, save_weights)
@@ -96,6 +95,9 @@ class Renormalize(torch.nn.Module):
         self.register_buffer("scale", (s_s / s_t).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", ((m_s - m_t) / s_t).view(1, -1, 1, 1), persistent=False)
 
+    def capture_features(self, names) -> None:
+        self.teacher.capture_features(names)
+
     def forward(self, image):
         return self.teacher(image * self.scale + self.shift)
 
@@ -107,6 +109,18 @@ class TaskTeachers(torch.nn.Module):
     def __init__(self, teachers: Dict[str, torch.nn.Module]):
         super().__init__()
         self.teachers = torch.nn.ModuleDict(teachers)
+
+    def capture_features(self, names) -> None:
+        """`task:path` hooks one teacher; a bare `path` hooks every teacher."""
+        for task, teacher in self.teachers.items():
+            mine = [n.split(":", 1)[1] for n in names if n.startswith(task + ":")]
+            mine += [n for n in names if ":" not in n]
+            unknown = [n for n in names if ":" in n and n.split(":", 1)[0] not in self.teachers]
+            if unknown:
+                raise KdmtlError(f"teacher feature '{unknown[0]}' names no per-task teacher; "
+                                 f"teachers: {', '.join(self.teachers)}")
+            if mine:
+                teacher.capture_features(sorted(set(mine)))
 
     def forward(self, image):
         outputs, features = {}, {}
@@ -210,7 +224,7 @@ def train_teacher(cfg, tasks: Dict[str, Task], data, hardware, teacher_run_dir: 
     val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
     optimizer = build_optimizer(model.parameters(), cfg.teacher.optim)
     scheduler = build_scheduler(optimizer, cfg.teacher.optim, len(train_loader))
-    objective = Objective(tasks, OmegaConf.create({"task_weight": 1.0, "kd_weight": 0.0}), NoDistillation(None, tasks))
+    objective = Objective(tasks, 1.0)
     log = MetricsLog(teacher_run_dir, cfg.log.tensorboard)
     trainer = Trainer(model=model, objective=objective, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
                       hardware=hardware, train_loader=train_loader, val_loader=val_loader,

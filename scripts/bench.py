@@ -30,23 +30,19 @@ import torch.nn.functional as F
 
 
 def _setup(loss_name: str):
-    from omegaconf import OmegaConf
-
     from kdmtl_cli.build import make_loader
     from kdmtl_cli.data import build_data
-    from kdmtl_cli.distill import build_method
+    from kdmtl_cli.distill import build_methods
     from kdmtl_cli.engine.hardware import setup_hardware
     from kdmtl_cli.models import build_model
     from kdmtl_cli.schema import TrainConfig, validate
     from kdmtl_cli.tasks import build_tasks
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    raw = OmegaConf.merge(
-        OmegaConf.create({"cache_dir": os.environ.get("KDMTL_CACHE", tempfile.mkdtemp())}),
-        {"data": OmegaConf.load(conf / "data" / "shapes.yaml"), "tasks": OmegaConf.load(conf / "tasks" / "cls_seg_depth.yaml"),
-         "teacher": OmegaConf.load(conf / "teacher" / "multitask.yaml"), "student": OmegaConf.load(conf / "student" / "small.yaml"),
-         "loss": OmegaConf.load(conf / "loss" / f"{loss_name}.yaml"), "optim": OmegaConf.load(conf / "optim" / "adam.yaml"),
-         "hardware": OmegaConf.load(conf / "hardware" / "auto.yaml")})
+    from hydra import compose, initialize_config_module
+
+    cache = os.environ.get("KDMTL_CACHE", tempfile.mkdtemp())
+    with initialize_config_module(config_module="kdmtl_cli.conf", version_base="1.3"):
+        raw = compose("train", overrides=[f"loss={loss_name}", f"cache_dir={cache}"])
     cfg = validate(raw, TrainConfig)
     cfg.log.progress, cfg.log.tensorboard = "none", False
     hardware = setup_hardware(cfg.hardware)
@@ -57,10 +53,10 @@ def _setup(loss_name: str):
     student = hardware.prepare_model(build_model(cfg.student, tasks))
     loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=None)
     val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=1)
-    return cfg, hardware, data, tasks, teacher, student, loader, val_loader, build_method(cfg.loss, tasks)
+    return cfg, hardware, data, tasks, teacher, student, loader, val_loader, build_methods(cfg.loss, tasks, list(tasks))
 
 
-def engine_epoch(cfg, hardware, tasks, teacher, student, loader, val_loader, method) -> float:
+def engine_epoch(cfg, hardware, tasks, teacher, student, loader, val_loader, methods) -> float:
     from kdmtl_cli.distill.objective import Objective
     from kdmtl_cli.engine.logging import MetricsLog
     from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
@@ -70,7 +66,7 @@ def engine_epoch(cfg, hardware, tasks, teacher, student, loader, val_loader, met
     scheduler = build_scheduler(optimizer, cfg.optim, len(loader))
     with tempfile.TemporaryDirectory() as tmp:
         log = MetricsLog(Path(tmp), tensorboard=False)
-        trainer = Trainer(model=student, objective=Objective(tasks, cfg.loss, method, teacher), tasks=tasks,
+        trainer = Trainer(model=student, objective=Objective(tasks, cfg.loss.task_weight, methods, teacher), tasks=tasks,
                           optimizer=optimizer, scheduler=scheduler, hardware=hardware, train_loader=loader,
                           val_loader=val_loader, epochs=1, checkpoint_dir=Path(tmp) / "ckpt", log=log,
                           progress_mode="none", label="bench", monitor="val/loss/task")
@@ -92,7 +88,8 @@ def hand_epoch(cfg, hardware, data, tasks, teacher, student, epoch: int) -> floa
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     gen = torch.Generator().manual_seed(epoch)
     order, flips = torch.randperm(len(images), generator=gen), torch.rand(len(images), generator=gen) < 0.5
-    T = cfg.loss.temperature
+    T = cfg.loss.kd.temperature if cfg.loss.kd is not None else 1.0
+    kd_weight = cfg.loss.kd.weight if cfg.loss.kd is not None else 0.0
     student.train()
     start, seen = time.perf_counter(), 0
     for b in range(steps):
@@ -110,9 +107,9 @@ def hand_epoch(cfg, hardware, data, tasks, teacher, student, epoch: int) -> floa
             with torch.no_grad():
                 t_out = teacher(x)["outputs"]
             for name in ("cls", "seg"):
-                loss = loss + F.kl_div(F.log_softmax(out[name] / T, 1), F.log_softmax(t_out[name] / T, 1),
-                                       reduction="none", log_target=True).sum(1).mean() * T * T
-            loss = loss + (out["depth"] - t_out["depth"]).abs().mean()
+                loss = loss + kd_weight * F.kl_div(F.log_softmax(out[name] / T, 1), F.log_softmax(t_out[name] / T, 1),
+                                                   reduction="none", log_target=True).sum(1).mean() * T * T
+            loss = loss + kd_weight * (out["depth"] - t_out["depth"]).abs().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -123,10 +120,10 @@ def hand_epoch(cfg, hardware, data, tasks, teacher, student, epoch: int) -> floa
 
 
 def throughput(args) -> None:
-    cfg, hardware, data, tasks, teacher, student, loader, val_loader, method = _setup(args.loss)
+    cfg, hardware, data, tasks, teacher, student, loader, val_loader, methods = _setup(args.loss)
     engine, hand = [], []
     for epoch in range(args.epochs):  # interleaved, so drifts in machine load hit both alike
-        engine.append(engine_epoch(cfg, hardware, tasks, teacher, copy.deepcopy(student), loader, val_loader, method))
+        engine.append(engine_epoch(cfg, hardware, tasks, teacher, copy.deepcopy(student), loader, val_loader, methods))
         hand.append(hand_epoch(cfg, hardware, data, tasks, teacher, copy.deepcopy(student), epoch))
     e, h = statistics.median(engine), statistics.median(hand)
     print(f"device {hardware.device}, precision {hardware.precision}, batch {cfg.data.batch_size}, "

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from kdmtl_cli.data import TargetSpec
 from kdmtl_cli.data.loader import TensorLoader
-from kdmtl_cli.distill.logit import NoDistillation
+from kdmtl_cli.distill import build_methods
 from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.engine import checkpoint as ckpt
 from kdmtl_cli.engine.checkpoint import (atomic_torch_save, atomic_write_text, load_checkpoint, load_tensor_file,
@@ -32,7 +32,7 @@ from kdmtl_cli.engine.trainer import Trainer
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import build_model, count_parameters
 from kdmtl_cli.models.torchvision_resnet import ResNetTrunk
-from kdmtl_cli.schema import DataConfig, ModelConfig, OptimConfig, TeacherConfig
+from kdmtl_cli.schema import DataConfig, LossConfig, ModelConfig, OptimConfig, TeacherConfig
 from kdmtl_cli.tasks import TASK_KINDS, Task, _load_kinds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -465,19 +465,33 @@ def _tiny_split(n, seed):
             "depth": torch.rand(n, 8, 8, generator=g) * 4 + 1}
 
 
-def _train(tmp: Path, epochs=2, stop_after=None, resume_from=None):
+# Distillation with learned parts (FitNet regressor, KD4MTL adaptors) and progress-dependent
+# weights (DKD warm-up, BAM annealing), on the last stage of a 2-stage net.
+DISTILL = {"fitnet": {"student": ["trunk.stages.1"], "teacher": ["trunk.stages.1"]},
+           "kd4mtl": {"student": "trunk.stages.1", "teacher": "trunk.stages.1"},
+           "dkd": {"warmup_epochs": 1.5}, "bam": {}, "kd": {}}
+
+
+def _train(tmp: Path, epochs=2, stop_after=None, resume_from=None, distill=False):
     tasks = _tasks(3, 3)
     seed_everything(0)
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"width": 4, "stages": 2, "decoder_width": 4})
     model = build_model(cfg, tasks)
+    teacher = build_model(OmegaConf.merge(cfg, {"width": 6}), tasks) if distill else None
     kinds = {"cls": "classification", "seg": "segmentation", "depth": "depth"}
     common = dict(mean=[0.5] * 3, std=[0.25] * 3, device=torch.device("cpu"), seed=0)
     train = TensorLoader(_tiny_split(12, 1), kinds, batch_size=4, shuffle=True, hflip=True, **common)
     val = TensorLoader(_tiny_split(6, 2), kinds, batch_size=6, **common)
     optim_cfg = OmegaConf.merge(OmegaConf.structured(OptimConfig), {"epochs": epochs, "lr": 0.01})
-    optimizer = build_optimizer(model.parameters(), optim_cfg)
+    if distill:
+        loss_cfg = OmegaConf.merge(OmegaConf.structured(LossConfig), DISTILL)
+        objective = Objective(tasks, 1.0, build_methods(loss_cfg, tasks, list(tasks)), teacher)
+        objective.setup(model, next(iter(val)), torch.device("cpu"))
+    else:
+        objective = Objective(tasks, 1.0)        # vanilla: task losses only, no teacher
+    optimizer = build_optimizer([{"params": list(model.parameters())}, *objective.param_groups(optim_cfg.lr)],
+                                optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, len(train))
-    objective = Objective(tasks, OmegaConf.create({"task_weight": 1.0, "kd_weight": 1.0}), NoDistillation(None, tasks))
     hw = Hardware(device=torch.device("cpu"), precision="32", channels_last=False, scaler=None)
     trainer = Trainer(model=model, objective=objective, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
                       hardware=hw, train_loader=train, val_loader=val, epochs=epochs,
@@ -486,7 +500,9 @@ def _train(tmp: Path, epochs=2, stop_after=None, resume_from=None):
     if resume_from is not None:
         trainer.restore(load_checkpoint(resume_from))
     state = trainer.fit()
-    return model.state_dict(), state, optimizer
+    weights = dict(model.state_dict())
+    weights.update({f"objective.{k}": v for k, v in objective.modules.state_dict().items()})
+    return weights, state, optimizer
 
 
 def _assert_same_state(a, b):
@@ -517,3 +533,26 @@ def test_trainer_resume_matches_uninterrupted_run(tmp_path):
     resumed, state, _ = _train(tmp_path / "resumed", resume_from=tmp_path / "part" / "checkpoints" / "last.pt")
     assert state.epoch == 2 and state.global_step == 6
     _assert_same_state(full, resumed)
+
+
+def test_trainer_resume_with_learned_distillation_parts(tmp_path):
+    """Regressor and adaptor weights are checkpointed with the student and restored on resume;
+    progress-dependent weights (DKD warm-up, BAM) continue where they were."""
+    full, state, optimizer = _train(tmp_path / "full", distill=True)
+    assert state.global_step == 6
+    assert [g["lr"] for g in optimizer.param_groups][1:] == [0.0, 0.0]   # fitnet, kd4mtl groups at the end of cosine
+    learned = [k for k in full if k.startswith("objective.")]
+    assert any(k.startswith("objective.fitnet.") for k in learned)
+    assert {k.split(".")[2] for k in learned if k.startswith("objective.kd4mtl.")} == {"cls", "seg", "depth"}
+    assert "objective" in load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    _, stopped, _ = _train(tmp_path / "part", stop_after=1, distill=True)
+    assert stopped.epoch == 1
+    resumed, state, _ = _train(tmp_path / "resumed", resume_from=tmp_path / "part" / "checkpoints" / "last.pt",
+                               distill=True)
+    assert state.epoch == 2 and state.global_step == 6
+    _assert_same_state(full, resumed)
+    # The learned parts did train during the second epoch.
+    after_one = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["objective"]
+    assert not torch.equal(after_one["kd4mtl.cls.conv.weight"], full["objective.kd4mtl.cls.conv.weight"])
+    assert not torch.equal(after_one["fitnet.trunk__stages__1.conv.weight"],
+                           full["objective.fitnet.trunk__stages__1.conv.weight"])

@@ -122,7 +122,7 @@ def _resume_story(run_dir: Path, cwd: Path, cache: Path) -> dict:
     watched += sorted((run_dir / ".hydra").glob("*.yaml"))
     before = snapshot(*watched)
     bad_student = run_kdmtl(["train", f"resume={run_dir}", "student=tiny"], cwd, cache)
-    bad_temperature = run_kdmtl(["train", f"resume={run_dir}", "loss.temperature=8"], cwd, cache)
+    bad_temperature = run_kdmtl(["train", f"resume={run_dir}", "loss.kd.temperature=8"], cwd, cache)
     after = snapshot(*watched)
     good = run_kdmtl(["train", f"resume={run_dir}", "hardware.device=cpu", "log.progress=plain",
                       "log.efficiency=false"], cwd, cache)
@@ -184,7 +184,7 @@ def runs(base_runs, shared_cache, area):
         "existing_dir": [f"hydra.run.dir={finished}"],
         "cuda": ["hardware.device=cuda"],
         "fp8": ["hardware.precision=fp8"],
-        "kd_weight_map": ["loss.kd_weight={cls:1}"],
+        "kd_weight_map": ["loss.kd.weight={cls:1}"],
         "bad_monitor": ["checkpoint.monitor=val/nope"],
         "nan": ["optim.epochs=2", "optim.scheduler=step", "optim.step_epochs=1", "optim.gamma=inf",
                 f"hydra.run.dir={nan_dir}"],
@@ -212,15 +212,15 @@ def test_unknown_group_option_lists_choices(workdir, shared_cache):
 
 
 def test_typo_key_suggests_the_right_one(workdir, shared_cache):
-    line = assert_one_line_error(run_kdmtl(["train", "loss.kd_wieght=1"], workdir, shared_cache),
-                                 "loss.kd_wieght", "kd_weight")
-    assert "did you mean 'kd_weight'" in line
+    line = assert_one_line_error(run_kdmtl(["train", "loss.kd.wieght=1"], workdir, shared_cache),
+                                 "loss.kd.wieght", "weight")
+    assert "did you mean 'weight'" in line
 
 
 def test_typo_key_with_plus_suggests_the_right_one(workdir, shared_cache):
-    line = assert_one_line_error(run_kdmtl(["train", "+loss.kd_wieght=1"], workdir, shared_cache),
-                                 "loss.kd_wieght", "kd_weight")
-    assert "did you mean 'kd_weight'" in line
+    line = assert_one_line_error(run_kdmtl(["train", "+loss.kd.temprature=1"], workdir, shared_cache),
+                                 "loss.kd.temprature", "temperature")
+    assert "did you mean 'temperature'" in line
 
 
 def test_unknown_top_level_key(workdir, shared_cache):
@@ -280,7 +280,7 @@ def test_resume_refuses_changed_student(runs):
 
 
 def test_resume_refuses_changed_temperature(runs):
-    line = assert_one_line_error(runs["resume"]["bad_temperature"], "resume", "loss.temperature")
+    line = assert_one_line_error(runs["resume"]["bad_temperature"], "resume", "loss.kd.temperature")
     assert "8" in line
 
 
@@ -399,7 +399,7 @@ def test_unknown_precision(runs):
 
 
 def test_kd_weight_mapping_missing_tasks(runs):
-    line = assert_one_line_error(runs["procs"]["kd_weight_map"], "loss.kd_weight", "missing")
+    line = assert_one_line_error(runs["procs"]["kd_weight_map"], "loss.kd.weight", "missing")
     assert "seg" in line and "depth" in line
 
 

@@ -8,6 +8,8 @@ few real runs are started together by the `heavy_runs` fixture.
 
 from __future__ import annotations
 
+import re
+
 import json
 import os
 import subprocess
@@ -59,6 +61,11 @@ def _own_values(path: Path) -> dict:
     """The values a config file sets itself (its defaults list removed), typed as OmegaConf reads them."""
     node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     node.pop("defaults", None)
+    # `# @package loss.kd` puts the file's values under loss.kd: nest them the same way.
+    header = re.search(r"^# @package (\S+)", path.read_text(), re.MULTILINE)
+    if header and header.group(1).startswith(path.parent.name + "."):
+        for part in reversed(header.group(1).split(".")[1:]):
+            node = {part: node}
     return node
 
 
@@ -168,21 +175,22 @@ def user_conf(tmp_path) -> Path:
         "defaults:\n"
         "  - override /student: tiny\n"
         "loss:\n"
-        "  temperature: 7.0\n")
+        "  kd:\n"
+        "    temperature: 7.0\n")
     return root
 
 
 def test_user_config_dir(user_conf, workdir, shared_cache):
     cfg = _cfg_job(["--config-dir", str(user_conf), "+experiment=mine"], workdir, shared_cache)
     assert cfg["student"]["width"] == 8
-    assert cfg["loss"]["temperature"] == 7.0
+    assert cfg["loss"]["kd"]["temperature"] == 7.0
     assert cfg["teacher"]["width"] == 32  # everything else still comes from the shipped tree
 
 
 def test_user_config_searchpath(user_conf, workdir, shared_cache):
     cfg = _cfg_job([f"hydra.searchpath=[file://{user_conf}]", "+experiment=mine"], workdir, shared_cache)
     assert cfg["student"]["width"] == 8
-    assert cfg["loss"]["temperature"] == 7.0
+    assert cfg["loss"]["kd"]["temperature"] == 7.0
 
 
 # ---- debug=fast ----------------------------------------------------------------------------------------------
@@ -215,7 +223,7 @@ def heavy_runs(tmp_path_factory, shared_cache):
     logs = base / "logs"
     logs.mkdir()
     args = {
-        "sweep": (["train", "-m", *FAST, "loss.temperature=2,4", "seed=0,1"], sweep_cwd, fresh_cache),
+        "sweep": (["train", "-m", *FAST, "loss.kd.temperature=2,4", "seed=0,1"], sweep_cwd, fresh_cache),
         "default": (["train", *FAST, "loss=none"], pair_cwd, shared_cache),
         "explicit": (["train", *FAST, "loss=none", "optim.epochs=2"], pair_cwd, shared_cache),
     }
@@ -243,7 +251,7 @@ def test_multirun_runs_every_combination(heavy_runs):
     combos = set()
     for path in found:
         config = json.loads(path.read_text())["config"]
-        combos.add((config["loss"]["temperature"], config["seed"]))
+        combos.add((config["loss"]["kd"]["temperature"], config["seed"]))
         assert config["optim"]["epochs"] == 1  # debug=fast applies to every job
     assert combos == {(2.0, 0), (2.0, 1), (4.0, 0), (4.0, 1)}
 

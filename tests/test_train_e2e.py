@@ -39,7 +39,7 @@ def test_train_writes_checkpoints_metrics_tensorboard_summary(workdir, shared_ca
         assert term in epoch, term
     # the optimised total is the weighted sum of its named terms (task_weight 1, kd_weight 0.5 by default)
     saved_loss = yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]
-    assert (saved_loss["task_weight"], saved_loss["kd_weight"]) == (1.0, 0.5)
+    assert (saved_loss["task_weight"], saved_loss["kd"]["weight"]) == (1.0, 0.5)
     parts = sum(epoch[f"train/task/{t}"] + 0.5 * epoch[f"train/kd/{t}"] for t in ("cls", "seg", "depth"))
     assert abs(epoch["train/loss/total"] - parts) < 1e-4 * max(1.0, abs(parts))
     for key in ("test/cls/accuracy", "test/cls/f1", "test/cls/recall", "test/seg/miou", "test/seg/pixel_acc",
@@ -68,7 +68,7 @@ def test_teacher_is_trained_once_and_reused(workdir, tmp_path):
     weights = entries[0] / "teacher.safetensors"
     before = (weights.stat().st_mtime_ns, weights.read_bytes())
     # a different student and KD temperature share the teacher; nothing is retrained
-    second = _ok(run_kdmtl(["train", *FAST, "student=tiny", "loss.temperature=2", f"hydra.run.dir={workdir / 'b'}"],
+    second = _ok(run_kdmtl(["train", *FAST, "student=tiny", "loss.kd.temperature=2", f"hydra.run.dir={workdir / 'b'}"],
                            workdir, cache))
     assert "reusing cached teacher" in second.stdout and "training it" not in second.stdout
     assert (weights.stat().st_mtime_ns, weights.read_bytes()) == before
@@ -167,3 +167,25 @@ def test_resume_true_continues_the_newest_interrupted_run(workdir, shared_cache)
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     assert "hparam/test/seg/miou" in acc.Tags()["scalars"]  # the HParams row of the finished run
+
+
+def test_every_distillation_method_runs_one_short_epoch(workdir, shared_cache):
+    """Each method (and a combination) through the real CLI: its named terms are logged."""
+    expected = {
+        "dkd": {"train/dkd/cls", "train/dkd/seg"},
+        "fitnet": {"train/fitnet/trunk.stages.2"},
+        "at": {"train/at/trunk.stages.1", "train/at/trunk.stages.2"},
+        "kd4mtl": {"train/kd4mtl/cls", "train/kd4mtl/seg", "train/kd4mtl/depth"},
+        "bam": {"train/bam/cls", "train/bam/seg"},
+        "[kd,at]": {"train/kd/cls", "train/kd/depth", "train/at/trunk.stages.2"},
+    }
+    for loss, terms in expected.items():
+        run_dir = workdir / loss.strip("[]").replace(",", "+")
+        _ok(run_kdmtl(["train", *FAST, f"loss={loss}", f"hydra.run.dir={run_dir}"], workdir, shared_cache))
+        epoch = read_jsonl(run_dir / "metrics.jsonl")[0]
+        assert terms <= set(epoch), (loss, sorted(epoch))
+        methods = {k.split("/")[1] for k in epoch if k.startswith("train/") and k.count("/") >= 2} - {"task", "loss"}
+        assert methods == {t.split("/")[1] for t in terms}, (loss, methods)
+    # KD4MTL's adaptors are learned parts: they travel in the checkpoint
+    state = torch.load(workdir / "kd4mtl" / "checkpoints" / "last.pt", weights_only=True)
+    assert set(state["objective"]) == {f"kd4mtl.{t}.conv.weight" for t in ("cls", "seg", "depth")}

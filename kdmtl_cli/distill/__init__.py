@@ -1,14 +1,55 @@
-"""Distillation methods by name. A method maps (student outputs, teacher outputs, batch)
-to named loss terms such as ``kd/cls``; the trainer never knows which method runs."""
+"""Distillation methods by name (`loss=kd`, `loss=[kd,at]`). Each method is one file with a
+class registered here: it maps (student outputs, teacher outputs, batch) to named loss terms
+such as ``kd/cls`` or ``at/trunk.stages.2`` and says each term's weight; the trainer never
+knows which methods run. Methods with learned parts (FitNet regressors, KD4MTL adaptors)
+build them once feature shapes are known (`setup`) and hand their parameters to the optimiser.
+"""
 
 from __future__ import annotations
 
+from typing import Dict, List
+
+import torch
+
 from kdmtl_cli.registry import Registry
 
-KD_METHODS: Registry = Registry("loss", "loss.name")
+KD_METHODS: Registry = Registry("distillation method", "loss")
 
 
-def build_method(loss_cfg, tasks):
-    from kdmtl_cli.distill import logit  # noqa: F401  (register methods)
+class Method:
+    """Base of every distillation method."""
 
-    return KD_METHODS.get(loss_cfg.name)(loss_cfg, tasks)
+    name: str = ""
+    student_features: List[str] = []     # module paths the student must expose
+    teacher_features: List[str] = []     # module paths the teacher must expose
+
+    def __init__(self, cfg, tasks, teacher_tasks: List[str]):
+        self.cfg, self.tasks, self.teacher_tasks = cfg, tasks, teacher_tasks
+        self.modules = torch.nn.ModuleDict()   # learned parts (adaptors, regressors)
+        self._weights: Dict[str, float] = {}
+
+    def setup(self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor]) -> None:
+        """Called once with one batch's features, before the optimiser is built."""
+
+    def param_groups(self, base_lr: float) -> List[dict]:
+        params = list(self.modules.parameters())
+        return [{"params": params, "lr": base_lr}] if params else []
+
+    def weight(self, term: str, progress: dict) -> float:
+        return self._weights[term]
+
+    def __call__(self, student_out: dict, teacher_out: dict, batch: dict, progress: dict) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def load_methods() -> None:
+    from kdmtl_cli.distill import at, bam, dkd, fitnet, kd4mtl, logit  # noqa: F401  (register methods)
+
+
+def method_names(loss_cfg) -> List[str]:
+    load_methods()
+    return [name for name in KD_METHODS.names() if loss_cfg.get(name) is not None]
+
+
+def build_methods(loss_cfg, tasks, teacher_tasks: List[str]) -> List[Method]:
+    return [KD_METHODS.get(name)(loss_cfg[name], tasks, teacher_tasks) for name in method_names(loss_cfg)]

@@ -1,4 +1,4 @@
-"""Logit distillation (Hinton et al., 2015) for every task kind of a multi-task student.
+"""`kd`: logit distillation (Hinton et al., 2015) for every task kind of a multi-task student.
 
 - classification: KL(softmax(t/T) || softmax(s/T)) * T^2, summed over classes, mean over the batch;
 - segmentation: the same KL at every pixel, mean over batch and pixels;
@@ -13,7 +13,8 @@ from typing import Dict
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdmtl_cli.distill import KD_METHODS
+from kdmtl_cli.distill import KD_METHODS, Method
+from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.errors import KdmtlError
 
 
@@ -32,37 +33,27 @@ def dense_regression_kd(student: Tensor, teacher: Tensor, norm: str) -> Tensor:
 
 
 @KD_METHODS.register("kd")
-class LogitKD:
-    def __init__(self, loss_cfg, tasks):
-        if loss_cfg.temperature <= 0:
-            raise KdmtlError(f"loss.temperature must be > 0 (got {loss_cfg.temperature})")
-        if loss_cfg.dense_kd not in ("l1", "l2"):
-            raise KdmtlError(f"loss.dense_kd must be l1 or l2 (got '{loss_cfg.dense_kd}')")
-        self.temperature = float(loss_cfg.temperature)
-        self.dense_kd = loss_cfg.dense_kd
-        self.tasks = tasks
+class LogitKD(Method):
+    """kd/<task> for every task the teacher covers: KL at temperature T (times T^2) for
+    classification and per pixel for segmentation; L1/L2 to the teacher for depth."""
 
-    uses_teacher = True
+    name = "kd"
 
-    def __call__(self, student_out: Dict[str, Tensor], teacher_out: Dict[str, Tensor], batch) -> Dict[str, Tensor]:
+    def __init__(self, cfg, tasks, teacher_tasks):
+        super().__init__(cfg, tasks, teacher_tasks)
+        if cfg.temperature <= 0:
+            raise KdmtlError(f"loss.kd.temperature must be > 0 (got {cfg.temperature})")
+        if cfg.dense not in ("l1", "l2"):
+            raise KdmtlError(f"loss.kd.dense must be l1 or l2 (got '{cfg.dense}')")
+        weights = per_task_weights(cfg.weight, teacher_tasks, "loss.kd.weight")
+        self._weights = {f"kd/{task}": w for task, w in weights.items()}
+
+    def __call__(self, student_out, teacher_out, batch, progress):
         terms = {}
-        for name, t_out in teacher_out.items():
-            s_out = student_out[name]
+        for name in self.teacher_tasks:
+            s_out, t_out = student_out["outputs"][name], teacher_out["outputs"][name]
             if self.tasks[name].kind.name in ("classification", "segmentation"):
-                terms[f"kd/{name}"] = kl_with_temperature(s_out, t_out, self.temperature)
+                terms[f"kd/{name}"] = kl_with_temperature(s_out, t_out, float(self.cfg.temperature))
             else:
-                terms[f"kd/{name}"] = dense_regression_kd(s_out, t_out, self.dense_kd)
+                terms[f"kd/{name}"] = dense_regression_kd(s_out, t_out, self.cfg.dense)
         return terms
-
-
-@KD_METHODS.register("none")
-class NoDistillation:
-    """The vanilla student: task losses only."""
-
-    uses_teacher = False
-
-    def __init__(self, loss_cfg, tasks):
-        pass
-
-    def __call__(self, student_out, teacher_out, batch):
-        return {}

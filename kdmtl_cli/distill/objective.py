@@ -1,68 +1,92 @@
-"""The training objective: task losses plus distillation terms, each named and weighted.
+"""The training objective: task losses plus the chosen distillation methods' terms, each
+named, logged raw, and weighted:
 
-    loss/total = sum_t task_weight[t] * task/t  +  sum_t kd_weight[t] * kd/t
+    loss/total = sum_t task_weight[t] * task/t  +  sum over methods and terms  weight(term) * term
 
 `loss/task` (the unweighted sum of task losses) is what validation reports by default.
-The teacher runs frozen, in eval mode, under no_grad.
+The teacher runs frozen, in eval mode, under no_grad; learned parts of methods (FitNet
+regressors, KD4MTL adaptors) live in `self.modules` and are optimised with the student.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.errors import KdmtlError
 
 
-def per_task_weights(value, tasks, key: str) -> Dict[str, float]:
-    """A number applies to every task; a mapping must name each task exactly."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return {name: float(value) for name in tasks}
-    if hasattr(value, "items"):
-        weights = dict(value.items())
-        unknown = sorted(set(weights) - set(tasks))
-        missing = sorted(set(tasks) - set(weights))
-        if unknown or missing:
-            raise KdmtlError(f"{key} must give a weight for each task ({', '.join(tasks)}); "
-                             + (f"unknown: {', '.join(unknown)}" if unknown else f"missing: {', '.join(missing)}"))
-        bad = {n: w for n, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))}
-        if bad:
-            raise KdmtlError(f"{key} values must be numbers (got {bad})")
-        return {name: float(w) for name, w in weights.items()}
-    raise KdmtlError(f"{key} must be a number or a mapping task -> number (got {value!r})")
-
-
 class Objective:
-    def __init__(self, tasks, loss_cfg, method, teacher: Optional[torch.nn.Module] = None):
+    def __init__(self, tasks, task_weight, methods: List = (), teacher: Optional[torch.nn.Module] = None):
         self.tasks = tasks
-        self.method = method
-        self.teacher = teacher
-        self.task_weight = per_task_weights(loss_cfg.task_weight, tasks, "loss.task_weight")
-        self.kd_weight = per_task_weights(loss_cfg.kd_weight, tasks, "loss.kd_weight")
-        if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
+        self.methods = list(methods)
+        self.teacher = teacher if self.methods else None
+        self.task_weight = per_task_weights(task_weight, tasks, "loss.task_weight")
+        self.modules = torch.nn.ModuleDict({m.name: m.modules for m in self.methods})
+        self.progress = {"fraction": 0.0, "epoch": 0.0}
+        if self.methods and teacher is None:
+            raise KdmtlError("the distillation methods need a teacher; use loss=none for a vanilla student")
+        if self.teacher is not None:
+            self.teacher.eval()
+            for p in self.teacher.parameters():
                 p.requires_grad_(False)
 
+    # ---- set-up -------------------------------------------------------------------------
+    def setup(self, student: torch.nn.Module, batch: dict, device) -> None:
+        """Hook the features the methods name, run one batch to learn their shapes, build the
+        methods' learned parts. Unknown module paths fail here, listing the available names."""
+        if not self.methods:
+            return
+        student_names = sorted({n for m in self.methods for n in m.student_features})
+        teacher_names = sorted({n for m in self.methods for n in m.teacher_features})
+        for model, names, side in ((student, student_names, "student"), (self.teacher, teacher_names, "teacher")):
+            try:
+                if names:
+                    model.capture_features(names)
+            except KdmtlError as err:  # say which model and which config keys name features
+                raise KdmtlError(f"{side} feature for loss.{'/'.join(m.name for m in self.methods)}: {err}") from None
+        with torch.no_grad():
+            was_training = student.training
+            student.eval()
+            s_feats = student(batch["image"])["features"]
+            t_feats = self.teacher(batch["image"])["features"]
+            student.train(was_training)
+        for method in self.methods:
+            method.setup(s_feats, t_feats)  # each method checks the features it names
+            for name in method.teacher_features:  # a safety net for methods that do not
+                if name not in t_feats and not any(k.endswith(":" + name) for k in t_feats):
+                    raise KdmtlError(f"loss.{method.name}: the teacher has no feature '{name}'; "
+                                     f"captured: {', '.join(sorted(t_feats))}")
+        self.modules.to(device)
+
+    def param_groups(self, base_lr: float) -> List[dict]:
+        return [group for m in self.methods for group in m.param_groups(base_lr)]
+
+    def set_progress(self, fraction: float, epoch: float) -> None:
+        """Where training is: fraction of all steps done, and epochs done (fractional)."""
+        self.progress = {"fraction": fraction, "epoch": epoch}
+
+    def train(self, mode: bool = True) -> None:
+        self.modules.train(mode)
+
+    # ---- terms --------------------------------------------------------------------------
     def task_terms(self, outputs: Dict[str, Tensor], targets: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return {f"task/{name}": task.kind.loss(outputs[name], targets[task.target])
                 for name, task in self.tasks.items()}
 
     def __call__(self, student_out: dict, batch: dict) -> Tuple[Tensor, Dict[str, Tensor]]:
         terms = self.task_terms(student_out["outputs"], batch["targets"])
-        if self.teacher is not None and getattr(self.method, "uses_teacher", False):
+        total = sum(self.task_weight[name] * terms[f"task/{name}"] for name in self.tasks)
+        if self.methods:
             with torch.no_grad():
-                teacher_out = self.teacher(batch["image"])["outputs"]
-            teacher_out = {k: v for k, v in teacher_out.items() if k in self.tasks}
-            terms.update(self.method(student_out["outputs"], teacher_out, batch))
-        total = None
-        for name, value in terms.items():
-            group, task = name.split("/", 1)
-            weight = self.task_weight[task] if group == "task" else self.kd_weight.get(task, 1.0)
-            contribution = weight * value
-            total = contribution if total is None else total + contribution
+                teacher_out = self.teacher(batch["image"])
+            for method in self.methods:
+                for name, value in method(student_out, teacher_out, batch, self.progress).items():
+                    terms[name] = value
+                    total = total + method.weight(name, self.progress) * value
         terms["loss/total"] = total
         terms["loss/task"] = sum(terms[f"task/{name}"] for name in self.tasks).detach()
         return total, terms

@@ -12,9 +12,18 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "constant")
 
 
-def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+def check_optimizer(cfg) -> None:
     if cfg.lr <= 0:
         raise KdmtlError(f"optim.lr must be > 0 (got {cfg.lr})")
+    if cfg.name not in OPTIMIZERS:
+        raise KdmtlError(f"unknown optim.name '{cfg.name}'; choose one of: {', '.join(OPTIMIZERS)}")
+    if cfg.scheduler not in SCHEDULERS:
+        raise KdmtlError(f"unknown optim.scheduler '{cfg.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """`params`: parameters, or param groups (a group may set its own lr, e.g. KD4MTL adaptors)."""
+    check_optimizer(cfg)
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":

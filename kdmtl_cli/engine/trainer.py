@@ -112,6 +112,7 @@ class Trainer:
     def _checkpoint_state(self) -> Dict[str, Any]:
         return {
             "model": self.model.state_dict(),
+            "objective": self.objective.modules.state_dict(),   # learned parts of KD methods
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.hw.scaler.state_dict() if self.hw.scaler is not None else None,
@@ -123,6 +124,7 @@ class Trainer:
 
     def restore(self, checkpoint: Dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
+        self.objective.modules.load_state_dict(checkpoint.get("objective") or {})
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.hw.scaler is not None and checkpoint.get("scaler"):
@@ -173,6 +175,9 @@ class Trainer:
     def _train_epoch(self, epoch: int, progress: Progress) -> Dict[str, float]:
         model, hw = self.model, self.hw
         model.train()
+        self.objective.train()
+        steps_per_epoch = len(self.train_loader)
+        total_steps = max(1, self.epochs * steps_per_epoch)
         self.train_loader.set_epoch(epoch)
         progress.start_epoch(epoch, len(self.train_loader), epoch - 1)
         sums: Dict[str, torch.Tensor] = {}
@@ -180,8 +185,10 @@ class Trainer:
         recent_losses = []
         samples, window_steps = 0, 0
         start = time.perf_counter()
-        for batch in self.train_loader:
+        for step, batch in enumerate(self.train_loader):
             batch["image"] = hw.to_input(batch["image"])  # the teacher sees the same layout
+            # Schedules inside methods (DKD warm-up, BAM annealing) read where training is.
+            self.objective.set_progress(self.state.global_step / total_steps, epoch - 1 + step / steps_per_epoch)
             with hw.autocast():
                 out = model(batch["image"])
                 loss, terms = self.objective(out, batch)
