@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdmtl_cli.build import make_loader, model_meta
 from kdmtl_cli.data import build_data
 from kdmtl_cli.distill import build_methods, method_names
-from kdmtl_cli.distill.objective import Objective
+from kdmtl_cli.distill.objective import Objective, check_student_modules
 from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
@@ -67,6 +67,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     # a second, not after the teacher's training.
     student = hardware.prepare_model(build_model(cfg.student, tasks))
     check_optimizer(cfg.optim)
+    check_student_modules(methods, student)
     train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
     val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
     test_loader = make_loader(data, "test", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)

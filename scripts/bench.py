@@ -6,6 +6,10 @@
       Objective + Trainer.fit) against a minimal hand-written PyTorch loop on the same
       model, batch, data and teacher, in one process; prints the ratio. Goal: >= 0.97.
 
+  python scripts/bench.py methods [--losses none,kd,dkd,fitnet,at,kd4mtl,bam]
+      Training throughput and step time of each distillation method through the engine,
+      relative to the vanilla student (same model, data, batch; teacher forward included).
+
   python scripts/bench.py default-run [--seeds 0,1,2]
       Times the default `kdmtl train` (teacher trained from scratch + student + test)
       with a fresh cache, then the vanilla student (`loss=none`, same seed), and
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _setup(loss_name: str):
+def _setup(loss_name: str, teacher: bool = False):
     from kdmtl_cli.build import make_loader
     from kdmtl_cli.data import build_data
     from kdmtl_cli.distill import build_methods
@@ -49,7 +53,8 @@ def _setup(loss_name: str):
     data = build_data(cfg.data)
     tasks = build_tasks(cfg.tasks, data.targets)
     torch.manual_seed(0)
-    teacher = hardware.prepare_model(build_model(cfg.teacher, tasks)).eval() if loss_name == "kd" else None
+    want_teacher = teacher or loss_name != "none"
+    teacher = hardware.prepare_model(build_model(cfg.teacher, tasks)).eval() if want_teacher else None
     student = hardware.prepare_model(build_model(cfg.student, tasks))
     loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=None)
     val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=1)
@@ -133,6 +138,40 @@ def throughput(args) -> None:
     print(f"ratio engine/hand = {e / h:.3f}  (goal >= 0.97)")
 
 
+def methods(args) -> None:
+    """Cost per training step of each distillation method relative to the vanilla student."""
+    from kdmtl_cli.distill.objective import Objective
+    from kdmtl_cli.engine.logging import MetricsLog
+    from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
+    from kdmtl_cli.engine.trainer import Trainer
+
+    results = {}
+    for loss in args.losses.split(","):
+        speeds = []
+        for _ in range(args.epochs):  # fresh models, hooks and learned parts every epoch
+            cfg, hardware, data, tasks, teacher, model, loader, val_loader, methods_ = _setup(loss, teacher=True)
+            objective = Objective(tasks, cfg.loss.task_weight, methods_ if loss != "none" else [], teacher)
+            objective.setup(model, next(iter(val_loader)), hardware.device)
+            optimizer = build_optimizer([{"params": list(model.parameters())},
+                                         *objective.param_groups(cfg.optim.lr)], cfg.optim)
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = Trainer(model=model, objective=objective, tasks=tasks, optimizer=optimizer,
+                                  scheduler=build_scheduler(optimizer, cfg.optim, len(loader)), hardware=hardware,
+                                  train_loader=loader, val_loader=val_loader, epochs=1,
+                                  checkpoint_dir=Path(tmp) / "ckpt", log=MetricsLog(Path(tmp), tensorboard=False),
+                                  progress_mode="none", label="bench", monitor="val/loss/task")
+                trainer.fit()
+                speeds.append(json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[0])["train/samples_per_s"])
+        results[loss] = statistics.median(speeds)
+    base = results.get("none")
+    print(f"device {hardware.device}, batch {cfg.data.batch_size}, {data.size('train')} images, "
+          f"{args.epochs} epochs each (median)")
+    for loss, speed in results.items():
+        ms_per_step = 1000 * cfg.data.batch_size / speed
+        rel = f"{base / speed:5.2f}x the vanilla step time" if base else ""
+        print(f"  loss={loss:10s} {speed:8.1f} samples/s  {ms_per_step:7.1f} ms/step  {rel}")
+
+
 def default_run(args) -> None:
     seeds = [int(s) for s in str(args.seeds).split(",")]
     results = {}
@@ -173,10 +212,13 @@ def main() -> None:
     t = sub.add_parser("throughput")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--loss", choices=("kd", "none"), default="kd")
+    m = sub.add_parser("methods")
+    m.add_argument("--losses", default="none,kd,dkd,fitnet,at,kd4mtl,bam")
+    m.add_argument("--epochs", type=int, default=2)
     d = sub.add_parser("default-run")
     d.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     args = parser.parse_args()
-    {"throughput": throughput, "default-run": default_run}[args.command](args)
+    {"throughput": throughput, "methods": methods, "default-run": default_run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -418,3 +418,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(runs):
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_unknown_feature_module_fails_before_any_teacher_is_trained(workdir, tmp_path):
+    cache = tmp_path / "fresh"
+    proc = run_kdmtl(["train", "debug=fast", "loss=at", "loss.at.student=[trunk.nope,trunk.stages.2]"], workdir, cache)
+    line = assert_one_line_error(proc, "loss.at", "trunk.nope", "available", "trunk.stages.2")
+    assert not (cache / "teachers").exists(), line  # no teacher was trained for a run that cannot start
+    pair = run_kdmtl(["train", "debug=fast", "loss=fitnet", "loss.fitnet.student=[heads.cls]"], workdir, cache)
+    assert_one_line_error(pair, "loss.fitnet", "heads.cls", "[N, C, H, W]")
+    off = run_kdmtl(["train", "loss=none", "loss.at.weight=5", "--cfg", "job"], workdir, cache)
+    assert_one_line_error(off, "loss.at.weight", "loss=at")

@@ -19,6 +19,17 @@ from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.errors import KdmtlError
 
 
+def check_student_modules(methods, student: torch.nn.Module) -> None:
+    """Fail before any teacher is trained when a method names a student module that does not exist."""
+    modules = dict(student.named_modules())
+    for method in methods:
+        for name in method.student_features:
+            if name not in modules:
+                available = ", ".join(n for n in modules if n and n.count(".") <= 2)
+                raise KdmtlError(f"student feature for loss.{method.name}: no module named '{name}' in the "
+                                 f"model; available: {available}")
+
+
 class Objective:
     def __init__(self, tasks, task_weight, methods: List = (), teacher: Optional[torch.nn.Module] = None):
         self.tasks = tasks
