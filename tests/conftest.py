@@ -41,3 +41,14 @@ def workdir(tmp_path) -> Path:
     d = tmp_path / "work"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny in-process models run far faster single-threaded (thread hand-offs dominate)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

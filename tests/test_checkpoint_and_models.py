@@ -39,13 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 _load_kinds()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster single-threaded (thread hand-offs dominate)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _listing(folder: Path):

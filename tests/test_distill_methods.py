@@ -38,13 +38,7 @@ SCHEMAS = {"kd": KDConfig, "dkd": DKDConfig, "at": ATConfig, "fitnet": FeaturePa
 START = {"fraction": 0.0, "epoch": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster single-threaded (thread hand-offs dominate)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- hand-written helpers

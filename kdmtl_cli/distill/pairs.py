@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
+from kdmtl_cli.distill import Method
 from kdmtl_cli.errors import KdmtlError
 
 
@@ -33,3 +34,29 @@ def require_feature(features, name: str, key: str, side: str):
     hint = (f"; with per-task teachers name one, e.g. {per_task[0]}" if per_task
             else f"; captured: {', '.join(sorted(features))}")
     raise KdmtlError(f"{key}: the {side} has no feature '{name}'{hint}")
+
+
+class FeaturePairMethod(Method):
+    """A method over (student, teacher) module-path pairs from `loss.<name>.student/teacher`,
+    one term `<name>/<student path>` per pair, all with `loss.<name>.weight`."""
+
+    def __init__(self, cfg, tasks, teacher_tasks):
+        super().__init__(cfg, tasks, teacher_tasks)
+        self.pairs = feature_pairs(cfg, f"loss.{self.name}")
+        self.student_features = [s for s, _ in self.pairs]
+        self.teacher_features = [t for _, t in self.pairs]
+        self._weights = {f"{self.name}/{s}": float(cfg.weight) for s, _ in self.pairs}
+
+    def checked_pairs(self, student_features, teacher_features) -> List[Tuple[str, str, object, object]]:
+        """(student path, teacher path, student map, teacher map) for each pair, checked."""
+        key = f"loss.{self.name}"
+        out = []
+        for s, t in self.pairs:
+            student = require_feature(student_features, s, key, "student")
+            teacher = require_feature(teacher_features, t, key, "teacher")
+            check_pair_shapes(f"{key} pair {s} -> {t}", student, teacher)
+            out.append((s, t, student, teacher))
+        return out
+
+    def weight(self, term: str, progress: Dict) -> float:
+        return self._weights[term]
