@@ -13,6 +13,7 @@ from kdmtl_cli.build import make_loader, model_meta
 from kdmtl_cli.data import build_data
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.objective import Objective, check_student_modules
+from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
@@ -24,7 +25,7 @@ from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import build_model
 from kdmtl_cli.summary import comparison_rows, markdown, print_table
 from kdmtl_cli.tasks import build_tasks, task_signature
-from kdmtl_cli.teachers import prepare_teacher
+from kdmtl_cli.teachers import prepare_teacher, teacher_task_names
 
 
 def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
@@ -58,9 +59,9 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     hardware = setup_hardware(cfg.hardware)
     data = build_data(cfg.data)
     tasks = build_tasks(cfg.tasks, data.targets)
-    teacher_tasks = list(cfg.teacher.tasks) if cfg.teacher.tasks else list(tasks)
+    teacher_tasks = teacher_task_names(cfg, tasks)
     methods = build_methods(cfg.loss, tasks, teacher_tasks)  # checks each method's settings
-    Objective(tasks, cfg.loss.task_weight)  # checks the task weights before any training
+    per_task_weights(cfg.loss.task_weight, tasks, "loss.task_weight")  # checked before any training
     check_monitor(cfg.checkpoint.monitor, tasks)
 
     # The student is built before any teacher is trained, so a bad student setting fails in

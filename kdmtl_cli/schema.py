@@ -200,16 +200,23 @@ class EvalConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+def _schema_child(node: DictConfig, part: str):
+    """The schema node under `part`; an Optional[Schema] section that is None by default
+    (e.g. loss.at) stands for its schema, so its keys can be checked and listed."""
+    child = node._get_node(part)
+    ref_type = child._metadata.ref_type
+    if child._is_none() and hasattr(ref_type, "__dataclass_fields__"):
+        return OmegaConf.structured(ref_type)
+    return node[part]
+
+
 def _valid_keys(schema: Any, parent_key: str) -> List[str]:
     node = OmegaConf.structured(schema)
     for part in [p for p in parent_key.split(".") if p]:
         if not isinstance(node, DictConfig):
             return []
-        child = node.get(part)
-        if child is None and part in node:  # an Optional[Schema] field that is None by default
-            ref_type = node._get_node(part)._metadata.ref_type
-            child = OmegaConf.structured(ref_type) if hasattr(ref_type, "__dataclass_fields__") else None
-        elif child is None:  # a Dict[str, Schema] node: the keys come from its element type
+        child = _schema_child(node, part) if part in node else None
+        if child is None:  # a Dict[str, Schema] node: the keys come from its element type
             element_type = node._metadata.element_type
             child = OmegaConf.structured(element_type) if hasattr(element_type, "__dataclass_fields__") else None
         node = child
@@ -231,11 +238,7 @@ def check_added_keys(overrides: List[str], schema: type) -> None:
             if not isinstance(node, DictConfig):
                 break
             if part in node:
-                child = node._get_node(part)
-                ref_type = child._metadata.ref_type
-                # an Optional[Schema] section that is off by default: check against its schema
-                node = OmegaConf.structured(ref_type) if child._is_none() and \
-                    hasattr(ref_type, "__dataclass_fields__") else node[part]
+                node = _schema_child(node, part)
                 continue
             if node._metadata.object_type in (None, dict) and depth > 0:
                 break  # a Dict[str, X] node: new entries are allowed, checked later by validate()

@@ -7,7 +7,7 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -182,6 +182,15 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
     return model, {"source": str(weights_path), "cached": False}
 
 
+def teacher_task_names(cfg, tasks: Dict[str, Task]) -> List[str]:
+    """The student tasks the teacher covers: `teacher.tasks`, or every student task."""
+    wanted = list(cfg.teacher.tasks) if cfg.teacher.tasks else list(tasks)
+    unknown = [n for n in wanted if n not in tasks]
+    if unknown:
+        raise KdmtlError(f"teacher.tasks names {', '.join(unknown)}, not student tasks ({', '.join(tasks)})")
+    return wanted
+
+
 def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
     """Return the frozen teacher (on the run's device) for the student's tasks, and where it came from.
 
@@ -189,10 +198,7 @@ def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
     teacher.mode=per_task: one single-task teacher per task, each loaded from
     `teacher.checkpoints.<task>` or trained once and cached on its own.
     """
-    wanted = list(cfg.teacher.tasks) if cfg.teacher.tasks else list(tasks)
-    unknown = [n for n in wanted if n not in tasks]
-    if unknown:
-        raise KdmtlError(f"teacher.tasks names {', '.join(unknown)}, not student tasks ({', '.join(tasks)})")
+    wanted = teacher_task_names(cfg, tasks)
     mode = cfg.teacher.mode
     if mode not in ("multitask", "per_task"):
         raise KdmtlError(f"unknown teacher.mode '{mode}'; choose multitask or per_task")

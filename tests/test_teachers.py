@@ -97,6 +97,8 @@ def test_teacher_mode_errors(workdir, shared_cache):
         (["teacher.checkpoints.seg=/x.pt"], "teacher=per_task"),
         (["teacher=per_task", "teacher.tasks=[seg]", "teacher.checkpoints.depth=/x.pt"], "does not cover"),
         (["teacher.mode=ensemble"], "multitask or per_task"),
+        # an unknown teacher task is named before any method looks it up
+        (["teacher.tasks=[foo]", "loss=dkd"], "teacher.tasks names foo"),
     ]
     for extra, words in cases:
         result = run_kdmtl(["train", *FAST, *extra], workdir, shared_cache)

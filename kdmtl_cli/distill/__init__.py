@@ -11,6 +11,8 @@ from typing import Dict, List
 
 import torch
 
+from kdmtl_cli.distill.weights import per_task_weights
+from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.registry import Registry
 
 KD_METHODS: Registry = Registry("distillation method", "loss")
@@ -28,6 +30,11 @@ class Method:
         self.modules = torch.nn.ModuleDict()   # learned parts (adaptors, regressors)
         self._weights: Dict[str, float] = {}
 
+    def per_task_term_weights(self, task_names: List[str]) -> Dict[str, float]:
+        """`loss.<method>.weight` (a number or {task: number}) as weights of the `<method>/<task>` terms."""
+        weights = per_task_weights(self.cfg.weight, task_names, f"loss.{self.name}.weight")
+        return {f"{self.name}/{task}": w for task, w in weights.items()}
+
     def setup(self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor]) -> None:
         """Called once with one batch's features, before the optimiser is built."""
 
@@ -40,6 +47,17 @@ class Method:
 
     def __call__(self, student_out: dict, teacher_out: dict, batch: dict, progress: dict) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+class LabelTaskMethod(Method):
+    """A method on the teacher's label tasks (classification, segmentation), one term per task."""
+
+    def __init__(self, cfg, tasks, teacher_tasks):
+        super().__init__(cfg, tasks, teacher_tasks)
+        self.label_tasks = [t for t in teacher_tasks if tasks[t].kind.name in ("classification", "segmentation")]
+        if not self.label_tasks:
+            raise KdmtlError(f"loss={self.name} needs a classification or segmentation task covered by the teacher")
+        self._weights = self.per_task_term_weights(self.label_tasks)
 
 
 def load_methods() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from kdmtl_cli.distill import KD_METHODS, Method
 from kdmtl_cli.distill.functional import TaskAdaptor, kd4mtl_loss
 from kdmtl_cli.distill.pairs import check_pair_shapes, require_feature
-from kdmtl_cli.distill.weights import per_task_weights
 
 
 @KD_METHODS.register("kd4mtl")
@@ -21,8 +20,7 @@ class KD4MTL(Method):
 
     def __init__(self, cfg, tasks, teacher_tasks):
         super().__init__(cfg, tasks, teacher_tasks)
-        weights = per_task_weights(cfg.weight, teacher_tasks, "loss.kd4mtl.weight")
-        self._weights = {f"kd4mtl/{task}": w for task, w in weights.items()}
+        self._weights = self.per_task_term_weights(teacher_tasks)
         self.student_features = [cfg.student]
         self.teacher_features = [cfg.teacher]
 

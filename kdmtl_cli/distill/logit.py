@@ -8,13 +8,11 @@ The T^2 factor keeps the gradient scale of the soft term independent of T.
 
 from __future__ import annotations
 
-from typing import Dict
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdmtl_cli.distill import KD_METHODS, Method
-from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.errors import KdmtlError
 
 
@@ -45,8 +43,7 @@ class LogitKD(Method):
             raise KdmtlError(f"loss.kd.temperature must be > 0 (got {cfg.temperature})")
         if cfg.dense not in ("l1", "l2"):
             raise KdmtlError(f"loss.kd.dense must be l1 or l2 (got '{cfg.dense}')")
-        weights = per_task_weights(cfg.weight, teacher_tasks, "loss.kd.weight")
-        self._weights = {f"kd/{task}": w for task, w in weights.items()}
+        self._weights = self.per_task_term_weights(teacher_tasks)
 
     def __call__(self, student_out, teacher_out, batch, progress):
         terms = {}

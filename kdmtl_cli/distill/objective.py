@@ -21,13 +21,13 @@ from kdmtl_cli.errors import KdmtlError
 
 def check_student_modules(methods, student: torch.nn.Module) -> None:
     """Fail before any teacher is trained when a method names a student module that does not exist."""
-    modules = dict(student.named_modules())
+    from kdmtl_cli.models.multitask import check_module_names
+
     for method in methods:
-        for name in method.student_features:
-            if name not in modules:
-                available = ", ".join(n for n in modules if n and n.count(".") <= 2)
-                raise KdmtlError(f"student feature for loss.{method.name}: no module named '{name}' in the "
-                                 f"model; available: {available}")
+        try:
+            check_module_names(student, method.student_features)
+        except KdmtlError as err:
+            raise KdmtlError(f"student feature for loss.{method.name}: {err}") from None
 
 
 class Objective:

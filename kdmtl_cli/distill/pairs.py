@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 from kdmtl_cli.distill import Method
 from kdmtl_cli.errors import KdmtlError
@@ -57,6 +57,3 @@ class FeaturePairMethod(Method):
             check_pair_shapes(f"{key} pair {s} -> {t}", student, teacher)
             out.append((s, t, student, teacher))
         return out
-
-    def weight(self, term: str, progress: Dict) -> float:
-        return self._weights[term]

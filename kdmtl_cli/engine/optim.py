@@ -12,32 +12,31 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "step", "constant")
 
 
+def _check_choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise KdmtlError(f"unknown {key} '{value}'; choose one of: {', '.join(choices)}")
+
+
 def check_optimizer(cfg) -> None:
     if cfg.lr <= 0:
         raise KdmtlError(f"optim.lr must be > 0 (got {cfg.lr})")
-    if cfg.name not in OPTIMIZERS:
-        raise KdmtlError(f"unknown optim.name '{cfg.name}'; choose one of: {', '.join(OPTIMIZERS)}")
-    if cfg.scheduler not in SCHEDULERS:
-        raise KdmtlError(f"unknown optim.scheduler '{cfg.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
+    _check_choice("optim.name", cfg.name, OPTIMIZERS)
+    _check_choice("optim.scheduler", cfg.scheduler, SCHEDULERS)
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     """`params`: parameters, or param groups (a group may set its own lr, e.g. KD4MTL adaptors)."""
     check_optimizer(cfg)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
-    raise KdmtlError(f"unknown optim.name '{cfg.name}'; choose one of: {', '.join(OPTIMIZERS)}")
+    adam = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per batch: linear warm-up, then cosine to zero / step decay / constant."""
-    if cfg.scheduler not in SCHEDULERS:
-        raise KdmtlError(f"unknown optim.scheduler '{cfg.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
+    _check_choice("optim.scheduler", cfg.scheduler, SCHEDULERS)
     if cfg.epochs < 1:
         raise KdmtlError(f"optim.epochs must be at least 1 (got {cfg.epochs})")
     total = max(1, cfg.epochs * steps_per_epoch)

@@ -12,6 +12,15 @@ from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models.heads import DenseDecoder, PooledLinearHead, ScaledHead
 
 
+def check_module_names(model: nn.Module, names: Iterable[str]) -> None:
+    """Every name must be a module path of `model`; the error lists the paths that exist."""
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise KdmtlError(f"no module named '{name}' in the model; available: "
+                             f"{', '.join(n for n in modules if n and n.count('.') <= 2)}")
+
+
 class MultiTaskModel(nn.Module):
     def __init__(self, trunk: nn.Module, tasks: Dict[str, object], decoder_width: int):
         super().__init__()
@@ -30,11 +39,9 @@ class MultiTaskModel(nn.Module):
 
     def capture_features(self, names: Iterable[str]) -> None:
         """Record the outputs of these modules (by path, e.g. 'trunk.stages.2') on every forward."""
+        check_module_names(self, names)
         modules = dict(self.named_modules())
         for name in names:
-            if name not in modules:
-                raise KdmtlError(f"no module named '{name}' in the model; available: "
-                                 f"{', '.join(n for n in modules if n and n.count('.') <= 2)}")
             self._hooks.append(modules[name].register_forward_hook(
                 lambda _m, _i, out, name=name: self._captured.__setitem__(name, out)))
 
