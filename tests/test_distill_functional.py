@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hand import hand_at_loss, hand_attention, hand_kd4mtl, kl, softmax
 from kdmtl_cli.distill.functional import (
     HintRegressor,
     TaskAdaptor,
@@ -23,16 +24,6 @@ from kdmtl_cli.distill.functional import (
 
 
 # ---------------------------------------------------------------- hand-written helpers
-def softmax(row, t=1.0):
-    exps = [math.exp(v / t) for v in row]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
-def kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
-
-
 def dkd_parts(s_row, t_row, g, t):
     """(TCKD, NCKD) of one sample, straight from the paper's definitions (no T^2)."""
     ps, pt = softmax(s_row, t), softmax(t_row, t)
@@ -40,23 +31,6 @@ def dkd_parts(s_row, t_row, g, t):
     qs = [ps[c] / (1 - ps[g]) for c in range(len(s_row)) if c != g]
     qt = [pt[c] / (1 - pt[g]) for c in range(len(t_row)) if c != g]
     return tckd, kl(qt, qs)
-
-
-def hand_attention(feature, p):
-    """feature: nested list [C][H][W] -> normalised list of H*W values of mean_c |f|^p."""
-    c_n, h_n, w_n = len(feature), len(feature[0]), len(feature[0][0])
-    q = [sum(abs(feature[c][h][w]) ** p for c in range(c_n)) / c_n for h in range(h_n) for w in range(w_n)]
-    norm = math.sqrt(sum(v * v for v in q))
-    return [v / norm for v in q]
-
-
-def hand_at_loss(student_batch, teacher_batch, p):
-    total, count = 0.0, 0
-    for s, t in zip(student_batch, teacher_batch):
-        for a, b in zip(hand_attention(s, p), hand_attention(t, p)):
-            total += (a - b) ** 2
-            count += 1
-    return total / count
 
 
 def tensor(values):
@@ -257,21 +231,6 @@ def test_hint_regressor_maps_channels_and_resizes():
 # ---------------------------------------------------------------------------- KD4MTL
 KS = [[[[3.0, 0.0]], [[4.0, 1.0]]], [[[1.0, -2.0]], [[1.0, 2.0]]]]  # N=2, C=2, H=1, W=2
 KT = [[[[1.0, 0.0]], [[0.0, 2.0]]], [[[0.0, 1.0]], [[1.0, 1.0]]]]
-
-
-def hand_kd4mtl(student, teacher):
-    total, count = 0.0, 0
-    for s, t in zip(student, teacher):
-        c_n, h_n, w_n = len(s), len(s[0]), len(s[0][0])
-        for h in range(h_n):
-            for w in range(w_n):
-                s_vec = [s[c][h][w] for c in range(c_n)]
-                t_vec = [t[c][h][w] for c in range(c_n)]
-                s_norm = math.sqrt(sum(v * v for v in s_vec))
-                t_norm = math.sqrt(sum(v * v for v in t_vec))
-                total += sum((a / s_norm - b / t_norm) ** 2 for a, b in zip(s_vec, t_vec))
-                count += 1
-    return total / count
 
 
 def test_kd4mtl_loss_by_hand():

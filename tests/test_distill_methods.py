@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from hand import hand_at_loss, hand_kd4mtl, kl, pixel_rows, softmax
 from kdmtl_cli.data import TargetSpec
 from kdmtl_cli.distill import Method, build_methods, method_names
 from kdmtl_cli.distill.at import AttentionTransfer
@@ -42,16 +43,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- hand-written helpers
-def softmax(row, t=1.0):
-    exps = [math.exp(v / t) for v in row]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
-def kl(p, q):
-    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
-
-
 def hand_dkd_row(s_row, t_row, g, alpha, beta, t):
     """(alpha * KL(b_t || b_s) + beta * KL(p̂_t || p̂_s)) * T^2 for one row."""
     p_s, p_t = softmax(s_row, t), softmax(t_row, t)
@@ -67,42 +58,11 @@ def hand_bam_row(s_row, t_row, g, progress):
     return -sum((progress * (c == g) + (1 - progress) * p_t[c]) * math.log(p_s[c]) for c in range(len(s_row)))
 
 
-def pixel_rows(logits):
-    n, c, h, w = logits.shape
-    return [[float(logits[i, k, y, x]) for k in range(c)] for i in range(n) for y in range(h) for x in range(w)]
-
-
-def hand_attention(sample):
-    """sample: [C][H][W] nested lists -> mean_c F^2 per position, L2-normalised."""
-    c, h, w = len(sample), len(sample[0]), len(sample[0][0])
-    q = [sum(sample[k][y][x] ** 2 for k in range(c)) / c for y in range(h) for x in range(w)]
-    norm = math.sqrt(sum(v * v for v in q))
-    return [v / norm for v in q]
-
-
-def hand_at(student, teacher):
-    diffs = [(a - b) ** 2 for s, t in zip(student, teacher) for a, b in zip(hand_attention(s), hand_attention(t))]
-    return sum(diffs) / len(diffs)
-
-
 def hand_matmul_1x1(weight, sample):
     """A bias-free 1x1 convolution: weight [C_out][C_in], sample [C_in][H][W] -> [C_out][H][W]."""
     h, w = len(sample[0]), len(sample[0][0])
     return [[[sum(weight[o][i] * sample[i][y][x] for i in range(len(sample))) for x in range(w)] for y in range(h)]
             for o in range(len(weight))]
-
-
-def hand_kd4mtl(adapted, teacher):
-    """mean over samples and pixels of sum_c (a/||a|| - t/||t||)^2, norms over channels."""
-    values = []
-    for a_s, t_s in zip(adapted, teacher):
-        for y in range(len(a_s[0])):
-            for x in range(len(a_s[0][0])):
-                a = [a_s[c][y][x] for c in range(len(a_s))]
-                t = [t_s[c][y][x] for c in range(len(t_s))]
-                na, nt = math.sqrt(sum(v * v for v in a)), math.sqrt(sum(v * v for v in t))
-                values.append(sum((u / na - v / nt) ** 2 for u, v in zip(a, t)))
-    return sum(values) / len(values)
 
 
 def kind(name):
@@ -317,9 +277,9 @@ def test_at_terms_per_pair_by_hand():
     teacher = _out(features={"trunk.stages.1": t(F_T1), "trunk.stages.2": t(F_T2)})
     terms = method(student, teacher, {}, START)
     assert set(terms) == {"at/trunk.stages.1", "at/trunk.stages.2"}
-    assert float(terms["at/trunk.stages.1"]) == pytest.approx(hand_at(F_S1, F_T1), abs=1e-7)
-    assert float(terms["at/trunk.stages.2"]) == pytest.approx(hand_at(F_S2, F_T2), abs=1e-7)
-    assert hand_at(F_S1, F_T1) > 0 and hand_at(F_S2, F_T2) > 0
+    assert float(terms["at/trunk.stages.1"]) == pytest.approx(hand_at_loss(F_S1, F_T1), abs=1e-7)
+    assert float(terms["at/trunk.stages.2"]) == pytest.approx(hand_at_loss(F_S2, F_T2), abs=1e-7)
+    assert hand_at_loss(F_S1, F_T1) > 0 and hand_at_loss(F_S2, F_T2) > 0
     for term in terms:                                                  # beta = 1000 for each pair
         assert method.weight(term, START) == 1000.0 and method.weight(term, {"fraction": 1, "epoch": 9}) == 1000.0
 
@@ -332,7 +292,7 @@ def test_at_pairs_by_position_and_names_terms_by_student_path():
     teacher = _out(features={"trunk.stages.0": t(F_T1), "trunk.stem": t(F_S1)})   # the same path is not used
     terms = method(student, teacher, {}, START)
     assert set(terms) == {"at/trunk.stem"} and method.weight("at/trunk.stem", START) == 50.0
-    assert float(terms["at/trunk.stem"]) == pytest.approx(hand_at(F_S1, F_T1), abs=1e-7)
+    assert float(terms["at/trunk.stem"]) == pytest.approx(hand_at_loss(F_S1, F_T1), abs=1e-7)
 
 
 @pytest.mark.parametrize("name", ["at", "fitnet"])

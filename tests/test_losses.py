@@ -17,18 +17,13 @@ from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.schema import KDConfig, LossConfig
+from hand import pixel_rows, softmax
 from kdmtl_cli.tasks import TASK_KINDS, Task, TaskKind, _load_kinds
 
 _load_kinds()
 
 
 # ---------------------------------------------------------------- hand-written helpers
-def softmax(row, t=1.0):
-    exps = [math.exp(v / t) for v in row]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
 def kl_rows(student_rows, teacher_rows, t):
     """sum_c p_t * (log p_t - log p_s), mean over rows, times T^2."""
     values = []
@@ -41,12 +36,6 @@ def kl_rows(student_rows, teacher_rows, t):
 def cross_entropy_rows(rows, targets, ignore=None):
     losses = [-math.log(softmax(row)[y]) for row, y in zip(rows, targets) if y != ignore]
     return sum(losses) / len(losses)
-
-
-def pixel_rows(logits):
-    """[N,C,H,W] nested lists -> one class-score row per pixel, in (n, h, w) order."""
-    n, c, h, w = logits.shape
-    return [[float(logits[i, k, y, x]) for k in range(c)] for i in range(n) for y in range(h) for x in range(w)]
 
 
 def kind(name):
