@@ -13,8 +13,9 @@ from kdmtl_cli.engine.hardware import Hardware
 
 def make_loader(data: DataBundle, split: str, tasks, cfg, hardware: Hardware, *, train: bool,
                 limit: Optional[int]) -> TensorLoader:
-    kinds = {t.target: t.kind.name for t in tasks.values()}
-    return TensorLoader(data.splits[split], kinds,
+    # Per target, how a left-right flip changes it (tasks sharing a target share its kind).
+    flips = {t.target: t.kind.flip_target for t in tasks.values()}
+    return TensorLoader(data.splits[split], flips,
                         batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
                         mean=data.mean, std=data.std, device=hardware.device, shuffle=train,
                         hflip=train and cfg.data.hflip, seed=cfg.seed, limit_batches=limit)

@@ -23,9 +23,12 @@ from kdmtl_cli.engine.seeding import seed_everything
 from kdmtl_cli.engine.trainer import Trainer, check_monitor, evaluate
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import build_model
+from kdmtl_cli.report import baselines
+from kdmtl_cli.report.delta_m import CONVENTIONS, delta_m
 from kdmtl_cli.summary import comparison_rows, markdown, print_table
 from kdmtl_cli.tasks import build_tasks, task_signature
 from kdmtl_cli.teachers import prepare_teacher, teacher_task_names
+from kdmtl_cli.weighting import build_weighting
 
 
 def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
@@ -44,12 +47,57 @@ def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
 def _hparams(cfg: DictConfig) -> dict:
     """The settings a sweep varies, flattened (loss, optimiser, student, teacher, data, seed)."""
     flat = {"seed": cfg.seed}
-    for group in ("loss", "optim", "student", "teacher", "data"):
+    for group in ("loss", "weighting", "optim", "student", "teacher", "data"):
         node = OmegaConf.to_container(cfg[group], resolve=True)
         for key, value in node.items():
             if not isinstance(value, dict):
                 flat[f"{group}.{key}"] = value
     return flat
+
+
+def _check_delta_m(delta_cfg, tasks):
+    """Load the Δm baseline and check it covers every main task before any training."""
+    if delta_cfg.convention not in CONVENTIONS:
+        raise KdmtlError(f"delta_m.convention must be one of {', '.join(CONVENTIONS)} (got '{delta_cfg.convention}')")
+    if delta_cfg.record:
+        baselines.check_record_target(delta_cfg.record, tasks)
+    if not delta_cfg.baseline:
+        return None
+    baseline = baselines.load_baseline(delta_cfg.baseline)
+    baselines.check_covers(baseline, tasks)
+    return baseline
+
+
+def _task_metrics(tasks, metrics, prefix: str):
+    return {name: {m: metrics[f"{prefix}/{name}/{m}"] for m in task.kind.higher_is_better}
+            for name, task in tasks.items()}
+
+
+def _delta_m_results(baseline, data, tasks, test_metrics, teacher_metrics) -> dict:
+    """Δm% of the student (and of the teacher when it covers every main task), both conventions."""
+    if baseline is None:
+        return {}
+    out = {"delta_m/baseline": str(baseline.path)}
+    mismatch = baselines.data_mismatch(baseline, data)
+    if mismatch:
+        out["delta_m/skipped"] = mismatch
+        return out
+    main = {name: task for name, task in tasks.items() if not task.auxiliary}
+    directions = {name: task.kind.higher_is_better for name, task in main.items()}
+    for who, metrics, prefix in (("", test_metrics, "test"), ("teacher/", teacher_metrics, "test")):
+        if not metrics or any(f"{prefix}/{name}/{m}" not in metrics for name in main for m in directions[name]):
+            continue
+        values = _task_metrics(main, metrics, prefix)
+        for convention in CONVENTIONS:
+            out[f"{who}test/delta_m/{convention}"] = delta_m(values, baseline.metrics, directions, convention)
+    return out
+
+
+def _delta_rows(results: dict, convention: str):
+    key = f"test/delta_m/{convention}"
+    if key not in results:
+        return None
+    return (f"Δm% ({convention}) ↑", results.get(f"teacher/{key}"), results[key])
 
 
 def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Optional[float]:
@@ -63,6 +111,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     methods = build_methods(cfg.loss, tasks, teacher_tasks)  # checks each method's settings
     per_task_weights(cfg.loss.task_weight, tasks, "loss.task_weight")  # checked before any training
     check_monitor(cfg.checkpoint.monitor, tasks)
+    weighting = build_weighting(cfg.weighting, list(tasks), seed=cfg.seed).to(hardware.device)
+    baseline = _check_delta_m(cfg.delta_m, tasks)
 
     # The student is built before any teacher is trained, so a bad student setting fails in
     # a second, not after the teacher's training.
@@ -80,8 +130,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     seed_everything(cfg.seed)
     objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
     objective.setup(student, next(iter(val_loader)), hardware.device)
-    optimizer = build_optimizer([{"params": list(student.parameters())}, *objective.param_groups(cfg.optim.lr)],
-                                cfg.optim)
+    optimizer = build_optimizer([{"params": list(student.parameters())}, *objective.param_groups(cfg.optim.lr),
+                                 *weighting.param_groups(cfg.optim.lr)], cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader))
     log = MetricsLog(run_dir, cfg.log.tensorboard)
     meta = model_meta(cfg.student, task_signature(tasks), data)
@@ -91,7 +141,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
                       progress_mode=cfg.log.progress, label="student", monitor=cfg.checkpoint.monitor,
                       mode=cfg.checkpoint.mode, grad_clip_norm=cfg.optim.grad_clip_norm,
                       log_every_n_steps=cfg.log.every_n_steps, stop_after_epoch=cfg.stop_after_epoch,
-                      checkpoint_extra={"model_meta": meta})
+                      checkpoint_extra={"model_meta": meta}, weighting=weighting,
+                      grad_norms_every_n_steps=cfg.log.grad_norms_every_n_steps)
     if resume:
         checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         trainer.restore(checkpoint)
@@ -120,6 +171,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
         **({f"teacher/{k}": v for k, v in teacher_metrics.items()} if teacher_metrics else {}),
         **({f"student/{k}": v for k, v in student_cost.items()} if student_cost else {}),
         **({f"teacher/{k}": v for k, v in teacher_cost.items()} if teacher_cost else {}),
+        **_delta_m_results(baseline, data, tasks, test_metrics, teacher_metrics),
         "wall_time_s": time.perf_counter() - started,
     }
     log.write(results)
@@ -128,12 +180,20 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     log.close()
     atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "results": results,
                                   "teacher": teacher_info}, indent=2), run_dir / "results.json")
-    rows = comparison_rows(tasks, "test", test_metrics, teacher_metrics, student_cost, teacher_cost)
+    if cfg.delta_m.record:
+        baselines.record(cfg.delta_m.record, tasks, test_metrics, data,
+                         {"run_dir": str(run_dir), "seed": int(cfg.seed),
+                          "student": f"{cfg.student.arch} width {cfg.student.width} depth {cfg.student.depth}"})
+    rows = comparison_rows(tasks, "test", test_metrics, teacher_metrics, student_cost, teacher_cost,
+                           delta=_delta_rows(results, cfg.delta_m.convention))
     title = f"kdmtl train: {'+'.join(method_names(cfg.loss)) or 'no distillation'} | test split | best epoch {state.best_epoch} by {cfg.checkpoint.monitor}"
     header = [f"- run dir: `{run_dir}`", f"- teacher: {teacher_info.get('source', 'none')}",
               f"- student: {cfg.student.arch} width {cfg.student.width} depth {cfg.student.depth}",
               f"- data: {cfg.data.name} ({data.size('train')} train / {data.size('val')} val / "
               f"{data.size('test')} test)", f"- epochs: {state.epoch}, seed {cfg.seed}",
+              f"- weighting: {cfg.weighting.name}",
+              f"- Δm baseline: {results.get('delta_m/baseline') or 'none (set delta_m.baseline=FILE)'}"
+              + (f" — not computed: {results['delta_m/skipped']}" if results.get('delta_m/skipped') else ""),
               f"- wall time: {results['wall_time_s']:.1f} s"]
     atomic_write_text(markdown(title, rows, header), run_dir / "summary.md")
     if cfg.log.progress != "none":

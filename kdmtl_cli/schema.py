@@ -39,8 +39,9 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    kind: str = MISSING                   # classification | segmentation | depth (kdmtl_cli/tasks/)
+    kind: str = MISSING                   # classification | multilabel | segmentation | depth | normals | regression
     target: Optional[str] = None          # data set target feeding this task; default: the task's name
+    auxiliary: bool = False               # trained and reported, but excluded from Δm and from val/loss/task
 
 
 @dataclass
@@ -140,6 +141,27 @@ class LossConfig:
 
 
 @dataclass
+class WeightingConfig:
+    """How the tasks' losses (each with its distillation terms) become one step (kdmtl_cli/weighting/).
+    Fields a strategy does not use must stay at their defaults (checked)."""
+    name: str = "equal"                   # equal | fixed | uncertainty | dwa | gradnorm | pcgrad | cagrad | famo
+    weights: Any = 1.0                    # fixed: a number, or {task: number}
+    temperature: float = 2.0              # dwa: T of the softmax over loss-descent rates
+    alpha: float = 1.5                    # gradnorm: restoring-force strength
+    lr: float = 0.025                     # gradnorm, famo: learning rate of the task-weight parameters
+    c: float = 0.4                        # cagrad: radius of the ball around the mean gradient
+    gamma: float = 0.001                  # famo: weight decay of its logits
+
+
+@dataclass
+class DeltaMConfig:
+    """Δm%: the multi-task run against single-task baselines (kdmtl_cli/report/delta_m.py)."""
+    baseline: Optional[str] = None        # baseline file (YAML) of single-task test metrics; Δm reported when set
+    record: Optional[str] = None          # single-task runs: add this run's test metrics to this baseline file
+    convention: str = "maninis"           # headline number: maninis (mean over all metrics) | per_task (LibMTL)
+
+
+@dataclass
 class HardwareConfig:
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     precision: str = "32"                 # 32 | bf16 | 16-mixed
@@ -160,6 +182,7 @@ class LogConfig:
     every_n_steps: int = 25               # training losses to metrics.jsonl/TensorBoard every n steps
     tensorboard: bool = True
     efficiency: bool = True               # parameters, FLOPs and latency in the final table
+    grad_norms_every_n_steps: int = 100   # per-task gradient norms on the trunk (0 = off; free with gradient-based weightings)
 
 
 @dataclass
@@ -184,6 +207,8 @@ class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    delta_m: DeltaMConfig = field(default_factory=DeltaMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -23,14 +23,21 @@ def _fmt(value: Optional[float], kind: str = "metric") -> str:
 
 
 def comparison_rows(tasks, split: str, student: Dict[str, float], teacher: Optional[Dict[str, float]],
-                    student_cost: Optional[dict], teacher_cost: Optional[dict]) -> List[List[str]]:
+                    student_cost: Optional[dict], teacher_cost: Optional[dict],
+                    delta: Optional[tuple] = None) -> List[List[str]]:
+    """Main tasks first, then auxiliary tasks (marked), then Δm (label, teacher, student)."""
     rows = []
-    for name, task in tasks.items():
+    ordered = sorted(tasks.items(), key=lambda item: bool(getattr(item[1], "auxiliary", False)))
+    for name, task in ordered:
+        aux = " (auxiliary)" if getattr(task, "auxiliary", False) else ""
         for metric, higher in task.kind.higher_is_better.items():
             key = f"{split}/{name}/{metric}"
             arrow = "↑" if higher else "↓"
             t_value = teacher.get(key) if teacher else None
-            rows.append([f"{name}/{metric} {arrow}", _fmt(t_value), _fmt(student.get(key))])
+            rows.append([f"{name}/{metric} {arrow}{aux}", _fmt(t_value), _fmt(student.get(key))])
+    if delta is not None:
+        label, t_value, s_value = delta
+        rows.append([label, "-" if t_value is None else f"{t_value:+.2f}", f"{s_value:+.2f}"])
     for label, field, kind in (("parameters", "params", "params"), ("FLOPs / image", "flops", "flops"),
                                ("latency / image", "latency_ms", "ms")):
         if student_cost:

@@ -10,6 +10,11 @@
       Training throughput and step time of each distillation method through the engine,
       relative to the vanilla student (same model, data, batch; teacher forward included).
 
+  python scripts/bench.py weighting [--weightings uncertainty,dwa,famo,gradnorm,pcgrad,cagrad]
+      Step time of 1, 2, 3 tasks with equal weighting and of each weighting strategy on
+      3 tasks, relative to a single-task step. Goals: N heads <= (1 + 0.02N)x; gradient-based
+      strategies within 1.1x of their theoretical (2N + 3)/3.
+
   python scripts/bench.py default-run [--seeds 0,1,2]
       Times the default `kdmtl train` (teacher trained from scratch + student + test)
       with a fresh cache, then the vanilla student (`loss=none`, same seed), and
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _setup(loss_name: str, teacher: bool = False):
+def _setup(loss_name: str, teacher: bool = False, overrides=()):
     from kdmtl_cli.build import make_loader
     from kdmtl_cli.data import build_data
     from kdmtl_cli.distill import build_methods
@@ -46,7 +51,7 @@ def _setup(loss_name: str, teacher: bool = False):
 
     cache = os.environ.get("KDMTL_CACHE", tempfile.mkdtemp())
     with initialize_config_module(config_module="kdmtl_cli.conf", version_base="1.3"):
-        raw = compose("train", overrides=[f"loss={loss_name}", f"cache_dir={cache}"])
+        raw = compose("train", overrides=[f"loss={loss_name}", f"cache_dir={cache}", *overrides])
     cfg = validate(raw, TrainConfig)
     cfg.log.progress, cfg.log.tensorboard = "none", False
     hardware = setup_hardware(cfg.hardware)
@@ -61,23 +66,32 @@ def _setup(loss_name: str, teacher: bool = False):
     return cfg, hardware, data, tasks, teacher, student, loader, val_loader, build_methods(cfg.loss, tasks, list(tasks))
 
 
-def engine_epoch(cfg, hardware, tasks, teacher, student, loader, val_loader, methods) -> float:
-    from kdmtl_cli.distill.objective import Objective
+def engine_speed(cfg, hardware, tasks, model, objective, optimizer, loader, val_loader, weighting=None,
+                 grad_norms_every: int = 0) -> float:
+    """Samples/s of one training epoch through the engine (Trainer.fit), from its epoch record."""
     from kdmtl_cli.engine.logging import MetricsLog
-    from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
+    from kdmtl_cli.engine.optim import build_scheduler
     from kdmtl_cli.engine.trainer import Trainer
 
-    optimizer = build_optimizer(student.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, len(loader))
     with tempfile.TemporaryDirectory() as tmp:
-        log = MetricsLog(Path(tmp), tensorboard=False)
-        trainer = Trainer(model=student, objective=Objective(tasks, cfg.loss.task_weight, methods, teacher), tasks=tasks,
-                          optimizer=optimizer, scheduler=scheduler, hardware=hardware, train_loader=loader,
-                          val_loader=val_loader, epochs=1, checkpoint_dir=Path(tmp) / "ckpt", log=log,
-                          progress_mode="none", label="bench", monitor="val/loss/task")
+        trainer = Trainer(model=model, objective=objective, tasks=tasks, optimizer=optimizer,
+                          scheduler=build_scheduler(optimizer, cfg.optim, len(loader)), hardware=hardware,
+                          train_loader=loader, val_loader=val_loader, epochs=1,
+                          checkpoint_dir=Path(tmp) / "ckpt", log=MetricsLog(Path(tmp), tensorboard=False),
+                          progress_mode="none", label="bench", monitor="val/loss/task", weighting=weighting,
+                          grad_norms_every_n_steps=grad_norms_every)
         trainer.fit()
-        record = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[0])
-    return record["train/samples_per_s"]
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in records if r["type"] == "epoch")["train/samples_per_s"]
+
+
+def engine_epoch(cfg, hardware, tasks, teacher, student, loader, val_loader, methods) -> float:
+    from kdmtl_cli.distill.objective import Objective
+    from kdmtl_cli.engine.optim import build_optimizer
+
+    objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
+    return engine_speed(cfg, hardware, tasks, student, objective, build_optimizer(student.parameters(), cfg.optim),
+                        loader, val_loader)
 
 
 def hand_epoch(cfg, hardware, data, tasks, teacher, student, epoch: int) -> float:
@@ -141,9 +155,7 @@ def throughput(args) -> None:
 def methods(args) -> None:
     """Cost per training step of each distillation method relative to the vanilla student."""
     from kdmtl_cli.distill.objective import Objective
-    from kdmtl_cli.engine.logging import MetricsLog
-    from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
-    from kdmtl_cli.engine.trainer import Trainer
+    from kdmtl_cli.engine.optim import build_optimizer
 
     results = {}
     for loss in args.losses.split(","):
@@ -154,14 +166,7 @@ def methods(args) -> None:
             objective.setup(model, next(iter(val_loader)), hardware.device)
             optimizer = build_optimizer([{"params": list(model.parameters())},
                                          *objective.param_groups(cfg.optim.lr)], cfg.optim)
-            with tempfile.TemporaryDirectory() as tmp:
-                trainer = Trainer(model=model, objective=objective, tasks=tasks, optimizer=optimizer,
-                                  scheduler=build_scheduler(optimizer, cfg.optim, len(loader)), hardware=hardware,
-                                  train_loader=loader, val_loader=val_loader, epochs=1,
-                                  checkpoint_dir=Path(tmp) / "ckpt", log=MetricsLog(Path(tmp), tensorboard=False),
-                                  progress_mode="none", label="bench", monitor="val/loss/task")
-                trainer.fit()
-                speeds.append(json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[0])["train/samples_per_s"])
+            speeds.append(engine_speed(cfg, hardware, tasks, model, objective, optimizer, loader, val_loader))
         results[loss] = statistics.median(speeds)
     base = results.get("none")
     print(f"device {hardware.device}, batch {cfg.data.batch_size}, {data.size('train')} images, "
@@ -170,6 +175,45 @@ def methods(args) -> None:
         ms_per_step = 1000 * cfg.data.batch_size / speed
         rel = f"{base / speed:5.2f}x the vanilla step time" if base else ""
         print(f"  loss={loss:10s} {speed:8.1f} samples/s  {ms_per_step:7.1f} ms/step  {rel}")
+
+
+def weighting(args) -> None:
+    """Step time of 1, 2, 3 tasks with equal weighting and of each gradient-based weighting,
+    relative to a single-task step (vanilla student, no teacher: the multi-task cost alone).
+    Goals: N heads <= (1 + 0.02 N)x the single-task step; gradient methods within 1.1x of
+    their theoretical (2N + 3) / 3 (one forward, N trunk backwards, the heads' backward)."""
+    from kdmtl_cli.distill.objective import Objective
+    from kdmtl_cli.engine.optim import build_optimizer
+    from kdmtl_cli.weighting import build_weighting
+
+    task_sets = {1: "seg", 2: "seg_depth", 3: "cls_seg_depth"}
+    runs = [(f"{n} task{'s' if n > 1 else ''} equal", task_sets[n], "equal", n, 0) for n in (1, 2, 3)]
+    runs.append(("3 tasks equal + grad norms/100", task_sets[3], "equal", 3, 100))
+    runs += [(f"3 tasks {w}", task_sets[3], w, 3, 0) for w in args.weightings.split(",")]
+    speeds = {}
+    for epoch in range(args.epochs):  # interleaved, so drifts in machine load hit all alike
+        for label, task_set, strategy, n, every in runs:
+            cfg, hardware, data, tasks, _, model, loader, val_loader, _ = _setup(
+                "none", overrides=[f"tasks={task_set}", f"weighting={strategy}"])
+            chosen = build_weighting(cfg.weighting, list(tasks), seed=0)
+            optimizer = build_optimizer([{"params": list(model.parameters())},
+                                         *chosen.param_groups(cfg.optim.lr)], cfg.optim)
+            speeds.setdefault(label, []).append(engine_speed(
+                cfg, hardware, tasks, model, Objective(tasks, cfg.loss.task_weight), optimizer, loader,
+                val_loader, weighting=chosen, grad_norms_every=every))
+    base_step = 1000 * cfg.data.batch_size / statistics.median(speeds[runs[0][0]])
+    print(f"device {hardware.device}, {torch.get_num_threads()} threads, batch {cfg.data.batch_size}, "
+          f"student {cfg.student.arch} width {cfg.student.width}, {data.size('train')} images, "
+          f"{args.epochs} epochs each (median); single-task step {base_step:.1f} ms (tasks=seg)")
+    for label, task_set, strategy, n, every in runs:
+        step = 1000 * cfg.data.batch_size / statistics.median(speeds[label])
+        ratio = step / base_step
+        if strategy == "equal" or strategy not in ("pcgrad", "cagrad", "gradnorm"):
+            goal = f"goal <= {1 + 0.02 * n:.2f}x" if strategy == "equal" and every == 0 else ""
+        else:
+            theory = (2 * n + 3) / 3
+            goal = f"theory {theory:.2f}x, ratio to theory {ratio / theory:.2f} (goal <= 1.1)"
+        print(f"  {label:32s} {step:7.1f} ms/step  {ratio:5.2f}x single-task  {goal}")
 
 
 def default_run(args) -> None:
@@ -215,10 +259,14 @@ def main() -> None:
     m = sub.add_parser("methods")
     m.add_argument("--losses", default="none,kd,dkd,fitnet,at,kd4mtl,bam")
     m.add_argument("--epochs", type=int, default=2)
+    w = sub.add_parser("weighting")
+    w.add_argument("--weightings", default="uncertainty,dwa,famo,gradnorm,pcgrad,cagrad")
+    w.add_argument("--epochs", type=int, default=3)
     d = sub.add_parser("default-run")
     d.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     args = parser.parse_args()
-    {"throughput": throughput, "methods": methods, "default-run": default_run}[args.command](args)
+    {"throughput": throughput, "methods": methods, "weighting": weighting,
+     "default-run": default_run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small, fast settings shared by end-to-end runs: tiny splits, two batches per epoch.
 FAST = ["debug=fast", "log.progress=plain", "log.efficiency=false"]
+WORKERS = 3  # concurrent CLI processes in module fixtures (2 cores; imports overlap with I/O)
 
 
 def run_kdmtl(args: List[str], cwd: Path, cache: Path, env_extra: Optional[dict] = None,
@@ -24,6 +25,26 @@ def run_kdmtl(args: List[str], cwd: Path, cache: Path, env_extra: Optional[dict]
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "kdmtl_cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def show(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout:\n{proc.stdout[-3000:]}\n--- stderr:\n{proc.stderr[-6000:]}"
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str, rc=None) -> str:
+    """Non-zero exit, no traceback, stderr is exactly one `kdmtl: error:` line containing `words`
+    (case-insensitive). Returns that line."""
+    assert proc.returncode != 0, show(proc)
+    if rc is not None:
+        assert proc.returncode == rc, show(proc)
+    assert "Traceback" not in proc.stderr, show(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, "expected exactly one line on stderr\n" + show(proc)
+    line = lines[0]
+    assert line.startswith("kdmtl: error:"), show(proc)
+    for word in words:
+        assert word.lower() in line.lower(), f"{word!r} not in the error line:\n{line}"
+    return line
 
 
 def read_jsonl(path: Path) -> list:

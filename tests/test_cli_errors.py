@@ -21,35 +21,13 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
-from conftest import FAST, read_jsonl, run_kdmtl
-
-WORKERS = 3  # concurrent CLI processes in the fixtures (2 cores; imports overlap with I/O)
+from conftest import FAST, WORKERS, assert_one_line_error, read_jsonl, run_kdmtl, show
 
 
 # ---- helpers -------------------------------------------------------------------------------------
 
-def _show(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout:\n{proc.stdout[-3000:]}\n--- stderr:\n{proc.stderr[-6000:]}"
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str, rc=None) -> str:
-    """Non-zero exit, no traceback, stderr is exactly one `kdmtl: error:` line containing `words`
-    (case-insensitive). Returns that line."""
-    assert proc.returncode != 0, _show(proc)
-    if rc is not None:
-        assert proc.returncode == rc, _show(proc)
-    assert "Traceback" not in proc.stderr, _show(proc)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, "expected exactly one line on stderr\n" + _show(proc)
-    line = lines[0]
-    assert line.startswith("kdmtl: error:"), _show(proc)
-    for word in words:
-        assert word.lower() in line.lower(), f"{word!r} not in the error line:\n{line}"
-    return line
-
-
 def assert_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, _show(proc)
+    assert proc.returncode == 0, show(proc)
     return proc
 
 
@@ -245,7 +223,7 @@ def test_wrong_type(workdir, shared_cache, override, key):
 def test_hydra_full_error_shows_the_traceback(workdir, shared_cache):
     proc = run_kdmtl(["train", "seed=abc"], workdir, shared_cache, env_extra={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0
-    assert "Traceback" in proc.stderr, _show(proc)
+    assert "Traceback" in proc.stderr, show(proc)
     assert "seed" in proc.stderr
 
 

@@ -7,11 +7,10 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 from omegaconf import OmegaConf
+from torch import nn
 
-import kdmtl_cli.data.shapes_generator as shapes_generator
-from kdmtl_cli.data import TargetSpec, build_data
+from kdmtl_cli.data import TargetSpec, build_data, shapes_generator
 from kdmtl_cli.data.loader import TensorLoader
 from kdmtl_cli.data.shapes import build_shapes
 from kdmtl_cli.engine.checkpoint import atomic_torch_save
@@ -46,7 +45,7 @@ def _indexed_images(n, size):
 
 
 def _run_evaluate(tasks, split, table, batch_size):
-    loader = TensorLoader(split, {t.target: t.kind.name for t in tasks.values()}, batch_size=batch_size,
+    loader = TensorLoader(split, {t.target: t.kind.flip_target for t in tasks.values()}, batch_size=batch_size,
                           mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], device=CPU)
     model = LookupModel(table)
     model.train()
@@ -158,8 +157,48 @@ def test_task_kind_metric_directions():
     assert TASK_KINDS.get("classification").higher_is_better == {"accuracy": True, "f1": True, "recall": True}
     assert TASK_KINDS.get("segmentation").higher_is_better == {"miou": True, "pixel_acc": True}
     assert TASK_KINDS.get("depth").higher_is_better == {"abs_err": False, "rel_err": False}
+    assert TASK_KINDS.get("multilabel").higher_is_better == {"map": True, "f1": True, "exact_match": True}
+    assert TASK_KINDS.get("regression").higher_is_better == {"mae": False, "rmse": False}
+    assert TASK_KINDS.get("normals").higher_is_better == {
+        "mean_angle": False, "median_angle": False, "within_11_25": True, "within_22_5": True, "within_30": True}
     spec = TargetSpec("segmentation", 5)
     assert set(TASK_KINDS.get("segmentation")().metrics(spec)) == {"miou", "pixel_acc"}
+    # every metric a kind reports has a direction, and every direction is a metric it reports
+    specs = {"classification": TargetSpec("classification", 3), "segmentation": spec,
+             "depth": TargetSpec("depth"), "multilabel": TargetSpec("multilabel", 3),
+             "normals": TargetSpec("normals"), "regression": TargetSpec("regression")}
+    assert set(specs) == set(TASK_KINDS.names())
+    for name, kind_spec in specs.items():
+        kind = TASK_KINDS.get(name)()
+        assert set(kind.metrics(kind_spec)) == set(kind.higher_is_better), name
+
+
+def test_multilabel_normals_regression_through_evaluate():
+    """The new kinds' metrics accumulate over batches in `evaluate` like the others."""
+    present = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=torch.uint8)
+    logits = torch.tensor([[2.0, -1.0], [-3.0, 0.5], [1.0, -0.5], [-2.0, -2.0]])
+    # per image: right, right, wrong (label 1 missed), right -> exact match 3/4
+    count = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    count_out = torch.tensor([[1.5], [2.0], [2.0], [4.0]])        # [N, 1] like the pooled head
+    normal = torch.zeros(4, 3, 1, 2)
+    normal[:, 2] = -1.0                                            # every target faces the camera
+    normal[3, :, 0, 1] = 0.0                                       # one invalid pixel
+    normal_out = normal.clone()
+    normal_out[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])          # 90 degrees off
+    normal_out[3, :, 0, 1] = torch.tensor([1.0, 0.0, 0.0])          # invalid: not counted
+    tasks = {"present": Task("present", TASK_KINDS.get("multilabel")(), TargetSpec("multilabel", 2), "present"),
+             "count": Task("count", TASK_KINDS.get("regression")(), TargetSpec("regression"), "count"),
+             "normal": Task("normal", TASK_KINDS.get("normals")(), TargetSpec("normals"), "normal")}
+    split = {"image": _indexed_images(4, 2), "present": present, "count": count, "normal": normal}
+    result = _run_evaluate(tasks, split, {"present": logits, "count": count_out, "normal": normal_out},
+                           batch_size=3)
+    assert result["val/present/exact_match"] == pytest.approx(3 / 4)
+    assert result["val/count/mae"] == pytest.approx((0.5 + 0 + 1 + 0) / 4)
+    assert result["val/count/rmse"] == pytest.approx(((0.25 + 1) / 4) ** 0.5)
+    # 7 valid pixels: one at 90 degrees, six at 0
+    assert result["val/normal/mean_angle"] == pytest.approx(90 / 7, abs=1e-4)
+    assert result["val/normal/median_angle"] == pytest.approx(0.0, abs=1e-3)
+    assert result["val/normal/within_11_25"] == pytest.approx(6 / 7)
 
 
 # ================================================================ TensorLoader
@@ -180,7 +219,7 @@ def _asymmetric_split(n=10, size=4):
 
 
 def _loader(split, **kw):
-    args = dict(batch_size=3, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], device=CPU)
+    args = {"batch_size": 3, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "device": CPU}
     args.update(kw)
     return TensorLoader(split, KINDS, **args)
 
@@ -252,6 +291,63 @@ def test_flip_applies_to_image_and_dense_targets_but_not_cls():
     assert torch.equal(split["seg"], _asymmetric_split(16)["seg"])
 
 
+def test_flip_callables_per_target_and_normals_x_negated():
+    """Targets are flipped by the callables given per target (`kind.flip_target`, as
+    make_loader passes them): a normals map is mirrored and its x component negated exactly."""
+    n, size = 8, 3
+    split = _asymmetric_split(n, size)
+    g = torch.Generator().manual_seed(0)
+    normal = torch.nn.functional.normalize(torch.randn(n, 3, size, size, generator=g), dim=1).half()
+    split["normal"] = normal
+    flips = {"cls": TASK_KINDS.get("classification")().flip_target,
+             "seg": TASK_KINDS.get("segmentation")().flip_target,
+             "normal": TASK_KINDS.get("normals")().flip_target}
+    loader = TensorLoader(split, flips, batch_size=8, mean=[0.0] * 3, std=[1.0] * 3, device=CPU,
+                          shuffle=True, hflip=True, seed=3)
+    batch = next(iter(loader))
+    assert set(batch) == {"image", "targets", "index", "flip"} and set(batch["targets"]) == set(flips)
+    assert batch["flip"].any() and not batch["flip"].all()
+    for j, (i, f) in enumerate(zip(batch["index"].tolist(), batch["flip"].tolist())):
+        got = batch["targets"]["normal"][j]
+        assert got.dtype == torch.float16
+        for c in range(3):
+            for y in range(size):
+                for x in range(size):
+                    if f:   # mirrored along W; x component negated, y and z kept
+                        want = float(normal[i, c, y, size - 1 - x]) * (-1.0 if c == 0 else 1.0)
+                    else:
+                        want = float(normal[i, c, y, x])
+                    assert float(got[c, y, x]) == want
+        assert torch.equal(batch["targets"]["seg"][j], split["seg"][i].flip(-1) if f else split["seg"][i])
+        assert int(batch["targets"]["cls"][j]) == int(split["cls"][i])
+    assert torch.equal(split["normal"], normal)  # stored data untouched
+
+
+def test_make_loader_wires_each_targets_flip(monkeypatch):
+    from kdmtl_cli.build import make_loader
+    from kdmtl_cli.data import DataBundle
+
+    n, size = 6, 2
+    split = {"image": _indexed_images(n, size), "cls": torch.arange(n) % 4,
+             "normal": torch.nn.functional.normalize(torch.randn(n, 3, size, size), dim=1)}
+    tasks = {"cls": Task("cls", TASK_KINDS.get("classification")(), TargetSpec("classification", 4), "cls"),
+             "near": Task("near", TASK_KINDS.get("classification")(), TargetSpec("classification", 4), "cls"),
+             "normal": Task("normal", TASK_KINDS.get("normals")(), TargetSpec("normals"), "normal")}
+    bundle = DataBundle("t", {}, {"train": split}, mean=[0.0] * 3, std=[1.0] * 3)
+    cfg = OmegaConf.create({"data": {"batch_size": 6, "eval_batch_size": 6, "hflip": True}, "seed": 1})
+    loader = make_loader(bundle, "train", tasks, cfg, HW, train=True, limit=None)
+    assert set(loader.targets) == {"cls", "normal"}            # two tasks on one target load it once
+    batch = next(iter(loader))
+    flip = batch["flip"]
+    assert flip.any()
+    expected = torch.where(flip.view(-1, 1, 1, 1), tasks["normal"].kind.flip_target(split["normal"][batch["index"]]),
+                           split["normal"][batch["index"]])
+    assert torch.equal(batch["targets"]["normal"], expected)
+    assert torch.equal(batch["targets"]["cls"], split["cls"][batch["index"]])
+    eval_loader = make_loader(bundle, "train", tasks, cfg, HW, train=False, limit=None)
+    assert not next(iter(eval_loader))["flip"].any()           # never flips outside training
+
+
 def test_normalisation_by_hand():
     split = _asymmetric_split(4, size=2)
     mean, std = [0.5, 0.25, 0.75], [0.2, 0.5, 0.1]
@@ -314,12 +410,20 @@ def test_shapes_generates_cached_files(shapes_root, first_build):
     assert bundle.targets["cls"].kind == "classification" and bundle.targets["cls"].num_classes == 4
     assert bundle.targets["seg"].kind == "segmentation" and bundle.targets["seg"].num_classes == 5
     assert bundle.targets["seg"].class_names[0] == "background"
-    depth = bundle.targets["depth"]
-    values = bundle.splits["train"]["depth"].flatten().tolist()
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    assert depth.kind == "depth" and depth.mean == pytest.approx(mean, rel=1e-4)
-    assert depth.std == pytest.approx(std, rel=1e-4)
+    shapes = ["circle", "square", "triangle", "cross"]
+    assert bundle.targets["near"] == TargetSpec("classification", 4, shapes)
+    assert bundle.targets["present"] == TargetSpec("multilabel", 4, shapes)
+    assert bundle.targets["normal"] == TargetSpec("normals")
+    assert set(bundle.targets) == {"cls", "seg", "depth", "normal", "present", "count", "near"}
+    for key, spec in (("depth", bundle.targets["depth"]), ("count", bundle.targets["count"])):
+        values = bundle.splits["train"][key].flatten().tolist()
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        assert spec.kind == {"depth": "depth", "count": "regression"}[key]
+        assert spec.mean == pytest.approx(mean, rel=1e-4)
+        assert spec.std == pytest.approx(std if std > 0 else 1.0, rel=1e-4)
+    train = bundle.splits["train"]
+    assert train["normal"].shape == (6, 3, 16, 16) and train["present"].shape == (6, 4)
     # no temp files were left behind by the atomic writes
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
 
@@ -335,7 +439,7 @@ def test_shapes_second_build_reads_the_cache(shapes_root, first_build, monkeypat
     again = build_data(_data_cfg(shapes_root, generate=False))
     assert again.fingerprint == first_build.fingerprint
     for split in ("train", "val", "test"):
-        for key in ("image", "cls", "seg", "depth"):
+        for key in ("image", "cls", "seg", "depth", "normal", "present", "count", "near"):
             assert torch.equal(again.splits[split][key], first_build.splits[split][key])
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
     assert again.targets == first_build.targets

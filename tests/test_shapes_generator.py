@@ -20,11 +20,15 @@ def _class_areas(seg: torch.Tensor) -> np.ndarray:
 
 
 def _check_invariants(d: dict, n: int, size: int) -> None:
-    assert set(d) == {"image", "cls", "seg", "depth"}
+    assert set(d) == {"image", "cls", "seg", "depth", "normal", "present", "count", "near"}
     assert d["image"].shape == (n, 3, size, size) and d["image"].dtype == torch.uint8
     assert d["cls"].shape == (n,) and d["cls"].dtype == torch.int64
     assert d["seg"].shape == (n, size, size) and d["seg"].dtype == torch.int64
     assert d["depth"].shape == (n, size, size) and d["depth"].dtype == torch.float32
+    assert d["normal"].shape == (n, 3, size, size) and d["normal"].dtype == torch.float16
+    assert d["present"].shape == (n, NUM_CLASSES) and d["present"].dtype == torch.uint8
+    assert d["count"].shape == (n,) and d["count"].dtype == torch.float32
+    assert d["near"].shape == (n,) and d["near"].dtype == torch.int64
 
     seg, depth = d["seg"], d["depth"]
     assert seg.min() >= 0 and seg.max() <= NUM_CLASSES
@@ -35,6 +39,11 @@ def _check_invariants(d: dict, n: int, size: int) -> None:
     # At least one object is visible in every image.
     assert obj.flatten(1).any(dim=1).all()
     assert d["cls"].min() >= 0 and d["cls"].max() < NUM_CLASSES
+    assert d["near"].min() >= 0 and d["near"].max() < NUM_CLASSES
+    # Unit normals facing the camera (negative z) at every pixel: none is invalid.
+    normal = d["normal"].float()
+    assert torch.allclose(normal.norm(dim=1), torch.ones(n, size, size), atol=2e-3)
+    assert (normal[:, 2] < 0).all()
 
 
 def test_shapes_dtypes_and_label_invariants(data):
@@ -54,6 +63,90 @@ def test_cls_is_class_with_largest_visible_area(data):
     # A different class than argmax is only acceptable on an exact tie.
     assert (areas[rows, cls] == areas.max(axis=1)).all()
     assert (areas[rows, cls] > 0).all()
+
+
+def _expected_normals(depth: torch.Tensor) -> torch.Tensor:
+    """Normals from central finite differences of the depth map, by the documented convention:
+    X, Y in half image widths (one pixel = 2 / size), n = (dd/dX, dd/dY, -1) normalised.
+    Border pixels are left at zero."""
+    _n, size, _ = depth.shape
+    d = depth.double()
+    slope_x, slope_y = torch.zeros_like(d), torch.zeros_like(d)
+    slope_x[:, :, 1:-1] = (d[:, :, 2:] - d[:, :, :-2]) / 2 * (size / 2)   # per pixel -> per half width
+    slope_y[:, 1:-1, :] = (d[:, 2:, :] - d[:, :-2, :]) / 2 * (size / 2)
+    norm = (slope_x ** 2 + slope_y ** 2 + 1).sqrt()
+    return torch.stack([slope_x / norm, slope_y / norm, -1 / norm], dim=1)
+
+
+def _planar_interior(seg: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+    """Pixels whose 4 neighbours show the same class and the same normal: one plane, so the
+    central differences of depth there are exact up to rounding."""
+    n, size, _ = seg.shape
+    inside = torch.zeros(n, size, size, dtype=torch.bool)
+    centre_seg, centre_normal = seg[:, 1:-1, 1:-1], normal[:, :, 1:-1, 1:-1]
+    same = torch.ones_like(centre_seg, dtype=torch.bool)
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        ys, xs = slice(1 + dy, size - 1 + dy), slice(1 + dx, size - 1 + dx)
+        same &= seg[:, ys, xs] == centre_seg
+        same &= (normal[:, :, ys, xs] == centre_normal).all(dim=1)
+    inside[:, 1:-1, 1:-1] = same
+    return inside
+
+
+def test_normals_match_the_depth_gradient_inside_planes(data):
+    depth, seg, normal = data["depth"][:300], data["seg"][:300], data["normal"][:300]
+    inside = _planar_interior(seg, normal)
+    expected = _expected_normals(depth)
+    got = normal.double()
+    # Both background and object planes are checked, many pixels of each.
+    assert (inside & (seg == 0)).sum() > 10_000 and (inside & (seg > 0)).sum() > 10_000
+    error = (got - expected).abs().amax(dim=1)[inside]
+    assert error.max() < 3e-3  # float16 storage (~5e-4) plus float32 depth rounding
+    # The normals are not all alike: tilts reach tens of degrees from the camera axis.
+    angle = torch.rad2deg(torch.acos(-got[:, 2][inside]))
+    assert angle.max() > 30 and angle.mean() > 8
+
+
+def test_normals_by_hand_for_one_background_pixel(data):
+    """One background pixel, written out: slopes from neighbouring depths, then the normal."""
+    seg, depth, normal = data["seg"], data["depth"], data["normal"]
+    inside = _planar_interior(seg, normal) & (seg == 0)
+    i, y, x = [int(v) for v in inside.nonzero()[0]]
+    size = depth.shape[-1]
+    sx = (float(depth[i, y, x + 1]) - float(depth[i, y, x - 1])) / 2 * size / 2
+    sy = (float(depth[i, y + 1, x]) - float(depth[i, y - 1, x])) / 2 * size / 2
+    length = (sx * sx + sy * sy + 1) ** 0.5
+    assert [float(v) for v in normal[i, :, y, x]] == pytest.approx([sx / length, sy / length, -1 / length], abs=3e-3)
+
+
+def test_present_agrees_with_seg(data):
+    assert np.array_equal(data["present"].numpy(), (_class_areas(data["seg"]) > 0).astype(np.uint8))
+
+
+def test_count_is_bounded_by_objects_and_visible_classes(data):
+    count = data["count"].numpy()
+    visible_classes = (_class_areas(data["seg"]) > 0).sum(axis=1)
+    assert (count == np.round(count)).all()
+    assert (count >= 1).all() and (count <= 4).all()     # max_objects=4; an object is always visible
+    assert (count >= visible_classes).all()              # each visible class is at least one object
+    assert (count > visible_classes).any()               # two objects of one class are counted twice
+    assert set(np.unique(count).tolist()) == {1.0, 2.0, 3.0, 4.0}
+
+
+def test_count_of_single_object_scenes_is_one():
+    d = generate_shapes(100, image_size=16, seed=4, min_objects=1, max_objects=1)
+    assert torch.equal(d["count"], torch.ones(100))
+    assert torch.equal(d["near"], d["cls"])
+
+
+def test_near_is_class_at_nearest_object_pixel(data):
+    seg, depth = data["seg"].flatten(1), data["depth"].flatten(1)
+    masked = torch.where(seg > 0, depth, torch.full_like(depth, float("inf")))
+    pixel = masked.argmin(dim=1)
+    expected = seg[torch.arange(len(seg)), pixel] - 1
+    assert torch.equal(data["near"], expected)
+    # near differs from cls (largest area) often enough to be a task of its own
+    assert (data["near"] != data["cls"]).float().mean() > 0.2
 
 
 def test_cls_ties_go_to_nearest_class():
@@ -90,6 +183,7 @@ def test_different_seeds_differ():
     assert not torch.equal(a["image"], b["image"])
     assert not torch.equal(a["seg"], b["seg"])
     assert not torch.equal(a["depth"], b["depth"])
+    assert not torch.equal(a["normal"], b["normal"])
 
 
 def test_does_not_touch_global_rng_state():
@@ -132,10 +226,10 @@ def test_class_balance(data):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(num_images=0),
-        dict(num_images=4, image_size=7),
-        dict(num_images=4, min_objects=0),
-        dict(num_images=4, min_objects=3, max_objects=2),
+        {"num_images": 0},
+        {"num_images": 4, "image_size": 7},
+        {"num_images": 4, "min_objects": 0},
+        {"num_images": 4, "min_objects": 3, "max_objects": 2},
     ],
 )
 def test_invalid_arguments_raise(kwargs):

@@ -16,8 +16,9 @@ SPLITS = ("train", "val", "test")
 class TargetSpec:
     """What a data set provides for one target: its task kind and, for labels, the class count."""
 
-    kind: str                           # classification | segmentation | depth
-    num_classes: Optional[int] = None
+    kind: str                           # a task kind: classification | multilabel | segmentation |
+                                        # depth | normals | regression (kdmtl_cli/tasks/)
+    num_classes: Optional[int] = None   # classes (classification, segmentation) or labels (multilabel)
     class_names: Optional[List[str]] = None
     mean: Optional[float] = None        # regression targets: train-split statistics, so heads
     std: Optional[float] = None         # predict in normalised units from the first step

@@ -3,26 +3,43 @@ index gather plus normalisation, with no worker processes.
 
 The shuffle order of epoch e is a pure function of (seed, e) and each sample's flip
 is stored in the batch, so an epoch can be replayed exactly (resume, teacher caches).
+
+Which targets a flip changes, and how, is the task kinds' business: the loader is given,
+per target, the function mapping a batch of targets to those of the mirrored images
+(`TaskKind.flip_target`; kdmtl_cli/build.py passes them in).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 
-DENSE_KINDS = ("segmentation", "depth")
+FlipFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _flip_function(spec: FlipFn | str | None) -> FlipFn | None:
+    """A flip callable as is; a task kind name (the older form of the argument) as that kind's
+    `flip_target`; None: the target never changes with a flip."""
+    if spec is None or callable(spec):
+        return spec
+    from kdmtl_cli.tasks import TASK_KINDS, _load_kinds
+
+    _load_kinds()
+    return TASK_KINDS.get(spec)().flip_target
 
 
 class TensorLoader:
-    def __init__(self, split: Dict[str, torch.Tensor], target_kinds: Dict[str, str], *,
+    def __init__(self, split: dict[str, torch.Tensor], target_flips: dict[str, FlipFn | str | None], *,
                  batch_size: int, mean, std, device: torch.device, shuffle: bool = False,
-                 hflip: bool = False, seed: int = 0, limit_batches: Optional[int] = None,
+                 hflip: bool = False, seed: int = 0, limit_batches: int | None = None,
                  drop_last: bool = False):
+        """`target_flips`: the targets to load, each with its flip (a callable such as
+        `kind.flip_target`, a task kind name, or None for a target a flip leaves alone)."""
         self.device = device
         self.images = split["image"].to(device)
-        self.targets = {name: split[name].to(device) for name in target_kinds}
-        self.target_kinds = target_kinds
+        self.targets = {name: split[name].to(device) for name in target_flips}
+        self.flip_fns = {name: _flip_function(spec) for name, spec in target_flips.items()}
         self.batch_size = batch_size
         self.shuffle, self.hflip, self.seed = shuffle, hflip, seed
         self.limit_batches, self.drop_last = limit_batches, drop_last
@@ -62,8 +79,9 @@ class TensorLoader:
         targets = {name: t.index_select(0, index) for name, t in self.targets.items()}
         if bool(flip.any()):
             image = torch.where(flip.view(-1, 1, 1, 1), image.flip(-1), image)
-            for name, kind in self.target_kinds.items():
-                if kind in DENSE_KINDS:
-                    t = targets[name]
-                    targets[name] = torch.where(flip.view(-1, *([1] * (t.dim() - 1))), t.flip(-1), t)
+            for name, flip_fn in self.flip_fns.items():
+                t = targets[name]
+                flipped = flip_fn(t) if flip_fn is not None else t
+                if flipped is not t:  # image-level targets come back as they are
+                    targets[name] = torch.where(flip.view(-1, *([1] * (t.dim() - 1))), flipped, t)
         return {"image": image, "targets": targets, "index": index, "flip": flip}

@@ -1,9 +1,18 @@
 """`shapes`: the embedded multi-task data set, generated offline from a seed.
 
 Scenes of circles, squares, triangles and crosses over textured backgrounds
-(kdmtl_cli/data/shapes_generator.py). Targets: `cls` (shape of the largest visible
-object), `seg` (per-pixel shape, 0 = background), `depth` (distance of the visible
-surface). Splits are generated once and cached under ``<data.root>/shapes/<fingerprint>/``.
+(kdmtl_cli/data/shapes_generator.py, which defines the conventions). Targets, with the task
+kind each feeds:
+
+- `cls` (classification, 4 shapes): shape covering the largest visible area;
+- `near` (classification, 4 shapes): shape of the nearest visible object;
+- `present` (multilabel, 4 shapes): which shapes are visible at all;
+- `count` (regression): how many objects are visible (train-split mean/std in its spec);
+- `seg` (segmentation, background + 4 shapes): per-pixel shape, 0 = background;
+- `depth` (depth): distance of the visible surface (train-split mean/std in its spec);
+- `normal` (normals): unit surface normal of the visible surface, float16 [N,3,H,W].
+
+Splits are generated once and cached under ``<data.root>/shapes/<fingerprint>/``.
 """
 
 from __future__ import annotations
@@ -12,12 +21,25 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
 
 from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec
 from kdmtl_cli.engine.checkpoint import atomic_torch_save, load_tensor_file
 from kdmtl_cli.errors import KdmtlError
 
-GENERATOR_VERSION = 1  # bump when the generator's output changes, to invalidate caches
+GENERATOR_VERSION = 2  # bump when the generator's output changes, to invalidate caches
+# 2: normal, present, count and near targets
+
+EXPECTED_KEYS = frozenset({"image", "cls", "seg", "depth", "normal", "present", "count", "near"})
+
+
+def _stats(values: torch.Tensor):
+    """(mean, std) of a train-split target, for heads that predict in target units; a std that
+    is zero or undefined (one sample, a constant target) becomes 1 so the head still learns."""
+    values = values.float()
+    mean = float(values.mean())
+    std = float(values.std()) if values.numel() > 1 else float("nan")
+    return mean, (std if std > 0 else 1.0)  # nan > 0 is False
 
 
 def _fingerprint(cfg, sizes: dict) -> str:
@@ -46,7 +68,7 @@ def build_shapes(cfg) -> DataBundle:
         path = folder / f"{split}.pt"
         if path.exists():
             tensors = load_tensor_file(path, what="shapes data file")
-            expected = {"image", "cls", "seg", "depth"}
+            expected = EXPECTED_KEYS
             if set(tensors) != expected or tensors["image"].shape[0] != sizes[split]:
                 raise KdmtlError(f"shapes data file {path} does not hold the expected {sizes[split]} "
                                  f"images with {sorted(expected)}; delete {folder} to regenerate it")
@@ -66,11 +88,16 @@ def build_shapes(cfg) -> DataBundle:
                                  "set data.root (or KDMTL_CACHE) to a writable directory") from None
         splits[split] = tensors
     num_shapes = len(SHAPE_NAMES)
+    depth_mean, depth_std = _stats(splits["train"]["depth"])
+    count_mean, count_std = _stats(splits["train"]["count"])
     targets = {
         "cls": TargetSpec("classification", num_shapes, list(SHAPE_NAMES)),
         "seg": TargetSpec("segmentation", num_shapes + 1, ["background", *SHAPE_NAMES]),
-        "depth": TargetSpec("depth", mean=float(splits["train"]["depth"].mean()),
-                            std=float(splits["train"]["depth"].std())),
+        "depth": TargetSpec("depth", mean=depth_mean, std=depth_std),
+        "normal": TargetSpec("normals"),
+        "present": TargetSpec("multilabel", num_shapes, list(SHAPE_NAMES)),
+        "count": TargetSpec("regression", mean=count_mean, std=count_std),
+        "near": TargetSpec("classification", num_shapes, list(SHAPE_NAMES)),
     }
     return DataBundle(name="shapes", targets=targets, splits=splits, mean=list(cfg.mean),
                       std=list(cfg.std), fingerprint=fingerprint, info={"path": str(folder)})

@@ -7,12 +7,34 @@ in [2, 7] with a slight tilt of its own. Objects are composited far-to-near
 (painter's algorithm) with a per-pixel depth test, so the label maps always
 describe the visible surface:
 
-* ``image`` - RGB colour of the visible surface (objects are shaded, the whole
+* ``image``   - RGB colour of the visible surface (objects are shaded, the whole
   image gets mild pixel noise);
-* ``seg``   - class index + 1 of the visible object, 0 for background;
-* ``depth`` - distance of the visible surface;
-* ``cls``   - the class covering the largest visible area (summed over all
-  objects of that class, i.e. exactly what ``seg`` shows).
+* ``seg``     - class index + 1 of the visible object, 0 for background;
+* ``depth``   - distance of the visible surface;
+* ``normal``  - unit surface normal of the visible surface (see below);
+* ``cls``     - the class covering the largest visible area (summed over all
+  objects of that class, i.e. exactly what ``seg`` shows);
+* ``present`` - multi-hot [N, 4]: the classes with at least one visible pixel;
+* ``count``   - how many objects have at least one visible pixel;
+* ``near``    - the class of the nearest visible object: the class at the
+  object pixel of smallest depth.
+
+Geometry and the normal convention. The camera is orthographic and every
+surface is a plane, so depth is linear in the pixel position over each visible
+surface. Image axes: x to the right (along W), y down (along H), z = depth,
+away from the camera. Lateral positions are measured in half image widths,
+X = 2 * (px + 0.5) / size - 1 and likewise Y, so the image spans [-1, 1] at
+every resolution; depth keeps its own units. The normal of a surface with depth
+d(X, Y) is the one facing the camera,
+
+    n = (dd/dX, dd/dY, -1) / sqrt((dd/dX)^2 + (dd/dY)^2 + 1),
+
+computed exactly from the plane's parameters (not by finite differences): the
+background's slopes are its per-image gradient (so its normal tilts up to
+~35 deg from the camera axis) and an object with depth d0 + t_x * dx + t_y * dy
+(dx, dy in pixels / radius r) has slopes t * size / (2 r) (up to ~50 deg). Every
+pixel is valid (no zero normals). Mirroring the image left-right negates the x
+component (``TaskKind.flip_target`` of the ``normals`` kind does it).
 
 All randomness comes from one ``np.random.default_rng(seed)``, so a given
 argument tuple always produces bit-identical tensors.
@@ -59,26 +81,32 @@ def generate_shapes(
     min_objects: int = 2,
     max_objects: int = 4,
 ) -> dict[str, torch.Tensor]:
-    """Returns {"image": uint8 [N,3,H,W], "cls": int64 [N], "seg": int64 [N,H,W], "depth": float32 [N,H,W]}"""
+    """Returns {"image": uint8 [N,3,H,W], "cls": int64 [N], "seg": int64 [N,H,W],
+    "depth": float32 [N,H,W], "normal": float16 [N,3,H,W], "present": uint8 [N,4],
+    "count": float32 [N], "near": int64 [N]} (see the module docstring)."""
     _validate(num_images, image_size, min_objects, max_objects)
     n, size = int(num_images), int(image_size)
     rng = np.random.default_rng(seed)
 
-    image = np.empty((n, 3, size, size), dtype=np.uint8)
-    seg = np.empty((n, size, size), dtype=np.int64)
-    depth = np.empty((n, size, size), dtype=np.float32)
+    out = {
+        "image": np.empty((n, 3, size, size), dtype=np.uint8),
+        "seg": np.empty((n, size, size), dtype=np.int64),
+        "depth": np.empty((n, size, size), dtype=np.float32),
+        "normal": np.empty((n, 3, size, size), dtype=np.float16),
+        "present": np.empty((n, len(SHAPE_NAMES)), dtype=np.uint8),
+        "count": np.empty(n, dtype=np.float32),
+        "near": np.empty(n, dtype=np.int64),
+    }
     chunk = max(1, _PIXELS_PER_CHUNK // (size * size))
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        img_c, seg_c, depth_c = _render_chunk(rng, stop - start, size, int(min_objects), int(max_objects))
-        image[start:stop], seg[start:stop], depth[start:stop] = img_c, seg_c, depth_c
+        parts = _render_chunk(rng, stop - start, size, int(min_objects), int(max_objects))
+        for key, value in parts.items():
+            out[key][start:stop] = value
 
-    return {
-        "image": torch.from_numpy(image),
-        "cls": torch.from_numpy(_dominant_class(seg, depth)),
-        "seg": torch.from_numpy(seg),
-        "depth": torch.from_numpy(depth),
-    }
+    out["cls"] = _dominant_class(out["seg"], out["depth"])
+    order = ("image", "cls", "seg", "depth", "normal", "present", "count", "near")
+    return {key: torch.from_numpy(out[key]) for key in order}
 
 
 def _validate(num_images: int, image_size: int, min_objects: int, max_objects: int) -> None:
@@ -96,14 +124,37 @@ def _validate(num_images: int, image_size: int, min_objects: int, max_objects: i
 
 def _render_chunk(
     rng: np.random.Generator, batch: int, size: int, min_objects: int, max_objects: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rgb, depth = _background(rng, batch, size)
+) -> dict[str, np.ndarray]:
+    rgb, depth, slope_x, slope_y = _background(rng, batch, size)
     objects = _sample_objects(rng, batch, size, min_objects, max_objects)
     seg = np.zeros((batch, size, size), dtype=np.int64)
-    _render_image(objects, rgb, seg, depth)
+    slot = np.full((batch, size, size), -1, dtype=np.int16)  # visible object's slot, -1 = background
+    _render_image(objects, rgb, seg, depth, slope_x, slope_y, slot)
     rgb += _PIXEL_NOISE_STD * rng.standard_normal(rgb.shape, dtype=np.float32)
     image = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
-    return image, seg, depth
+    return {"image": image, "seg": seg, "depth": depth, "normal": _normals(slope_x, slope_y),
+            **_scene_labels(seg, depth, slot, objects["cls"].shape[1])}
+
+
+def _normals(slope_x: np.ndarray, slope_y: np.ndarray) -> np.ndarray:
+    """Depth slopes [B,H,W] (per half image width) -> float16 unit normals [B,3,H,W] facing
+    the camera: (dd/dX, dd/dY, -1) normalised."""
+    inv = 1.0 / np.sqrt(slope_x * slope_x + slope_y * slope_y + 1.0)
+    return np.stack([slope_x * inv, slope_y * inv, -inv], axis=1).astype(np.float16)
+
+
+def _scene_labels(seg: np.ndarray, depth: np.ndarray, slot: np.ndarray, slots: int) -> dict[str, np.ndarray]:
+    """present (classes visible), count (objects visible) and near (class of the object pixel
+    of smallest depth; the first such pixel in row-major order on an exact tie)."""
+    batch = seg.shape[0]
+    flat_seg, flat_slot = seg.reshape(batch, -1), slot.reshape(batch, -1)
+    present = np.stack([(flat_seg == c + 1).any(axis=1) for c in range(len(SHAPE_NAMES))], axis=1)
+    visible = np.stack([(flat_slot == k).any(axis=1) for k in range(slots)], axis=1)
+    nearest_pixel = np.where(flat_seg > 0, depth.reshape(batch, -1), np.inf).argmin(axis=1)
+    # Every image shows an object (see _sample_objects), so that pixel is an object pixel.
+    near = flat_seg[np.arange(batch), nearest_pixel] - 1
+    return {"present": present.astype(np.uint8), "count": visible.sum(axis=1).astype(np.float32),
+            "near": near.astype(np.int64)}
 
 
 def _column(a: np.ndarray) -> np.ndarray:
@@ -117,8 +168,12 @@ def _normalised_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return t[None, None, :], t[None, :, None]  # x varies along W, y along H
 
 
-def _background(rng: np.random.Generator, batch: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two-colour blend driven by two low-frequency sinusoids, on a tilted far plane."""
+def _background(
+    rng: np.random.Generator, batch: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Two-colour blend driven by two low-frequency sinusoids, on a tilted far plane.
+    Returns rgb [B,3,H,W], depth [B,H,W] and the plane's depth slopes along X and Y (per
+    half image width, see the module docstring) as [B,H,W] maps."""
     x, y = _normalised_grid(size)
 
     # A second colour at a guaranteed distance from the first keeps the
@@ -142,8 +197,12 @@ def _background(rng: np.random.Generator, batch: int, size: int) -> tuple[np.nda
     slope = rng.uniform(0, _MAX_BACKGROUND_SLOPE, batch)
     tilt = rng.uniform(0, 2 * np.pi, batch)
     gx, gy = _column(slope * np.cos(tilt)), _column(slope * np.sin(tilt))
+    # 2x - 1 and 2y - 1 are X and Y: the plane's slopes are exactly gx and gy.
     depth = _BACKGROUND_DEPTH_MID + gx * (2 * x - 1) + gy * (2 * y - 1)
-    return rgb, depth.astype(np.float32)
+    shape = (batch, size, size)
+    slope_x = np.broadcast_to(gx, shape).astype(np.float32)
+    slope_y = np.broadcast_to(gy, shape).astype(np.float32)
+    return rgb, depth.astype(np.float32), slope_x, slope_y
 
 
 def _sample_objects(
@@ -210,8 +269,17 @@ def _shape_mask(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape index {shape}")
 
 
-def _render_image(objects: dict[str, np.ndarray], rgb: np.ndarray, seg: np.ndarray, depth: np.ndarray) -> None:
-    """Composite objects far-to-near into rgb/seg/depth (modified in place).
+def _render_image(
+    objects: dict[str, np.ndarray],
+    rgb: np.ndarray,
+    seg: np.ndarray,
+    depth: np.ndarray,
+    slope_x: np.ndarray,
+    slope_y: np.ndarray,
+    slot_map: np.ndarray,
+) -> None:
+    """Composite objects far-to-near into rgb/seg/depth, the depth slopes of the visible
+    plane and the visible object's slot (all modified in place).
 
     Painter's order alone would suffice for flat objects; the extra depth test
     keeps the maps consistent where two tilted objects interpenetrate.
@@ -243,9 +311,14 @@ def _render_image(objects: dict[str, np.ndarray], rgb: np.ndarray, seg: np.ndarr
         brightness = 1.0 + _column(shade[:, 0]) * dx + _column(shade[:, 1]) * dy
         colour = objects["colour"][:, slot].astype(np.float32)[:, :, None, None] * brightness[:, None]
 
+        # dx = (px - cx) / r and px = (X + 1) * size / 2 - 0.5, so dd/dX = t * size / (2 r).
+        to_x = inv_r * np.float32(size / 2)
         np.copyto(depth, obj_depth, where=draw)
         np.copyto(seg, (shapes + 1)[:, None, None], where=draw)
         np.copyto(rgb, colour, where=draw[:, None])
+        np.copyto(slope_x, _column(tilt[:, 0]) * to_x, where=draw)
+        np.copyto(slope_y, _column(tilt[:, 1]) * to_x, where=draw)
+        np.copyto(slot_map, np.int16(slot), where=draw)
 
 
 def _dominant_class(seg: np.ndarray, depth: np.ndarray) -> np.ndarray:

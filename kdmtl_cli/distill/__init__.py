@@ -50,11 +50,12 @@ class Method:
 
 
 class LabelTaskMethod(Method):
-    """A method on the teacher's label tasks (classification, segmentation), one term per task."""
+    """A method on the teacher's label tasks (kinds with `softmax_labels`: class logits with a
+    softmax over dim 1, i.e. classification and segmentation), one term per task."""
 
     def __init__(self, cfg, tasks, teacher_tasks):
         super().__init__(cfg, tasks, teacher_tasks)
-        self.label_tasks = [t for t in teacher_tasks if tasks[t].kind.name in ("classification", "segmentation")]
+        self.label_tasks = [t for t in teacher_tasks if tasks[t].kind.softmax_labels]
         if not self.label_tasks:
             raise KdmtlError(f"loss={self.name} needs a classification or segmentation task covered by the teacher")
         self._weights = self.per_task_term_weights(self.label_tasks)

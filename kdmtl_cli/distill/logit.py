@@ -1,13 +1,18 @@
 """`kd`: logit distillation (Hinton et al., 2015) for every task kind of a multi-task student.
 
+Each task kind states its own rule (`TaskKind.distill`, kdmtl_cli/tasks/<kind>.py); this
+method only asks each task the teacher covers for it, at `loss.kd.temperature` and with
+`loss.kd.dense` (l1 | l2) for regression-like outputs:
+
 - classification: KL(softmax(t/T) || softmax(s/T)) * T^2, summed over classes, mean over the batch;
 - segmentation: the same KL at every pixel, mean over batch and pixels;
-- depth: L1 (or L2) between student and teacher predictions, mean over pixels.
+- multilabel: per label, binary KL(sigmoid(t/T) || sigmoid(s/T)) * T^2, mean over labels and batch;
+- depth, regression: L1 (or L2) between student and teacher predictions, mean over elements;
+- normals: 1 - cos(student, teacher) per pixel, mean over pixels.
 The T^2 factor keeps the gradient scale of the soft term independent of T.
 """
 
 from __future__ import annotations
-
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,14 +31,14 @@ def kl_with_temperature(student_logits: Tensor, teacher_logits: Tensor, temperat
 
 
 def dense_regression_kd(student: Tensor, teacher: Tensor, norm: str) -> Tensor:
+    """Mean |s - t| (norm l1) or mean (s - t)^2 (norm l2) over all elements."""
     diff = student.float() - teacher.float()
     return diff.abs().mean() if norm == "l1" else diff.pow(2).mean()
 
 
 @KD_METHODS.register("kd")
 class LogitKD(Method):
-    """kd/<task> for every task the teacher covers: KL at temperature T (times T^2) for
-    classification and per pixel for segmentation; L1/L2 to the teacher for depth."""
+    """kd/<task> for every task the teacher covers, by the task kind's rule (`kind.distill`)."""
 
     name = "kd"
 
@@ -49,8 +54,6 @@ class LogitKD(Method):
         terms = {}
         for name in self.teacher_tasks:
             s_out, t_out = student_out["outputs"][name], teacher_out["outputs"][name]
-            if self.tasks[name].kind.name in ("classification", "segmentation"):
-                terms[f"kd/{name}"] = kl_with_temperature(s_out, t_out, float(self.cfg.temperature))
-            else:
-                terms[f"kd/{name}"] = dense_regression_kd(s_out, t_out, self.cfg.dense)
+            terms[f"kd/{name}"] = self.tasks[name].kind.distill(s_out, t_out, float(self.cfg.temperature),
+                                                                self.cfg.dense)
         return terms

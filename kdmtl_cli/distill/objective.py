@@ -1,9 +1,14 @@
 """The training objective: task losses plus the chosen distillation methods' terms, each
-named, logged raw, and weighted:
+named and logged raw, grouped by task for the weighting strategy:
 
-    loss/total = sum_t task_weight[t] * task/t  +  sum over methods and terms  weight(term) * term
+    L_t     = task_weight[t] * task/t  +  sum of the terms `<method>/t`, each times its weight
+    extra   = sum of the terms that belong to no task (feature distillation: `at/...`, `fitnet/...`)
+    step    = weighting({L_t}) + extra          (kdmtl_cli/weighting/; equal: sum_t L_t + extra)
 
-`loss/task` (the unweighted sum of task losses) is what validation reports by default.
+So a task's distillation terms join its task's loss before weighting: a strategy that
+down-weights a task down-weights its distillation too, and gradient-based strategies
+(PCGrad, CAGrad, GradNorm) see each task's full gradient. `loss/task` (the unweighted sum
+of the non-auxiliary task losses) is what validation reports by default.
 The teacher runs frozen, in eval mode, under no_grad; learned parts of methods (FitNet
 regressors, KD4MTL adaptors) live in `self.modules` and are optimised with the student.
 """
@@ -88,16 +93,32 @@ class Objective:
         return {f"task/{name}": task.kind.loss(outputs[name], targets[task.target])
                 for name, task in self.tasks.items()}
 
-    def __call__(self, student_out: dict, batch: dict) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def losses(self, student_out: dict, batch: dict) -> Tuple[Dict[str, Tensor], Optional[Tensor], Dict[str, Tensor]]:
+        """({task: L_t}, extra or None, every named term) for one batch (see the module docstring)."""
         terms = self.task_terms(student_out["outputs"], batch["targets"])
-        total = sum(self.task_weight[name] * terms[f"task/{name}"] for name in self.tasks)
+        groups = {name: self.task_weight[name] * terms[f"task/{name}"] for name in self.tasks}
+        extra = None
         if self.methods:
             with torch.no_grad():
                 teacher_out = self.teacher(batch["image"])
             for method in self.methods:
                 for name, value in method(student_out, teacher_out, batch, self.progress).items():
                     terms[name] = value
-                    total = total + method.weight(name, self.progress) * value
+                    weighted = method.weight(name, self.progress) * value
+                    task = name.partition("/")[2]
+                    if task in groups:
+                        groups[task] = groups[task] + weighted
+                    else:
+                        extra = weighted if extra is None else extra + weighted
+        main = [name for name, task in self.tasks.items() if not getattr(task, "auxiliary", False)]
+        terms["loss/task"] = sum(terms[f"task/{name}"] for name in main).detach()
+        return groups, extra, terms
+
+    def __call__(self, student_out: dict, batch: dict) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The equal-weighted objective sum_t L_t + extra and the named terms."""
+        groups, extra, terms = self.losses(student_out, batch)
+        total = sum(groups.values())
+        if extra is not None:
+            total = total + extra
         terms["loss/total"] = total
-        terms["loss/task"] = sum(terms[f"task/{name}"] for name in self.tasks).detach()
         return total, terms

@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+from omegaconf import OmegaConf
 
 from kdmtl_cli.engine.checkpoint import save_checkpoint
 from kdmtl_cli.engine.hardware import Hardware
 from kdmtl_cli.engine.logging import MetricsLog, Progress
 from kdmtl_cli.engine.seeding import rng_state, set_rng_state
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.schema import WeightingConfig
+from kdmtl_cli.weighting import build_weighting, weighted_backward
 
 
 def validation_metric_names(tasks) -> list:
@@ -70,7 +73,9 @@ def evaluate(model, loader, tasks, hardware: Hardware, split: str) -> Dict[str, 
             for metric in metrics[name].values():
                 metric.update(pred, target)
     result = {f"{split}/{key}": value / max(count, 1) for key, value in sums.items()}
-    result[f"{split}/loss/task"] = sum(result[f"{split}/task/{name}"] for name in tasks)
+    # Auxiliary tasks are reported on their own but do not count towards the selection loss.
+    result[f"{split}/loss/task"] = sum(result[f"{split}/task/{name}"] for name, task in tasks.items()
+                                       if not getattr(task, "auxiliary", False))
     for name, per_task in metrics.items():
         for metric_name, metric in per_task.items():
             result[f"{split}/{name}/{metric_name}"] = float(metric.compute())
@@ -91,8 +96,20 @@ class Trainer:
                  train_loader, val_loader, epochs: int, checkpoint_dir: Path, log: MetricsLog,
                  progress_mode: str, label: str, monitor: str, mode: str = "auto",
                  grad_clip_norm: Optional[float] = None, log_every_n_steps: int = 25,
-                 stop_after_epoch: Optional[int] = None, checkpoint_extra: Optional[Dict[str, Any]] = None):
+                 stop_after_epoch: Optional[int] = None, checkpoint_extra: Optional[Dict[str, Any]] = None,
+                 weighting=None, grad_norms_every_n_steps: int = 0):
         self.model, self.objective, self.tasks = model, objective, tasks
+        # How the per-task losses become a step; teachers are trained with equal weights.
+        if weighting is None:
+            weighting = build_weighting(OmegaConf.structured(WeightingConfig), list(tasks))
+        self.weighting = weighting
+        self.grad_norms_every = max(0, grad_norms_every_n_steps)
+        # Gradient-based weightings act on the shared trunk; heads and learned parts of
+        # distillation methods get their own gradients.
+        shared_ids = {id(p) for p in model.trunk.parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self.shared = [p for p in model.trunk.parameters() if p.requires_grad]
+        self.others = [p for p in params if id(p) not in shared_ids]
         self.optimizer, self.scheduler, self.hw = optimizer, scheduler, hardware
         self.train_loader, self.val_loader = train_loader, val_loader
         self.epochs, self.checkpoint_dir, self.log = epochs, Path(checkpoint_dir), log
@@ -113,6 +130,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "objective": self.objective.modules.state_dict(),   # learned parts of KD methods
+            "weighting": self.weighting.state_dict(),            # learned weights, loss histories
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.hw.scaler.state_dict() if self.hw.scaler is not None else None,
@@ -125,6 +143,8 @@ class Trainer:
     def restore(self, checkpoint: Dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.objective.modules.load_state_dict(checkpoint.get("objective") or {})
+        if checkpoint.get("weighting") is not None:
+            self.weighting.load_state_dict(checkpoint["weighting"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.hw.scaler is not None and checkpoint.get("scaler"):
@@ -178,7 +198,9 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         progress.start_epoch(epoch, len(self.train_loader), epoch - 1)
         sums: Dict[str, torch.Tensor] = {}
+        counts: Dict[str, int] = {}
         window: Dict[str, torch.Tensor] = {}
+        window_counts: Dict[str, int] = {}
         recent_losses = []
         samples, window_steps = 0, 0
         start = time.perf_counter()
@@ -188,20 +210,31 @@ class Trainer:
             self.objective.set_progress(self.state.global_step / total_steps, epoch - 1 + step / steps_per_epoch)
             with hw.autocast():
                 out = model(batch["image"])
-                loss, terms = self.objective(out, batch)
+                losses, extra, terms = self.objective.losses(out, batch)
             self.optimizer.zero_grad(set_to_none=True)
+            scale = hw.scaler.scale(torch.ones((), device=hw.device)) if hw.scaler is not None else 1.0
+            measure = self.grad_norms_every > 0 and self.state.global_step % self.grad_norms_every == 0
+            result = weighted_backward(self.weighting, losses, extra, self.shared, self.others,
+                                       scale=scale, measure_grad_norms=measure)
+            loss = result.total
+            terms["loss/total"] = loss
+            for name, value in losses.items():
+                terms[f"group/{name}"] = value
+                terms[f"weight/{name}"] = result.weights[name]
+            if result.grad_norms is not None:
+                for name, value in result.grad_norms.items():
+                    terms[f"grad_norm/{name}"] = value
             if hw.scaler is not None:
-                hw.scaler.scale(loss).backward()
                 if self.grad_clip_norm:
                     hw.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
                 hw.scaler.step(self.optimizer)
                 hw.scaler.update()
             else:
-                loss.backward()
                 if self.grad_clip_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
                 self.optimizer.step()
+            self.weighting.after_step({name: value.detach() for name, value in losses.items()})
             with warnings.catch_warnings():
                 # GradScaler skips optimizer steps whose gradients overflowed; the schedule
                 # still advances per batch, which is what we want, so torch's warning is noise.
@@ -214,22 +247,31 @@ class Trainer:
                 value = value.detach().float()
                 sums[key] = sums[key] + value if key in sums else value
                 window[key] = window[key] + value if key in window else value
+                counts[key] = counts.get(key, 0) + 1
+                window_counts[key] = window_counts.get(key, 0) + 1
             recent_losses.append(loss.detach())
             # One host sync per window, not per step: find the first bad step afterwards.
             if window_steps == self.log_every:
                 self._check_finite(recent_losses, epoch)
-                means = {f"train/{k}": float(v) / window_steps for k, v in window.items()}
+                means = {f"train/{k}": float(v) / window_counts[k] for k, v in window.items()}
                 elapsed = time.perf_counter() - start
-                self.log.scalars({**means, "train/lr": self.optimizer.param_groups[0]["lr"]},
-                                 self.state.global_step)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.log.scalars({**means, "train/lr": lr}, self.state.global_step)
+                # Task weights and trunk gradient norms per logging window, so a stalled
+                # weighting shows in metrics.jsonl as well as in TensorBoard.
+                self.log.write({"type": "step", "epoch": epoch, "step": self.state.global_step, "lr": lr,
+                                **{k: v for k, v in means.items()
+                                   if k.startswith(("train/weight/", "train/grad_norm/", "train/group/",
+                                                    "train/loss/"))}})
                 progress.batch(means["train/loss/total"], samples / max(elapsed, 1e-9))
-                window, window_steps, recent_losses = {}, 0, []
+                window, window_counts, window_steps, recent_losses = {}, {}, 0, []
             else:
                 progress.batch(None, 0.0)
         self._check_finite(recent_losses, epoch)
         elapsed = time.perf_counter() - start
-        steps = len(self.train_loader)
-        metrics = {f"train/{k}": float(v) / max(steps, 1) for k, v in sums.items()}
+        metrics = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
+        # DWA and friends adapt once per epoch from the epoch-mean loss of each task.
+        self.weighting.end_epoch({name: metrics[f"train/group/{name}"] for name in self.tasks})
         metrics["train/samples_per_s"] = samples / max(elapsed, 1e-9)
         metrics["train/epoch_time_s"] = elapsed
         return metrics

@@ -1,11 +1,24 @@
-"""Task kinds by name. A kind says how big its head's output is, its loss, its
-torchmetrics metrics and which of them are higher-is-better. A `Task` is a named
-instance of a kind bound to one data set target (the same kind may appear twice)."""
+"""Task kinds by name, one file each (classification, multilabel, segmentation, depth,
+normals, regression). A kind says everything the rest of the program needs about a task:
+
+- its head: ``dense`` (decoder at input resolution) or pooled linear, ``out_channels``, and
+  ``scaled_output`` (the head predicts in target units through the train-split mean/std);
+- its ``loss``, its torchmetrics ``metrics`` (fed by ``prepare_for_metrics``) and, for every
+  metric it reports, whether higher is better (``higher_is_better``);
+- how its target changes when the image is flipped left-right (``flip_target``);
+- its logit-distillation rule (``distill``, the `kd` method's term) and whether its outputs are
+  class logits with a softmax over dim 1 (``softmax_labels``, what label-only methods need);
+- how to show a prediction or a target: ``show`` (an RGB image batch, dense kinds) or
+  ``describe`` (one line per sample, image-level kinds).
+
+A `Task` is a named instance of a kind bound to one data set target (the same kind may appear
+twice, and two tasks may read the same target).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -20,8 +33,10 @@ class TaskKind:
 
     name: str = ""
     dense: bool = False                          # per-pixel output at input resolution
-    needs_classes: bool = False
-    higher_is_better: Dict[str, bool] = {}       # metric name -> direction
+    needs_classes: bool = False                  # the target spec must give num_classes
+    scaled_output: bool = False                  # head output * train std + train mean (target units)
+    softmax_labels: bool = False                 # outputs are class logits, softmax over dim 1
+    higher_is_better: ClassVar[dict[str, bool]] = {}  # every reported metric -> direction
 
     def out_channels(self, spec: TargetSpec) -> int:
         raise NotImplementedError
@@ -29,11 +44,35 @@ class TaskKind:
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def metrics(self, spec: TargetSpec) -> Dict[str, "torch.nn.Module"]:
+    def metrics(self, spec: TargetSpec) -> dict[str, torch.nn.Module]:
         raise NotImplementedError
 
     def prepare_for_metrics(self, output: Tensor, target: Tensor):
         return output, target
+
+    def flip_target(self, target: Tensor) -> Tensor:
+        """The target of the left-right mirrored image (W is the last dim). Image-level
+        targets do not change; dense maps are mirrored."""
+        return target.flip(-1) if self.dense else target
+
+    def distill(self, student_out: Tensor, teacher_out: Tensor, temperature: float, dense_norm: str) -> Tensor:
+        """The `kd` term for this kind. Default: L1 or L2 (`dense_norm`) between the student's
+        and the teacher's predictions, mean over all elements (for regression-like kinds)."""
+        from kdmtl_cli.distill.logit import dense_regression_kd
+
+        return dense_regression_kd(student_out, teacher_out, dense_norm)
+
+    def show(self, output: Tensor, spec: TargetSpec) -> Tensor | None:
+        """A float RGB batch [N,3,H,W] in [0, 1] picturing a prediction or a target (dense
+        kinds), or None for image-level kinds, which `describe` instead."""
+        return None
+
+    def describe(self, output: Tensor, spec: TargetSpec) -> list[str]:
+        """One line per sample. Default: the sample's values (image-level kinds) or its size."""
+        output = output.detach().float().cpu()
+        if self.dense:
+            return [f"{self.name} map {'x'.join(str(s) for s in sample.shape)}" for sample in output]
+        return [", ".join(f"{v:.4g}" for v in sample.reshape(-1).tolist()) for sample in output]
 
 
 TASK_KINDS: Registry = Registry("task kind", "tasks.<name>.kind")
@@ -44,7 +83,8 @@ class Task:
     name: str
     kind: TaskKind
     spec: TargetSpec
-    target: str          # key of the data set target feeding this task
+    target: str              # key of the data set target feeding this task
+    auxiliary: bool = False  # trained (and distilled) like any task, left out of `loss/task`
 
     @property
     def out_channels(self) -> int:
@@ -52,10 +92,17 @@ class Task:
 
 
 def _load_kinds() -> None:
-    from kdmtl_cli.tasks import classification, depth, segmentation  # noqa: F401
+    from kdmtl_cli.tasks import (  # noqa: F401
+        classification,
+        depth,
+        multilabel,
+        normals,
+        regression,
+        segmentation,
+    )
 
 
-def build_tasks(tasks_cfg, data_targets: Dict[str, TargetSpec]) -> Dict[str, Task]:
+def build_tasks(tasks_cfg, data_targets: dict[str, TargetSpec]) -> dict[str, Task]:
     _load_kinds()
     if not tasks_cfg:
         raise KdmtlError("no tasks configured; choose a tasks group option, e.g. tasks=cls_seg_depth")
@@ -70,11 +117,15 @@ def build_tasks(tasks_cfg, data_targets: Dict[str, TargetSpec]) -> Dict[str, Tas
         if spec.kind != kind.name:
             raise KdmtlError(f"task '{name}' is a {kind.name} task but target '{target}' holds "
                              f"{spec.kind} labels; set tasks.{name}.kind={spec.kind}")
-        tasks[name] = Task(name=name, kind=kind, spec=spec, target=target)
+        if kind.needs_classes and not spec.num_classes:
+            raise KdmtlError(f"target '{target}' of task '{name}' gives no class count, which a "
+                             f"{kind.name} task needs")
+        tasks[name] = Task(name=name, kind=kind, spec=spec, target=target,
+                           auxiliary=bool(task_cfg.get("auxiliary", False)))
     return tasks
 
 
-def task_signature(tasks: Dict[str, Task]) -> Dict[str, Dict[str, Optional[int]]]:
+def task_signature(tasks: dict[str, Task]) -> dict[str, dict[str, int | None]]:
     """What a model's heads were built for: stored in checkpoints, checked on load."""
     return {name: {"kind": t.kind.name, "num_classes": t.spec.num_classes, "out_channels": t.out_channels}
             for name, t in tasks.items()}

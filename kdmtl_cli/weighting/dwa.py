@@ -1,0 +1,59 @@
+"""Dynamic Weight Average: Liu, Johns & Davison, "End-to-End Multi-Task Learning with
+Attention" (MTAN), CVPR 2019.
+
+    w_k(t) = K * exp(r_k(t-1) / T) / sum_i exp(r_i(t-1) / T),   r_k(t-1) = L_k(t-1) / L_k(t-2)
+
+where L_k(t) is task k's mean training loss over epoch t (given by ``end_epoch``) and T is
+`weighting.temperature`. w_k = 1 during the first two epochs (fewer than two epochs recorded).
+total = sum_k w_k L_k. A task that learns slowly (ratio near or above 1) gets more weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.weighting import WEIGHTINGS, Weighting, number
+
+_TINY = 1e-12  # keeps the ratio finite when an epoch's mean loss is exactly 0
+
+
+def dwa_weights(previous: list[float], last: list[float], temperature: float) -> list[float]:
+    """K * softmax(r / T) with r_k = last_k / previous_k, in float64."""
+    ratios = [a / max(b, _TINY) for a, b in zip(last, previous)]
+    top = max(ratios)  # subtracted before exp: same softmax, no overflow
+    exps = [math.exp((r - top) / temperature) for r in ratios]
+    return [len(exps) * e / sum(exps) for e in exps]
+
+
+@WEIGHTINGS.register("dwa")
+class DWA(Weighting):
+    """w_k = K softmax_k(L_k(t-1) / L_k(t-2) / T) from epoch-mean losses; 1 for two epochs."""
+
+    name = "dwa"
+    uses = ("temperature",)
+
+    def __init__(self, cfg, task_names, seed=0):
+        super().__init__(cfg, task_names, seed)
+        self.temperature = number(cfg, "temperature")
+        if self.temperature <= 0:
+            raise KdmtlError(f"weighting.temperature must be > 0 (got {self.temperature:g})")
+        self.history: list[list[float]] = []  # the last two epochs' mean losses, oldest first
+        self.register_buffer("weights", torch.ones(self.num_tasks))
+
+    def combine(self, losses):
+        stacked = self.stack(losses)
+        return (self.weights * stacked).sum(), self.as_dict(self.weights.clone())
+
+    def end_epoch(self, mean_losses: dict[str, float]) -> None:
+        self.history = (self.history + [[float(mean_losses[t]) for t in self.task_names]])[-2:]
+        if len(self.history) == 2:
+            self.weights.copy_(torch.tensor(dwa_weights(*self.history, self.temperature)))
+
+    def get_extra_state(self):
+        return {"history": [list(row) for row in self.history]}
+
+    def set_extra_state(self, state):
+        self.history = [list(map(float, row)) for row in state["history"]]

@@ -1,0 +1,36 @@
+"""Fixed weighting: total = sum_k w_k L_k with constant, user-given w_k >= 0.
+
+`weighting.weights` is a number (the same weight for every task) or a mapping {task: weight}
+that names each task exactly."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdmtl_cli.distill.weights import per_task_weights
+from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.weighting import WEIGHTINGS, Weighting, field
+
+
+@WEIGHTINGS.register("fixed")
+class Fixed(Weighting):
+    """total = sum_k w_k L_k; w from `weighting.weights`."""
+
+    name = "fixed"
+    uses = ("weights",)
+
+    def __init__(self, cfg, task_names, seed=0):
+        super().__init__(cfg, task_names, seed)
+        weights = per_task_weights(field(cfg, "weights"), self.task_names, "weighting.weights")
+        bad = {t: w for t, w in weights.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise KdmtlError(f"weighting.weights must be finite and >= 0 (got {bad})")
+        # a buffer, so it follows the module to the device and no step copies it from the host;
+        # not saved: the config, not an old checkpoint, says what the weights are
+        self.register_buffer("weights", torch.tensor([weights[t] for t in self.task_names]), persistent=False)
+
+    def combine(self, losses):
+        stacked = self.stack(losses)
+        return (self.weights * stacked).sum(), self.as_dict(self.weights.clone())
