@@ -24,7 +24,7 @@ from kdmtl_cli.engine.trainer import Trainer, check_monitor, evaluate
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import build_model
 from kdmtl_cli.report import baselines
-from kdmtl_cli.report.delta_m import CONVENTIONS, delta_m
+from kdmtl_cli.report.delta_m import CONVENTIONS, delta_m_of_run
 from kdmtl_cli.summary import comparison_rows, markdown, print_table
 from kdmtl_cli.tasks import build_tasks, task_signature
 from kdmtl_cli.teachers import prepare_teacher, teacher_task_names
@@ -66,31 +66,6 @@ def _check_delta_m(delta_cfg, tasks):
     baseline = baselines.load_baseline(delta_cfg.baseline)
     baselines.check_covers(baseline, tasks)
     return baseline
-
-
-def _task_metrics(tasks, metrics, prefix: str):
-    return {name: {m: metrics[f"{prefix}/{name}/{m}"] for m in task.kind.higher_is_better}
-            for name, task in tasks.items()}
-
-
-def _delta_m_results(baseline, data, tasks, test_metrics, teacher_metrics) -> dict:
-    """Δm% of the student (and of the teacher when it covers every main task), both conventions."""
-    if baseline is None:
-        return {}
-    out = {"delta_m/baseline": str(baseline.path)}
-    mismatch = baselines.data_mismatch(baseline, data)
-    if mismatch:
-        out["delta_m/skipped"] = mismatch
-        return out
-    main = {name: task for name, task in tasks.items() if not task.auxiliary}
-    directions = {name: task.kind.higher_is_better for name, task in main.items()}
-    for who, metrics, prefix in (("", test_metrics, "test"), ("teacher/", teacher_metrics, "test")):
-        if not metrics or any(f"{prefix}/{name}/{m}" not in metrics for name in main for m in directions[name]):
-            continue
-        values = _task_metrics(main, metrics, prefix)
-        for convention in CONVENTIONS:
-            out[f"{who}test/delta_m/{convention}"] = delta_m(values, baseline.metrics, directions, convention)
-    return out
 
 
 def _delta_rows(results: dict, convention: str):
@@ -171,7 +146,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
         **({f"teacher/{k}": v for k, v in teacher_metrics.items()} if teacher_metrics else {}),
         **({f"student/{k}": v for k, v in student_cost.items()} if student_cost else {}),
         **({f"teacher/{k}": v for k, v in teacher_cost.items()} if teacher_cost else {}),
-        **_delta_m_results(baseline, data, tasks, test_metrics, teacher_metrics),
+        **delta_m_of_run(baseline, data, tasks, test_metrics, "test"),
+        **delta_m_of_run(baseline, data, tasks, teacher_metrics, "test", who="teacher/"),
         "wall_time_s": time.perf_counter() - started,
     }
     log.write(results)

@@ -5,7 +5,8 @@ one row per setting (the loss methods, plus any other swept key you name).
   python scripts/sweep_table.py multirun/DATE/TIME-ID [--by loss] [--split test]
 
 Reads each job's results.json (written by `kdmtl train` at the end of a run); jobs that did
-not finish are listed and skipped. Best value per column in bold (direction from the metric).
+not finish are listed and skipped. Best value per column in bold (direction from the task
+kind; Δm columns, present when the runs had a baseline, are higher-is-better).
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-HIGHER_IS_BETTER = {"accuracy", "f1", "recall", "miou", "pixel_acc"}
+
+
+def higher_is_better(metric: str, config: dict) -> bool:
+    """Direction of `split/task/metric` from the task's kind, or of a Δm column."""
+    from kdmtl_cli.tasks import TASK_KINDS, _load_kinds
+
+    parts = metric.split("/")
+    if parts[1] == "delta_m":
+        return True
+    _load_kinds()
+    return TASK_KINDS.get(config["tasks"][parts[1]]["kind"]).higher_is_better[parts[2]]
 
 
 def setting_of(config: dict, by: str) -> str:
@@ -37,6 +48,7 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=("val", "test"))
     args = parser.parse_args()
     groups = defaultdict(list)
+    configs = {}
     unfinished = []
     for job in sorted(p for p in args.sweep_dir.rglob("config.yaml") if p.parent.name != ".hydra"):
         results = job.parent / "results.json"
@@ -45,6 +57,7 @@ def main() -> None:
             continue
         data = json.loads(results.read_text())
         groups[setting_of(data["config"], args.by)].append((data["config"]["seed"], data["results"]))
+        configs[setting_of(data["config"], args.by)] = data["config"]
     if not groups:
         sys.exit(f"no finished runs (results.json) under {args.sweep_dir}")
     metrics = sorted({k for runs in groups.values() for _, r in runs for k in r
@@ -55,12 +68,13 @@ def main() -> None:
             values = [r[metric] for _, r in runs if metric in r]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             stats[setting, metric] = (statistics.mean(values), std, len(values))
+    config = next(iter(configs.values()))
+    higher = {metric: higher_is_better(metric, config) for metric in metrics}
     best = {}
     for metric in metrics:
-        higher = metric.split("/")[-1] in HIGHER_IS_BETTER
-        pick = max if higher else min
+        pick = max if higher[metric] else min
         best[metric] = pick(stats[s, m][0] for s in groups for m in [metric])
-    names = [m.split("/", 1)[1] + (" ↑" if m.split("/")[-1] in HIGHER_IS_BETTER else " ↓") for m in metrics]
+    names = [m.split("/", 1)[1].replace("delta_m/", "Δm% ") + (" ↑" if higher[m] else " ↓") for m in metrics]
     print("| setting | seeds | " + " | ".join(names) + " |")
     print("|---|---:|" + "---:|" * len(metrics))
     for setting in sorted(groups, key=lambda s: (not s.startswith("none"), s)):
@@ -68,7 +82,7 @@ def main() -> None:
         cells = []
         for metric in metrics:
             mean, std, _ = stats[setting, metric]
-            text = f"{mean:.4f} ± {std:.4f}"
+            text = f"{mean:+.2f} ± {std:.2f}" if "/delta_m/" in metric else f"{mean:.4f} ± {std:.4f}"
             cells.append(f"**{text}**" if mean == best[metric] else text)
         print(f"| {setting} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     if unfinished:

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from conftest import FAST, REPO, read_jsonl, run_kdmtl
 
 CONF = REPO / "conf"
-GROUPS = ("teacher", "student", "tasks", "loss", "data", "hardware", "optim", "debug")
+GROUPS = ("teacher", "student", "tasks", "loss", "weighting", "data", "hardware", "optim", "debug")
 TOP_LEVEL = ("seed", "cache_dir", "data", "tasks", "teacher", "student", "loss", "optim", "hardware",
              "checkpoint", "log")
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -121,6 +121,36 @@ def test_group_option_composes_and_validates(group, option, hydra_compose):
     composed = _leaves(OmegaConf.to_container(cfg[group], resolve=False))
     for key, value in _leaves(_own_values(CONF / group / f"{option}.yaml")).items():
         assert composed.get(key) == value, f"{group}={option}: {key} is {composed.get(key)!r}, not {value!r}"
+
+
+def test_weighting_defaults_match_the_schema():
+    from dataclasses import asdict
+
+    from kdmtl_cli.schema import WeightingConfig
+    from kdmtl_cli.weighting import DEFAULTS
+
+    assert asdict(WeightingConfig()) == DEFAULTS
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "weighting").glob("*.yaml")))
+def test_every_weighting_option_builds_its_strategy(option, hydra_compose):
+    from kdmtl_cli.schema import TrainConfig, validate
+    from kdmtl_cli.weighting import build_weighting
+
+    cfg = validate(hydra_compose("train", overrides=[f"weighting={option}"]), TrainConfig)
+    assert build_weighting(cfg.weighting, list(cfg.tasks)).name == option
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "tasks").glob("*.yaml")))
+def test_every_tasks_option_builds_on_the_shapes_targets(option, hydra_compose, tmp_path):
+    from kdmtl_cli.data import build_data
+    from kdmtl_cli.schema import TrainConfig, validate
+    from kdmtl_cli.tasks import build_tasks
+
+    cfg = validate(hydra_compose("train", overrides=[f"tasks={option}", "data.train_size=4", "data.val_size=2",
+                                                     "data.test_size=2", f"data.root={tmp_path}"]), TrainConfig)
+    tasks = build_tasks(cfg.tasks, build_data(cfg.data).targets)
+    assert list(tasks) == list(cfg.tasks)
 
 
 # ---- help, info, version --------------------------------------------------------------------------------

@@ -56,8 +56,12 @@ def mtl(tmp_path_factory, shared_cache):
         procs = launch(pool, first)
         baseline_text = base.read_text() if base.exists() else ""
         procs.update(launch(pool, second))
-        procs["dwa_resumed"] = run_kdmtl(["train", f"resume={dirs['dwa_stopped']}", "log.progress=plain"],
-                                         area, shared_cache)
+        resumed = pool.submit(run_kdmtl, ["train", f"resume={dirs['dwa_stopped']}", "log.progress=plain"],
+                              area, shared_cache)
+        evaluated = pool.submit(run_kdmtl, ["eval", f"run_dir={dirs['uncertainty']}", "log.progress=plain",
+                                            f"hydra.run.dir={area / 'eval'}"], area, shared_cache)
+        procs["dwa_resumed"], procs["eval"] = resumed.result(), evaluated.result()
+        dirs["eval"] = area / "eval"
     return {"procs": procs, "dirs": dirs, "base": base, "baseline_text": baseline_text}
 
 
@@ -97,6 +101,13 @@ def test_multi_task_run_reports_delta_m_by_hand(mtl):
     summary = (mtl["dirs"]["uncertainty"] / "summary.md").read_text()
     assert f"| Δm% (maninis) ↑ | - | {final['test/delta_m/maninis']:+.2f} |" in summary
     assert "- weighting: uncertainty" in summary
+
+
+def test_eval_reports_the_same_delta_m(mtl):
+    final = _final(_ok(mtl, "uncertainty"))
+    metrics = json.loads((_ok(mtl, "eval") / "eval.json").read_text())["metrics"]
+    assert metrics["test/delta_m/maninis"] == final["test/delta_m/maninis"]
+    assert metrics["test/delta_m/per_task"] == final["test/delta_m/per_task"]
 
 
 def test_uncertainty_weights_and_grad_norms_are_logged_each_step(mtl):

@@ -51,6 +51,12 @@ def _eval(raw: DictConfig) -> float:
     loader = make_loader(data, cfg.split, tasks, train_cfg, hardware, train=False,
                          limit=train_cfg.limit_eval_batches)
     metrics = evaluate(model, loader, tasks, hardware, cfg.split)
+    if train_cfg.delta_m.baseline and cfg.split == "test":   # baselines hold test metrics
+        from kdmtl_cli.report.baselines import load_baseline
+        from kdmtl_cli.report.delta_m import delta_m_of_run
+
+        extra = delta_m_of_run(load_baseline(train_cfg.delta_m.baseline), data, tasks, metrics, "test")
+        metrics.update({k: v for k, v in extra.items() if isinstance(v, float)})
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     atomic_write_text(json.dumps({"checkpoint": str(checkpoint), "epoch": state.get("epoch"),
                                   "split": cfg.split, "metrics": metrics}, indent=2), out_dir / "eval.json")

@@ -17,9 +17,10 @@ same run) and the epoch is chosen on the validation split.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.report.baselines import Baseline, data_mismatch
 
 CONVENTIONS = ("maninis", "per_task")
 
@@ -60,3 +61,27 @@ def delta_m(results: Metrics, baseline: Metrics, higher_is_better: Mapping[str, 
         return 100.0 * sum(flat) / len(flat)
     per_task = [sum(g.values()) / len(g) for g in gains.values() if g]
     return 100.0 * sum(per_task) / len(per_task)
+
+
+def delta_m_of_run(baseline: Optional[Baseline], data, tasks, metrics: Optional[Dict[str, float]], split: str,
+                   who: str = "") -> Dict[str, object]:
+    """`{who}{split}/delta_m/<convention>` for a run's metrics ({split/task/metric: value}) in both
+    conventions, over its non-auxiliary tasks; nothing when there is no baseline or when the
+    metrics do not cover every main task (e.g. a teacher of a subset); the reason when the
+    baseline was recorded on other data."""
+    if baseline is None or not metrics:
+        return {}
+    out: Dict[str, object] = {"delta_m/baseline": str(baseline.path)}
+    mismatch = data_mismatch(baseline, data)
+    if mismatch:
+        out["delta_m/skipped"] = mismatch
+        return out
+    main = {name: task for name, task in tasks.items() if not task.auxiliary}
+    directions = {name: task.kind.higher_is_better for name, task in main.items()}
+    keys = {name: {m: f"{split}/{name}/{m}" for m in directions[name]} for name in main}
+    if any(key not in metrics for per_task in keys.values() for key in per_task.values()):
+        return out
+    values = {name: {m: metrics[key] for m, key in per_task.items()} for name, per_task in keys.items()}
+    for convention in CONVENTIONS:
+        out[f"{who}{split}/delta_m/{convention}"] = delta_m(values, baseline.metrics, directions, convention)
+    return out
