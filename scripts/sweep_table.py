@@ -27,6 +27,8 @@ def higher_is_better(metric: str, config: dict) -> bool:
     parts = metric.split("/")
     if parts[1] == "delta_m":
         return True
+    if parts[1] not in config["tasks"]:
+        return False  # losses
     _load_kinds()
     return TASK_KINDS.get(config["tasks"][parts[1]]["kind"]).higher_is_better[parts[2]]
 

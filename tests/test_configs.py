@@ -123,15 +123,6 @@ def test_group_option_composes_and_validates(group, option, hydra_compose):
         assert composed.get(key) == value, f"{group}={option}: {key} is {composed.get(key)!r}, not {value!r}"
 
 
-def test_weighting_defaults_match_the_schema():
-    from dataclasses import asdict
-
-    from kdmtl_cli.schema import WeightingConfig
-    from kdmtl_cli.weighting import DEFAULTS
-
-    assert asdict(WeightingConfig()) == DEFAULTS
-
-
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "weighting").glob("*.yaml")))
 def test_every_weighting_option_builds_its_strategy(option, hydra_compose):
     from kdmtl_cli.schema import TrainConfig, validate

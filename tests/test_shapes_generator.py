@@ -235,3 +235,19 @@ def test_class_balance(data):
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         generate_shapes(**kwargs)
+
+
+def test_surface_orientation_is_visible_as_depth_cued_shading(data):
+    """Farther parts of every plane are darker, so a plane's tilt (its normal) shows in the
+    image: inside each object, luminance falls as depth grows (clipped pixels aside)."""
+    image = data["image"].float().mean(1)                  # luminance [N,H,W]
+    depth, seg = data["depth"], data["seg"]
+    correlations = []
+    for i in range(200):
+        for c in range(1, len(SHAPE_NAMES) + 1):
+            pixels = (seg[i] == c) & (image[i] > 5) & (image[i] < 250)
+            d, lum = depth[i][pixels], image[i][pixels]
+            if pixels.sum() >= 30 and float(d.std()) > 0.05:
+                correlations.append(float(torch.corrcoef(torch.stack([d, lum]))[0, 1]))
+    assert len(correlations) > 50
+    assert float(np.median(correlations)) < -0.8

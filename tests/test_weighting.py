@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.schema import WeightingConfig
 from kdmtl_cli.weighting import (
     DEFAULTS,
     WEIGHTINGS,
@@ -26,19 +25,8 @@ from kdmtl_cli.weighting import (
 TASKS = ["a", "b"]
 
 
-@dataclass
-class WeightingCfg:  # mirrors the schema's `weighting` node
-    name: str = "equal"
-    weights: Any = 1.0
-    temperature: float = 2.0
-    alpha: float = 1.5
-    lr: float = 0.025
-    c: float = 0.4
-    gamma: float = 0.001
-
-
 def make(name, tasks=TASKS, seed=0, **fields):
-    cfg = OmegaConf.structured(WeightingCfg(name=name, **fields))
+    cfg = OmegaConf.structured(WeightingConfig(name=name, **fields))
     OmegaConf.set_struct(cfg, True)
     return build_weighting(cfg, tasks, seed)
 
@@ -65,7 +53,7 @@ def test_all_strategies_register_and_defaults_match_the_config_node():
     load_weightings()
     assert WEIGHTINGS.names() == sorted(["equal", "fixed", "uncertainty", "dwa", "gradnorm",
                                          "pcgrad", "cagrad", "famo"])
-    assert DEFAULTS == {k: getattr(WeightingCfg(), k) for k in DEFAULTS}
+    assert DEFAULTS == {k: getattr(WeightingConfig(), k) for k in DEFAULTS}
     for name in WEIGHTINGS.names():
         assert set(WEIGHTINGS.get(name).uses) <= set(DEFAULTS) - {"name"}
 

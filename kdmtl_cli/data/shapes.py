@@ -27,7 +27,7 @@ from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec
 from kdmtl_cli.engine.checkpoint import atomic_torch_save, load_tensor_file
 from kdmtl_cli.errors import KdmtlError
 
-GENERATOR_VERSION = 2  # bump when the generator's output changes, to invalidate caches
+GENERATOR_VERSION = 3  # bump when the generator's output changes, to invalidate caches
 # 2: normal, present, count and near targets
 
 EXPECTED_KEYS = frozenset({"image", "cls", "seg", "depth", "normal", "present", "count", "near"})

@@ -7,8 +7,9 @@ in [2, 7] with a slight tilt of its own. Objects are composited far-to-near
 (painter's algorithm) with a per-pixel depth test, so the label maps always
 describe the visible surface:
 
-* ``image``   - RGB colour of the visible surface (objects are shaded, the whole
-  image gets mild pixel noise);
+* ``image``   - RGB colour of the visible surface, darker where the surface is
+  farther (depth-cued shading, which makes each plane's orientation visible), plus
+  mild pixel noise;
 * ``seg``     - class index + 1 of the visible object, 0 for background;
 * ``depth``   - distance of the visible surface;
 * ``normal``  - unit surface normal of the visible surface (see below);
@@ -67,6 +68,14 @@ _OBJECT_DEPTH = (2.0, 7.0)
 _MAX_TILT = 0.2
 _BACKGROUND_DEPTH_MID = 9.0
 _MAX_BACKGROUND_SLOPE = 0.7  # < 1/sqrt(2) keeps the plane inside (8, 10)
+
+# Depth-cued shading, so that surface orientation is visible in the image (without it the
+# normals target could not be inferred from the pixels): the farther part of every plane is
+# darker. An object's brightness is 1 - _OBJECT_SHADING * (its depth - its centre depth),
+# i.e. a gradient along its tilt (up to +-0.9 at the far corners, clipped); the background is
+# scaled by 1 - _BACKGROUND_SHADING * (depth - 9), within +-0.35 across the image.
+_OBJECT_SHADING = 2.0
+_BACKGROUND_SHADING = 0.5
 
 _PIXEL_NOISE_STD = 0.02
 # Chunking bounds the float32 temporaries (~1 MiB each) independently of
@@ -199,6 +208,7 @@ def _background(
     gx, gy = _column(slope * np.cos(tilt)), _column(slope * np.sin(tilt))
     # 2x - 1 and 2y - 1 are X and Y: the plane's slopes are exactly gx and gy.
     depth = _BACKGROUND_DEPTH_MID + gx * (2 * x - 1) + gy * (2 * y - 1)
+    rgb = rgb * (1.0 - _BACKGROUND_SHADING * (depth - _BACKGROUND_DEPTH_MID))[:, None]
     shape = (batch, size, size)
     slope_x = np.broadcast_to(gx, shape).astype(np.float32)
     slope_y = np.broadcast_to(gy, shape).astype(np.float32)
@@ -229,7 +239,6 @@ def _sample_objects(
             rng.uniform(0.55, 1.0, (batch, k)),
         ),
         # Directional light across the object: mild shading, not a flat fill.
-        "shade": rng.uniform(-0.25, 0.25, (batch, k, 2)),
     }
     # Inactive slots sort first (treated as infinitely far) and are skipped.
     order = np.argsort(np.where(params["active"], -params["depth"], -np.inf), axis=1, kind="stable")
@@ -305,10 +314,11 @@ def _render_image(
             if rows.size:
                 mask[rows] = _shape_mask(shape, u[rows], v[rows])
 
-        tilt, shade = objects["tilt"][:, slot], objects["shade"][:, slot]
-        obj_depth = _column(objects["depth"][:, slot]) + _column(tilt[:, 0]) * dx + _column(tilt[:, 1]) * dy
+        tilt = objects["tilt"][:, slot]
+        relief = _column(tilt[:, 0]) * dx + _column(tilt[:, 1]) * dy   # depth - centre depth
+        obj_depth = _column(objects["depth"][:, slot]) + relief
         draw = mask & (obj_depth < depth)
-        brightness = 1.0 + _column(shade[:, 0]) * dx + _column(shade[:, 1]) * dy
+        brightness = 1.0 - _OBJECT_SHADING * relief
         colour = objects["colour"][:, slot].astype(np.float32)[:, :, None, None] * brightness[:, None]
 
         # dx = (px - cx) / r and px = (X + 1) * size / 2 - 0.5, so dd/dX = t * size / (2 r).
