@@ -107,7 +107,7 @@ def data_mismatch(baseline: Baseline, data) -> Optional[str]:
 
 @contextmanager
 def _locked(path: Path):
-    lock = path.with_name(path.name + ".lock")
+    lock = path.with_name(f".{path.name}.lock")  # hidden, and never removed (a removed lock file races)
     with open(lock, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
