@@ -9,13 +9,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class TrunkFeatures(list):
+    """The trunk's stage outputs, coarse last. `pooled` (the global average of the last stage)
+    is computed once per forward and shared by every image-level head, so an extra
+    classification head costs one small linear layer, not another pass over the feature map."""
+
+    _pooled = None
+
+    @property
+    def pooled(self):
+        if self._pooled is None:
+            self._pooled = self[-1].mean((2, 3))
+        return self._pooled
+
+
 class PooledLinearHead(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.fc = nn.Linear(in_channels, out_channels)
 
     def forward(self, features: List, image_size):
-        return self.fc(features[-1].mean((2, 3)))
+        pooled = features.pooled if isinstance(features, TrunkFeatures) else features[-1].mean((2, 3))
+        return self.fc(pooled)
 
 
 class DenseDecoder(nn.Module):

@@ -9,7 +9,7 @@ from typing import Dict, Iterable
 import torch.nn as nn
 
 from kdmtl_cli.errors import KdmtlError
-from kdmtl_cli.models.heads import DenseDecoder, PooledLinearHead, ScaledHead
+from kdmtl_cli.models.heads import DenseDecoder, PooledLinearHead, ScaledHead, TrunkFeatures
 
 
 def check_module_names(model: nn.Module, names: Iterable[str]) -> None:
@@ -47,7 +47,7 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, image):
         self._captured = {}
-        features = self.trunk(image)
+        features = TrunkFeatures(self.trunk(image))
         size = image.shape[-2:]
         outputs = {name: head(features, size) for name, head in self.heads.items()}
         return {"outputs": outputs, "features": dict(self._captured)}

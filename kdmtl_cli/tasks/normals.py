@@ -35,9 +35,12 @@ def valid_pixels(vectors: Tensor) -> Tensor:
 
 
 def cosine_map(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine between the vectors of two [N,3,H,W] maps, per pixel: [N,H,W] in [-1, 1]."""
-    a, b = F.normalize(a.float(), dim=1, eps=_EPS), F.normalize(b.float(), dim=1, eps=_EPS)
-    return (a * b).sum(1).clamp(-1.0, 1.0)
+    """Cosine between the vectors of two [N,3,H,W] maps, per pixel: [N,H,W] in [-1, 1].
+    a.b / (|a| |b|) with |v| at least _EPS, as F.normalize does, but 5-7x faster forward and
+    backward on CPU (F.normalize's backward over dim 1 of NCHW dominated the normals step)."""
+    a, b = a.float(), b.float()
+    inv_norms = (a * a).sum(1).clamp_min(_EPS ** 2).rsqrt() * (b * b).sum(1).clamp_min(_EPS ** 2).rsqrt()
+    return ((a * b).sum(1) * inv_norms).clamp(-1.0, 1.0)
 
 
 def mean_one_minus_cos(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
