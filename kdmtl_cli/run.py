@@ -174,5 +174,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     atomic_write_text(markdown(title, rows, header), run_dir / "summary.md")
     if cfg.log.progress != "none":
         print_table(title, rows)
+        if results.get("delta_m/skipped"):
+            print(f"Δm not computed: {results['delta_m/skipped']}", flush=True)
         print(f"run dir: {run_dir}", flush=True)
     return state.best_value

@@ -44,6 +44,7 @@ def mtl(tmp_path_factory, shared_cache):
                         "log.every_n_steps=1", "log.grad_norms_every_n_steps=1"],
         "aux": [*VANILLA, "tasks=seg_depth_aux_normal", f"delta_m.baseline={base}", "delta_m.convention=per_task"],
         "baseline_lacks_task": [*VANILLA, "tasks=cls_seg_depth", f"delta_m.baseline={base}"],
+        "other_data": [*VANILLA, "tasks=seg", "data.seed=1", f"delta_m.baseline={base}"],
     }
     dirs = {name: area / name for name in [*first, *second]}
 
@@ -101,6 +102,13 @@ def test_multi_task_run_reports_delta_m_by_hand(mtl):
     summary = (mtl["dirs"]["uncertainty"] / "summary.md").read_text()
     assert f"| Δm% (maninis) ↑ | - | {final['test/delta_m/maninis']:+.2f} |" in summary
     assert "- weighting: uncertainty" in summary
+
+
+def test_baseline_of_other_data_is_not_used(mtl):
+    final = _final(_ok(mtl, "other_data"))
+    assert "test/delta_m/maninis" not in final
+    assert "recorded on data shapes/" in final["delta_m/skipped"]
+    assert "Δm not computed: the baseline was recorded on data" in mtl["procs"]["other_data"].stdout
 
 
 def test_eval_reports_the_same_delta_m(mtl):
