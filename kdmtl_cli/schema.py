@@ -35,6 +35,12 @@ class DataConfig:
     hflip: bool = True                    # random horizontal flip, applied to image and dense targets alike
     mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel normalisation
     std: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    download: bool = True                 # cifar*: let torchvision download missing files (needs network)
+    crop_padding: int = 0                 # random crop (train only): zero-pad by this many pixels, crop back; 0 = off
+    min_tiles: int = 2                    # cifar_cls_seg: CIFAR tiles pasted per mosaic
+    max_tiles: int = 4
+    min_tile_size: int = 16               # cifar_cls_seg: tile side in pixels (resized from 32x32)
+    max_tile_size: int = 40
 
 
 @dataclass
@@ -52,16 +58,19 @@ class OptimConfig:
     momentum: float = 0.9                 # sgd only
     nesterov: bool = False                # sgd only
     epochs: int = 4
-    scheduler: str = "cosine"             # cosine | step | constant (stepped every batch)
+    scheduler: str = "cosine"             # cosine | step | multistep | constant (stepped every batch)
     warmup_epochs: float = 0.0            # linear warm-up, may be fractional
     step_epochs: int = 30                 # step scheduler: decay every this many epochs
-    gamma: float = 0.1                    # step scheduler: decay factor
+    gamma: float = 0.1                    # step, multistep: decay factor
+    milestones: List[int] = field(default_factory=list)  # multistep: epochs after which lr *= gamma
     grad_clip_norm: Optional[float] = None
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "convnet"                 # convnet | resnet18 | resnet34 | resnet50 (kdmtl_cli/models/)
+    # convnet | resnet18/34/50 (torchvision) | the CIFAR zoo: resnet8..110, resnet8x4, resnet32x4,
+    # wrn_16_1/16_2/40_1/40_2, vgg8..19, mobilenetv2, shufflenetv1, shufflenetv2 (kdmtl_cli/models/)
+    arch: str = "convnet"
     width: int = 16                       # convnet: channels of the first stage (doubles per stage)
     depth: int = 1                        # convnet: residual blocks per stage
     stages: int = 3                       # convnet: stages (each after the first halves the resolution)
@@ -195,6 +204,16 @@ class DebugConfig:
 
 
 @dataclass
+class PublishedResult:
+    """A published number an experiment should reproduce, beside its recipe (for comparison)."""
+    metric: str = MISSING                 # kdmtl's key, e.g. test/cls/accuracy
+    value: float = MISSING                # in kdmtl's units (accuracy as a fraction: 73.33% -> 0.7333)
+    model: str = "student"                # student | teacher
+    epoch: str = "last"                   # last | best: which epoch the paper reports
+    source: str = ""                      # paper and table
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     cache_dir: str = "~/.cache/kdmtl"     # teacher cache and generated data (env KDMTL_CACHE)
@@ -214,6 +233,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     debug: Optional[DebugConfig] = None
+    published: List[PublishedResult] = field(default_factory=list)  # set by experiments
 
 
 @dataclass

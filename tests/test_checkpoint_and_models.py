@@ -233,8 +233,16 @@ def test_step_decay():
     assert lrs[5] == 1.0 and lrs[6] == 0.5 and lrs[12] == 0.25
 
 
+def test_multistep_decay_at_milestone_epochs():
+    # RepDistiller: lr x 0.1 from epoch 151 on (1-based), i.e. epoch index 150; here milestones 2 and 4.
+    lrs = _lrs(3, epochs=5, scheduler="multistep", milestones=[4, 2], gamma=0.1)
+    expected = [1.0] * 6 + [0.1] * 6 + [0.01] * 4
+    assert lrs[:16] == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("overrides, needle", [({"scheduler": "linear"}, "optim.scheduler"),
-                                               ({"epochs": 0}, "optim.epochs")])
+                                               ({"epochs": 0}, "optim.epochs"),
+                                               ({"scheduler": "multistep"}, "optim.milestones")])
 def test_scheduler_errors(overrides, needle):
     cfg = OmegaConf.merge(OmegaConf.structured(OptimConfig), overrides)
     with pytest.raises(KdmtlError, match=needle):
@@ -367,8 +375,8 @@ def test_capture_features(default_models):
 
 
 def test_unknown_arch_is_a_kdmtl_error():
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"arch": "vgg11"})
-    with pytest.raises(KdmtlError, match="vgg11"):
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"arch": "nosuchnet"})
+    with pytest.raises(KdmtlError, match="nosuchnet"):
         build_model(cfg, _tasks())
 
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import FAST, REPO, read_jsonl, run_kdmtl
+from conftest import FAST, REPO, read_jsonl, run_kdmtl, show
 
 CONF = REPO / "conf"
 GROUPS = ("teacher", "student", "tasks", "loss", "weighting", "data", "hardware", "optim", "debug")
@@ -31,20 +31,16 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
 
 
-def _show(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout:\n{proc.stdout[-3000:]}\n--- stderr:\n{proc.stderr[-3000:]}"
-
-
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, _show(proc)
-    assert "Traceback" not in proc.stderr, _show(proc)
+    assert proc.returncode == 0, show(proc)
+    assert "Traceback" not in proc.stderr, show(proc)
     return proc
 
 
 def _cfg_job(args, cwd: Path, cache: Path) -> dict:
     proc = _ok(run_kdmtl(["train", *args, "--cfg", "job"], cwd, cache))
     cfg = yaml.safe_load(proc.stdout)
-    assert isinstance(cfg, dict), _show(proc)
+    assert isinstance(cfg, dict), show(proc)
     return cfg
 
 
@@ -121,6 +117,28 @@ def test_group_option_composes_and_validates(group, option, hydra_compose):
     composed = _leaves(OmegaConf.to_container(cfg[group], resolve=False))
     for key, value in _leaves(_own_values(CONF / group / f"{option}.yaml")).items():
         assert composed.get(key) == value, f"{group}={option}: {key} is {composed.get(key)!r}, not {value!r}"
+
+
+PUBLISHING = [name for name in EXPERIMENTS if "published:" in (CONF / "experiment" / f"{name}.yaml").read_text()]
+
+
+@pytest.mark.parametrize("name", PUBLISHING)
+def test_published_numbers_name_real_metrics(name, hydra_compose):
+    """Each stored published number names a test metric of one of the experiment's tasks, who
+    it is for, which epoch the paper reports, and its source; the teacher follows the recipe."""
+    from kdmtl_cli.schema import TrainConfig, validate
+    from kdmtl_cli.tasks import TASK_KINDS, _load_kinds
+
+    _load_kinds()
+    cfg = validate(hydra_compose("train", overrides=[f"+experiment={name}"]), TrainConfig)
+    assert cfg.published
+    for entry in cfg.published:
+        split, task, metric = entry.metric.split("/")
+        assert split == "test" and task in cfg.tasks
+        assert metric in TASK_KINDS.get(cfg.tasks[task].kind).higher_is_better
+        assert entry.model in ("student", "teacher") and entry.epoch in ("last", "best") and entry.source
+        assert 0 < entry.value < 1  # accuracies are fractions in kdmtl
+    assert OmegaConf.to_container(cfg.teacher.optim, resolve=True) == OmegaConf.to_container(cfg.optim, resolve=True)
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "weighting").glob("*.yaml")))
@@ -267,7 +285,7 @@ def heavy_runs(tmp_path_factory, shared_cache):
 def test_multirun_runs_every_combination(heavy_runs):
     proc = _ok(heavy_runs["procs"]["sweep"])
     found = sorted((heavy_runs["sweep_cwd"] / "multirun").glob("*/*/*/results.json"))
-    assert len(found) == 4, _show(proc)
+    assert len(found) == 4, show(proc)
     assert len({p.parent for p in found}) == 4
     combos = set()
     for path in found:

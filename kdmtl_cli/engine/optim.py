@@ -9,7 +9,7 @@ import torch
 from kdmtl_cli.errors import KdmtlError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("cosine", "step", "constant")
+SCHEDULERS = ("cosine", "step", "multistep", "constant")
 
 
 def _check_choice(key: str, value: str, choices) -> None:
@@ -35,10 +35,15 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per batch: linear warm-up, then cosine to zero / step decay / constant."""
+    """Stepped once per batch: linear warm-up, then cosine to zero / step decay / decay at
+    milestone epochs (x gamma once each epoch index >= a milestone: RepDistiller's 150/180/210
+    decay from epoch 151 on, counting from 1) / constant."""
     _check_choice("optim.scheduler", cfg.scheduler, SCHEDULERS)
     if cfg.epochs < 1:
         raise KdmtlError(f"optim.epochs must be at least 1 (got {cfg.epochs})")
+    milestones = sorted(cfg.milestones or [])
+    if cfg.scheduler == "multistep" and not milestones:
+        raise KdmtlError("optim.scheduler=multistep needs optim.milestones, e.g. optim.milestones=[150,180,210]")
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
 
@@ -50,6 +55,8 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_sche
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         if cfg.scheduler == "step":
             return cfg.gamma ** ((step // steps_per_epoch) // max(1, cfg.step_epochs))
+        if cfg.scheduler == "multistep":
+            return cfg.gamma ** sum(step // steps_per_epoch >= m for m in milestones)
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
