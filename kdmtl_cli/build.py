@@ -15,10 +15,15 @@ def make_loader(data: DataBundle, split: str, tasks, cfg, hardware: Hardware, *,
                 limit: Optional[int]) -> TensorLoader:
     # Per target, how a left-right flip changes it (tasks sharing a target share its kind).
     flips = {t.target: t.kind.flip_target for t in tasks.values()}
+    # Random crop (train only): dense targets are padded with their kind's fill value
+    # (segmentation 255 = ignored; depth and normals 0 = invalid; others 0).
+    pad_values = {t.target: 255 if t.kind.name == "segmentation" else 0 for t in tasks.values()}
+    crop_padding = int(cfg.data.get("crop_padding", 0) or 0) if train else 0
     return TensorLoader(data.splits[split], flips,
                         batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
                         mean=data.mean, std=data.std, device=hardware.device, shuffle=train,
-                        hflip=train and cfg.data.hflip, seed=cfg.seed, limit_batches=limit)
+                        hflip=train and cfg.data.hflip, seed=cfg.seed, limit_batches=limit,
+                        crop_padding=crop_padding, pad_values=pad_values)
 
 
 def model_meta(model_cfg, tasks_signature: Dict, data: DataBundle) -> Dict:

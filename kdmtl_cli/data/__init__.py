@@ -45,6 +45,6 @@ DATASETS: Registry = Registry("data set", "data.name")
 
 def build_data(data_cfg) -> DataBundle:
     # Import the modules so that they register themselves.
-    from kdmtl_cli.data import shapes  # noqa: F401
+    from kdmtl_cli.data import cifar, cifar_mosaic, digits, shapes  # noqa: F401
 
     return DATASETS.get(data_cfg.name)(data_cfg)

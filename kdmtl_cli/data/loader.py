@@ -7,6 +7,14 @@ is stored in the batch, so an epoch can be replayed exactly (resume, teacher cac
 Which targets a flip changes, and how, is the task kinds' business: the loader is given,
 per target, the function mapping a batch of targets to those of the mirrored images
 (`TaskKind.flip_target`; kdmtl_cli/build.py passes them in).
+
+Random crop (`crop_padding=p > 0`, the standard CIFAR augmentation): each image is padded
+with p zero (black) pixels per side, in uint8 before normalisation, then cropped back to its
+size at a per-sample offset (dy, dx) in [0, 2p]; the crop comes before the flip. The offsets
+are drawn from the epoch's generator after the flips (so p = 0 leaves every epoch plan as
+before) and stored in the batch as `crop` (int64 [N,2]). Dense targets (whose last two dims
+are the image's H, W) get the same crop, padded with `pad_values[name]` (default 0; build.py
+passes 255 = ignore for segmentation, 0 = invalid for depth and normals).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 FlipFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,13 +38,28 @@ def _flip_function(spec: FlipFn | str | None) -> FlipFn | None:
     return TASK_KINDS.get(spec)().flip_target
 
 
+def crop_batch(t: torch.Tensor, offsets: torch.Tensor, padding: int, fill=0) -> torch.Tensor:
+    """Pad the last two dims of `t` [B,...,H,W] by `padding` with `fill`, then take, per sample,
+    the HxW window starting at `offsets[b] = (dy, dx)` of the padded tensor."""
+    b, h, w = t.shape[0], t.shape[-2], t.shape[-1]
+    flat = t.reshape(b, -1, h, w)
+    padded = F.pad(flat, (padding, padding, padding, padding), value=fill)
+    offsets = offsets.to(t.device)
+    ys = offsets[:, 0:1] + torch.arange(h, device=t.device)          # [B,H]
+    xs = offsets[:, 1:2] + torch.arange(w, device=t.device)          # [B,W]
+    rows = torch.arange(b, device=t.device).view(b, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[rows, ys[:, :, None], xs[:, None, :]]  # [B,H,W,C]
+    return out.permute(0, 3, 1, 2).reshape(t.shape).contiguous()
+
+
 class TensorLoader:
     def __init__(self, split: dict[str, torch.Tensor], target_flips: dict[str, FlipFn | str | None], *,
                  batch_size: int, mean, std, device: torch.device, shuffle: bool = False,
                  hflip: bool = False, seed: int = 0, limit_batches: int | None = None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, crop_padding: int = 0, pad_values: dict | None = None):
         """`target_flips`: the targets to load, each with its flip (a callable such as
-        `kind.flip_target`, a task kind name, or None for a target a flip leaves alone)."""
+        `kind.flip_target`, a task kind name, or None for a target a flip leaves alone).
+        `crop_padding`, `pad_values`: random crop (module docstring); 0 = off."""
         self.device = device
         self.images = split["image"].to(device)
         self.targets = {name: split[name].to(device) for name in target_flips}
@@ -46,6 +70,10 @@ class TensorLoader:
         self.mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
         self.epoch = 0
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0 (got {crop_padding})")
+        self.crop_padding = int(crop_padding)
+        self.pad_values = dict(pad_values or {})
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,18 +93,28 @@ class TensorLoader:
             else torch.arange(self.num_samples)
         flips = (torch.rand(self.num_samples, generator=generator) < 0.5) if self.hflip \
             else torch.zeros(self.num_samples, dtype=torch.bool)
-        return order, flips
+        crops = torch.randint(0, 2 * self.crop_padding + 1, (self.num_samples, 2), generator=generator) \
+            if self.crop_padding > 0 else None
+        return order, flips, crops
 
     def __iter__(self) -> Iterator[dict]:
-        order, flips = self._epoch_plan()
+        order, flips, crops = self._epoch_plan()
         for b in range(len(self)):
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self.make_batch(index.to(self.device), flips[index].to(self.device))
+            crop = crops[index].to(self.device) if crops is not None else None
+            yield self.make_batch(index.to(self.device), flips[index].to(self.device), crop)
 
-    def make_batch(self, index: torch.Tensor, flip: torch.Tensor) -> dict:
-        image = self.images.index_select(0, index).float().div_(255.0)
-        image = (image - self.mean) / self.std
+    def make_batch(self, index: torch.Tensor, flip: torch.Tensor, crop: torch.Tensor | None = None) -> dict:
+        raw = self.images.index_select(0, index)
         targets = {name: t.index_select(0, index) for name, t in self.targets.items()}
+        if crop is not None and self.crop_padding > 0:
+            size = raw.shape[-2:]
+            raw = crop_batch(raw, crop, self.crop_padding, 0)
+            for name, t in targets.items():
+                if t.dim() >= 3 and t.shape[-2:] == size:  # dense target: same window
+                    targets[name] = crop_batch(t, crop, self.crop_padding, self.pad_values.get(name, 0))
+        image = raw.float().div_(255.0)
+        image = (image - self.mean) / self.std
         if bool(flip.any()):
             image = torch.where(flip.view(-1, 1, 1, 1), image.flip(-1), image)
             for name, flip_fn in self.flip_fns.items():
@@ -84,4 +122,7 @@ class TensorLoader:
                 flipped = flip_fn(t) if flip_fn is not None else t
                 if flipped is not t:  # image-level targets come back as they are
                     targets[name] = torch.where(flip.view(-1, *([1] * (t.dim() - 1))), flipped, t)
-        return {"image": image, "targets": targets, "index": index, "flip": flip}
+        batch = {"image": image, "targets": targets, "index": index, "flip": flip}
+        if crop is not None and self.crop_padding > 0:
+            batch["crop"] = crop
+        return batch
