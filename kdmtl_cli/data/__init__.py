@@ -43,6 +43,22 @@ class DataBundle:
 DATASETS: Registry = Registry("data set", "data.name")
 
 
+def save_generated(tensors: Dict[str, torch.Tensor], path) -> None:
+    """Cache a generated split atomically; an unwritable place is a one-line error."""
+    from pathlib import Path
+
+    from kdmtl_cli.engine.checkpoint import atomic_torch_save
+    from kdmtl_cli.errors import KdmtlError
+
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(tensors, Path(path))
+    except OSError as err:
+        raise KdmtlError(f"cannot write generated data to {folder} ({err.strerror}); "
+                         "set data.root (or KDMTL_CACHE) to a writable directory") from None
+
+
 def build_data(data_cfg) -> DataBundle:
     # Import the modules so that they register themselves.
     from kdmtl_cli.data import cifar, cifar_mosaic, digits, shapes  # noqa: F401

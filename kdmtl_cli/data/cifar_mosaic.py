@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec
+from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec, save_generated
 from kdmtl_cli.data.cifar import load_cifar_arrays
-from kdmtl_cli.engine.checkpoint import atomic_torch_save, load_tensor_file
+from kdmtl_cli.engine.checkpoint import load_tensor_file
 from kdmtl_cli.errors import KdmtlError
 
 GENERATOR_VERSION = 1
@@ -135,12 +135,7 @@ def build_cifar_cls_seg(cfg) -> DataBundle:
                                        seed=cfg.seed * 1000 + index, min_tiles=cfg.min_tiles,
                                        max_tiles=cfg.max_tiles, min_tile=cfg.min_tile_size,
                                        max_tile=cfg.max_tile_size)
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                atomic_torch_save(tensors, path)
-            except OSError as err:
-                raise KdmtlError(f"cannot write generated data to {folder} ({err.strerror}); "
-                                 "set data.root (or KDMTL_CACHE) to a writable directory") from None
+            save_generated(tensors, path)
         splits[split] = tensors
     names = list(arrays["classes"])
     targets = {"cls": TargetSpec("classification", 10, names),

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec
-from kdmtl_cli.engine.checkpoint import atomic_torch_save, load_tensor_file
+from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec, save_generated
+from kdmtl_cli.engine.checkpoint import load_tensor_file
 from kdmtl_cli.errors import KdmtlError
 
 GENERATOR_VERSION = 3  # bump when the generator's output changes, to invalidate caches
@@ -80,12 +80,7 @@ def build_shapes(cfg) -> DataBundle:
             tensors = generate_shapes(sizes[split], image_size=cfg.image_size,
                                       seed=cfg.seed * 1000 + index, min_objects=cfg.min_objects,
                                       max_objects=cfg.max_objects)
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                atomic_torch_save(tensors, path)
-            except OSError as err:
-                raise KdmtlError(f"cannot write generated data to {folder} ({err.strerror}); "
-                                 "set data.root (or KDMTL_CACHE) to a writable directory") from None
+            save_generated(tensors, path)
         splits[split] = tensors
     num_shapes = len(SHAPE_NAMES)
     depth_mean, depth_std = _stats(splits["train"]["depth"])

@@ -15,6 +15,7 @@ from typing import List
 import torch.nn as nn
 
 from kdmtl_cli.models import TRUNKS
+from kdmtl_cli.models.trunk import StagedTrunk
 
 
 class CifarBasicBlock(nn.Module):
@@ -36,7 +37,7 @@ class CifarBasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class CifarResNetTrunk(nn.Module):
+class CifarResNetTrunk(StagedTrunk):
     def __init__(self, depth: int, widths: List[int]):
         super().__init__()
         if (depth - 2) % 6:
@@ -53,14 +54,6 @@ class CifarResNetTrunk(nn.Module):
             c_in = c_out
         self.channels: List[int] = list(widths[1:])
         self.reductions: List[int] = [1, 2, 4]
-
-    def forward(self, x):
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
 
 
 _ARCHS = {f"resnet{d}": (d, [16, 16, 32, 64]) for d in (8, 14, 20, 32, 44, 56, 110)}

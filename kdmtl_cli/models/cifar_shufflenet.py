@@ -18,21 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdmtl_cli.models import TRUNKS
+from kdmtl_cli.models.trunk import StagedTrunk
 
 
 def channel_shuffle(x, groups: int):
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
-class _Trunk(nn.Module):
-    def forward(self, x):
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
 
 
 # ---------------------------------------------------------------- V1
@@ -59,7 +50,7 @@ class ShuffleV1Block(nn.Module):
         return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
 
 
-class ShuffleNetV1Trunk(_Trunk):
+class ShuffleNetV1Trunk(StagedTrunk):
     def __init__(self, out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups: int = 3):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True))
@@ -107,7 +98,7 @@ class ShuffleV2DownBlock(nn.Module):
         return channel_shuffle(torch.cat([self.left(x), self.right(x)], 1), 2)
 
 
-class ShuffleNetV2Trunk(_Trunk):
+class ShuffleNetV2Trunk(StagedTrunk):
     def __init__(self, out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3)):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True))

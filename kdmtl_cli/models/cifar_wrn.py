@@ -13,6 +13,7 @@ from typing import List
 import torch.nn as nn
 
 from kdmtl_cli.models import TRUNKS
+from kdmtl_cli.models.trunk import StagedTrunk
 
 
 class WideBasicBlock(nn.Module):
@@ -36,7 +37,7 @@ class WideBasicBlock(nn.Module):
         return out + identity
 
 
-class WideResNetTrunk(nn.Module):
+class WideResNetTrunk(StagedTrunk):
     def __init__(self, depth: int, widen: int):
         super().__init__()
         if (depth - 4) % 6:
@@ -54,14 +55,6 @@ class WideResNetTrunk(nn.Module):
         self.stages = nn.ModuleList(groups)
         self.channels: List[int] = widths[1:]
         self.reductions: List[int] = [1, 2, 4]
-
-    def forward(self, x):
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
 
 
 for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):

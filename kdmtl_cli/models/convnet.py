@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import TRUNKS
+from kdmtl_cli.models.trunk import StagedTrunk
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -30,7 +31,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
-class ConvNetTrunk(nn.Module):
+class ConvNetTrunk(StagedTrunk):
     """Returns one feature map per stage, finest first (stage i at 1/2^i resolution)."""
 
     def __init__(self, width: int, depth: int, stages: int, stem_stride: int = 1):
@@ -49,14 +50,6 @@ class ConvNetTrunk(nn.Module):
             self.channels.append(c_out)
             c_in = c_out
         self.reductions = [stem_stride * 2 ** i for i in range(stages)]
-
-    def forward(self, x):
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        return features
 
 
 @TRUNKS.register("convnet")
