@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import FAST, REPO, WORKERS, run_kdmtl, show
+from conftest import FAST, REPO, WORKERS, read_jsonl, run_kdmtl, show
 
 REPDISTILLER = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("cifar100_*.yaml"))
 DEFAULT = ["cifar100_resnet32x4_resnet8x4_kd", "cifar100_wrn_40_2_wrn_16_2_dkd", "cifar100_vgg13_vgg8_vanilla"]
@@ -33,14 +33,28 @@ def write_fake_cifar100(root, n_train=200, n_test=80, seed=0):
     return root
 
 
+def write_fake_cifar10(root, per_batch=40, n_test=60, seed=1):
+    """Random images and cycling labels in the `cifar-10-batches-py/` pickle layout."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = [(f"data_batch_{b + 1}", per_batch) for b in range(5)] + [("test_batch", n_test)]
+    for name, n in batches:
+        rows = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        (folder / name).write_bytes(pickle.dumps({"data": rows, "labels": [i % 10 for i in range(n)]}))
+    return root
+
+
 @pytest.fixture(scope="module")
 def fake_cifar(tmp_path_factory):
-    return write_fake_cifar100(tmp_path_factory.mktemp("cifar"))
+    root = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar10(root)
+    return write_fake_cifar100(root)
 
 
-def _run_all(names, fake_cifar, area, cache):
+def _run_all(names, fake_cifar, area, cache, extra=()):
     args = {name: ["train", f"+experiment={name}", *FAST, f"data.root={fake_cifar}", "data.download=false",
-                   "data.eval_batch_size=64", f"hydra.run.dir={area / name}"] for name in names}
+                   "data.eval_batch_size=64", *extra, f"hydra.run.dir={area / name}"] for name in names}
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         futures = {name: pool.submit(run_kdmtl, a, area, cache) for name, a in args.items()}
         return {name: future.result() for name, future in futures.items()}
@@ -75,3 +89,43 @@ def test_every_repdistiller_experiment_runs_one_short_step(fake_cifar, tmp_path,
     procs = _run_all(REPDISTILLER, fake_cifar, tmp_path, shared_cache)
     for name, proc in procs.items():
         _check(name, proc, tmp_path / name)
+
+
+def test_flagship_and_digits_experiments_run_one_short_step(fake_cifar, tmp_path, shared_cache):
+    """`cifar_cls_seg` on fabricated CIFAR-10 files and `digits_mtl` on scikit-learn's real digits."""
+    pytest.importorskip("sklearn")
+    # Small batches: the flagship's resnet32x4 teacher at 64 px is a GPU-sized model.
+    procs = _run_all(["cifar_cls_seg", "digits_mtl"], fake_cifar, tmp_path, shared_cache,
+                     extra=["data.batch_size=8", "data.eval_batch_size=16"])
+    for name, tasks in (("cifar_cls_seg", {"cls", "seg"}), ("digits_mtl", {"left", "right", "seg"})):
+        assert procs[name].returncode == 0, show(procs[name])
+        saved = json.loads((tmp_path / name / "results.json").read_text())
+        assert set(saved["config"]["tasks"]) == tasks and saved["config"]["data"]["name"] == name
+        for task in tasks - {"seg"}:
+            assert 0.0 <= saved["results"][f"test/{task}/accuracy"] <= 1.0
+        assert 0.0 <= saved["results"]["test/seg/miou"] <= 1.0
+        assert "teacher/test/seg/miou" in saved["results"]
+
+
+def test_nyuv2_experiments_run_one_short_step(tmp_path, shared_cache):
+    """SegNet on fabricated files in MTAN's NYUv2 layout: equal weighting with Δm against the
+    published single-task baselines, and KD4MTL with per-task SegNet teachers."""
+    from test_nyuv2_cityscapes import write_release
+
+    root = tmp_path / "data"
+    write_release(root, "nyuv2", n_train=6, n_val=3, h=32, w=48)
+    sizes = ["data.train_size=4", "data.val_size=2", "data.test_size=3", "student.width=8", "teacher.width=8"]
+    procs = _run_all(["nyuv2_segnet", "nyuv2_segnet_kd4mtl"], root, tmp_path, shared_cache, extra=sizes)
+    for name in ("nyuv2_segnet", "nyuv2_segnet_kd4mtl"):
+        assert procs[name].returncode == 0, show(procs[name])
+        results = json.loads((tmp_path / name / "results.json").read_text())["results"]
+        assert {"test/seg/miou", "test/depth/abs_err", "test/normal/median_angle"} <= set(results)
+        assert "test/delta_m/maninis" in results   # hand-typed baseline: no data fingerprint to mismatch
+    kd4mtl = json.loads((tmp_path / "nyuv2_segnet_kd4mtl" / "results.json").read_text())
+    epoch = _epoch_record(tmp_path / "nyuv2_segnet_kd4mtl")
+    assert {"train/kd4mtl/seg", "train/kd4mtl/depth", "train/kd4mtl/normal"} <= set(epoch)
+    assert kd4mtl["config"]["teacher"]["mode"] == "per_task"
+
+
+def _epoch_record(run_dir):
+    return next(r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "epoch")

@@ -61,6 +61,6 @@ def save_generated(tensors: Dict[str, torch.Tensor], path) -> None:
 
 def build_data(data_cfg) -> DataBundle:
     # Import the modules so that they register themselves.
-    from kdmtl_cli.data import cifar, cifar_mosaic, digits, shapes  # noqa: F401
+    from kdmtl_cli.data import cifar, cifar_mosaic, digits, nyuv2, shapes  # noqa: F401
 
     return DATASETS.get(data_cfg.name)(data_cfg)

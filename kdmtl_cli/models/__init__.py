@@ -13,6 +13,7 @@ def build_model(model_cfg, tasks: Dict[str, "object"]):
     from kdmtl_cli.models import convnet, torchvision_resnet  # noqa: F401  (register trunks)
     from kdmtl_cli.models import (cifar_mobilenet, cifar_resnet, cifar_shufflenet,  # noqa: F401  (CIFAR zoo)
                                   cifar_vgg, cifar_wrn)
+    from kdmtl_cli.models import segnet  # noqa: F401  (MTAN / KD4MTL SegNet)
     from kdmtl_cli.models.multitask import MultiTaskModel
 
     trunk = TRUNKS.get(model_cfg.arch)(model_cfg)

@@ -1,0 +1,88 @@
+"""`segnet`: the SegNet encoder-decoder of MTAN (Liu et al., 2019) and KD4MTL (Li & Bilen, 2020)
+for NYUv2 / Cityscapes, written for the trunk contract (kdmtl_cli/models/trunk.py).
+
+Channel plan c = [w, 2w, 4w, 8w, 8w] with w = ``cfg.width``; ``width: 64`` is the papers'
+[64, 128, 256, 512, 512] (conf/student/segnet.yaml, conf/teacher/segnet.yaml). Note that
+ModelConfig.width defaults to 16, which gives a 16x smaller SegNet: set ``student.width=64``
+for the paper's size.
+
+Every conv is a 3x3 conv (with bias) + BatchNorm + ReLU, as in MTAN's ``conv_layer``.
+- encoder stage i (i = 0..4): 2, 2, 3, 3, 3 convs c[i-1] -> c[i], then a 2x2 max-pool
+  (indices kept);
+- decoder stage j (j = 0..4): 2x2 max-unpool with the indices of encoder stage 4 - j, then
+  3, 3, 3, 2, 2 convs: the first c[4-j] -> c[3-j] (c[4] -> c[4] for j = 0, c[0] -> c[0] for
+  j = 4), the others keep the channels. The last decoder stage ends at w channels at the
+  input resolution (MTAN's shared representation, which its task heads read).
+
+Module paths for feature KD: ``trunk.stages.0`` .. ``trunk.stages.4`` are the encoder stages
+(outputs before pooling, at 1, 1/2, 1/4, 1/8, 1/16 of the input; pooling and unpooling are
+functional, so every stage returns one tensor), ``trunk.stages.5`` .. ``trunk.stages.9`` the
+decoder stages (outputs at 1/16, 1/8, 1/4, 1/2, 1). ``stem`` is an identity.
+
+Returned features (finest first): [decoder output (w ch, 1/1), pooled bottleneck (8w ch, 1/32)].
+Dense heads (DenseDecoder) fuse the two top-down, so they read the full-resolution decoder
+output plus a projection of the bottleneck; image-level heads pool the bottleneck. Any input
+size works (unpooling restores each pre-pool size, odd ones included) as long as every side is
+at least 32 px; the papers' 288x384 and 128x256 divide by 32 exactly.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdmtl_cli.models import TRUNKS
+from kdmtl_cli.models.trunk import StagedTrunk
+
+ENCODER_CONVS = (2, 2, 3, 3, 3)
+DECODER_CONVS = (3, 3, 3, 2, 2)
+
+
+def conv_layer(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def _block(c_in: int, c_out: int, n: int) -> nn.Sequential:
+    return nn.Sequential(*[conv_layer(c_in if k == 0 else c_out, c_out) for k in range(n)])
+
+
+class SegNetTrunk(StagedTrunk):
+    def __init__(self, width: int = 64, in_channels: int = 3):
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"segnet width must be positive (got {width})")
+        c = [width, 2 * width, 4 * width, 8 * width, 8 * width]
+        self.stem = nn.Identity()
+        stages = [_block(in_channels if i == 0 else c[i - 1], c[i], n) for i, n in enumerate(ENCODER_CONVS)]
+        for j, n in enumerate(DECODER_CONVS):
+            level = 4 - j                      # the encoder level whose resolution this stage restores
+            c_out = c[level - 1] if level > 0 else c[0]
+            if j == 0:
+                stages.append(_block(c[4], c[4], n))
+            else:
+                first = conv_layer(c[level], c_out)
+                stages.append(nn.Sequential(first, *[conv_layer(c_out, c_out) for _ in range(n - 1)]))
+        self.stages = nn.ModuleList(stages)
+        self.channels: List[int] = [c[0], c[4]]
+        self.reductions: List[int] = [1, 32]
+
+    def forward(self, x):
+        x = self.stem(x)
+        indices, sizes = [], []
+        for stage in self.stages[:5]:
+            x = stage(x)
+            sizes.append(x.shape[-2:])
+            x, idx = F.max_pool2d(x, 2, 2, return_indices=True)
+            indices.append(idx)
+        bottleneck = x
+        for j, stage in enumerate(self.stages[5:]):
+            x = F.max_unpool2d(x, indices[4 - j], 2, 2, output_size=sizes[4 - j])
+            x = stage(x)
+        return [x, bottleneck]
+
+
+@TRUNKS.register("segnet")
+def build_segnet(cfg) -> SegNetTrunk:
+    return SegNetTrunk(int(cfg.width))
