@@ -16,6 +16,10 @@
       forward FLOPs. Goals: N heads <= (1 + 0.02N)x; gradient-based strategies within 1.1x of
       their theoretical (2N + 3)/3.
 
+  python scripts/bench.py epoch-cost [--steps 5]
+      Seconds per CIFAR-100 epoch of the RepDistiller pairs (teacher training step, KD student
+      step) from a few timed batches, and the implied cost of a 240-epoch reproduction.
+
   python scripts/bench.py default-run [--seeds 0,1,2]
       Times the default `kdmtl train` (teacher trained from scratch + student + test)
       with a fresh cache, then the vanilla student (`loss=none`, same seed), and
@@ -251,6 +255,60 @@ def make_loader_for(data, tasks, cfg, hardware, train: bool):
                        limit=None if train else 1)
 
 
+def epoch_cost(args) -> None:
+    """Seconds per CIFAR-100 epoch of each RepDistiller pair on this machine, from a few timed
+    steps (batch 64, 32x32, fp32): the teacher's training step and the student's KD step
+    (teacher forward under no_grad + student forward/backward + SGD), times 704 steps (45000
+    training images after the 5000-image validation split)."""
+
+    from kdmtl_cli.data import TargetSpec
+    from kdmtl_cli.models import build_model, count_parameters
+    from kdmtl_cli.schema import ModelConfig
+    from kdmtl_cli.tasks import TASK_KINDS, Task, _load_kinds
+
+    from omegaconf import OmegaConf
+
+    _load_kinds()
+    tasks = {"cls": Task("cls", TASK_KINDS.get("classification")(), TargetSpec("classification", 100), "cls")}
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 100, (64,))
+    steps_per_epoch = 45000 // 64
+
+    def step_ms(model, teacher=None) -> float:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        times = []
+        for i in range(args.steps + 2):
+            start = time.perf_counter()
+            out = model(x)["outputs"]["cls"]
+            loss = F.cross_entropy(out, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(x)["outputs"]["cls"]
+                loss = loss + F.kl_div(F.log_softmax(out / 4, 1), F.log_softmax(t_out / 4, 1), reduction="batchmean",
+                                       log_target=True) * 16
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    print(f"{torch.get_num_threads()} threads, batch 64, fp32, {args.steps} timed steps each (median), "
+          f"{steps_per_epoch} steps per epoch")
+    print(f"  {'teacher -> student':28s} {'params':>14s} {'teacher s/epoch':>16s} {'KD student s/epoch':>19s}"
+          f" {'240 epochs (T + S)':>19s}")
+    for teacher_arch, student_arch in (("resnet56", "resnet20"), ("resnet110", "resnet32"),
+                                       ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "vgg8")):
+        torch.manual_seed(0)
+        teacher = build_model(OmegaConf.structured(ModelConfig(arch=teacher_arch)), tasks)
+        student = build_model(OmegaConf.structured(ModelConfig(arch=student_arch)), tasks)
+        t_ms = step_ms(teacher.train())
+        s_ms = step_ms(student.train(), teacher.eval())
+        t_epoch, s_epoch = t_ms * steps_per_epoch / 1000, s_ms * steps_per_epoch / 1000
+        total_h = 240 * (t_epoch + s_epoch) / 3600
+        print(f"  {teacher_arch + ' -> ' + student_arch:28s} {count_parameters(teacher) / 1e6:5.2f}M/"
+              f"{count_parameters(student) / 1e6:4.2f}M {t_epoch:14.0f} s {s_epoch:17.0f} s {total_h:16.1f} h")
+
+
 def default_run(args) -> None:
     seeds = [int(s) for s in str(args.seeds).split(",")]
     results = {}
@@ -297,11 +355,13 @@ def main() -> None:
     w = sub.add_parser("weighting")
     w.add_argument("--weightings", default="uncertainty,dwa,famo,gradnorm,pcgrad,cagrad")
     w.add_argument("--epochs", type=int, default=5)
+    e = sub.add_parser("epoch-cost")
+    e.add_argument("--steps", type=int, default=5)
     d = sub.add_parser("default-run")
     d.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     args = parser.parse_args()
     {"throughput": throughput, "methods": methods, "weighting": weighting,
-     "default-run": default_run}[args.command](args)
+     "epoch-cost": epoch_cost, "default-run": default_run}[args.command](args)
 
 
 if __name__ == "__main__":
