@@ -43,6 +43,18 @@ class DataBundle:
 DATASETS: Registry = Registry("data set", "data.name")
 
 
+def fingerprint_splits(splits: Dict[str, Dict[str, torch.Tensor]], extra: str) -> str:
+    """A short hash of every tensor of every split (and `extra`), identifying data read from
+    files, for teacher cache keys and Δm baselines."""
+    import hashlib
+
+    digest = hashlib.sha256(extra.encode())
+    for split in splits.values():
+        for tensor in split.values():
+            digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_generated(tensors: Dict[str, torch.Tensor], path) -> None:
     """Cache a generated split atomically; an unwritable place is a one-line error."""
     from pathlib import Path

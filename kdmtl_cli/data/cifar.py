@@ -20,14 +20,13 @@ the meta file when present). Images stay uint8 [N,3,32,32]; the loader normalise
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdmtl_cli.data import DATASETS, DataBundle, TargetSpec
+from kdmtl_cli.data import DATASETS, DataBundle, TargetSpec, fingerprint_splits
 from kdmtl_cli.errors import KdmtlError
 
 LAYOUT = {
@@ -125,13 +124,6 @@ def load_cifar_arrays(which: str, root, download: bool) -> dict:
     return {"train": (train_x, train_y), "test": (test_x, test_y), "classes": names, "folder": str(folder)}
 
 
-def _fingerprint(*tensors, extra: str) -> str:
-    digest = hashlib.sha256(extra.encode())
-    for t in tensors:
-        digest.update(t.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _build(which: str, cfg) -> DataBundle:
     arrays = load_cifar_arrays(which, cfg.root, cfg.download)
     train_x, train_y = arrays["train"]
@@ -148,8 +140,7 @@ def _build(which: str, cfg) -> DataBundle:
     splits = {"train": {"image": train_x[:n_train].contiguous(), "cls": train_y[:n_train].contiguous()},
               "val": {"image": train_x[cut:].contiguous(), "cls": train_y[cut:].contiguous()},
               "test": {"image": test_x[:cfg.test_size].contiguous(), "cls": test_y[:cfg.test_size].contiguous()}}
-    fingerprint = _fingerprint(*[t for s in splits.values() for t in s.values()],
-                               extra=f"{which}:{n_train}:{cfg.val_size}")
+    fingerprint = fingerprint_splits(splits, extra=f"{which}:{n_train}:{cfg.val_size}")
     n = LAYOUT[which]["classes"]
     targets = {"cls": TargetSpec("classification", n, arrays["classes"])}
     return DataBundle(name=which, targets=targets, splits=splits, mean=list(cfg.mean), std=list(cfg.std),

@@ -24,7 +24,6 @@ first ``data.test_size`` files of the release's ``val`` folder (sizes are upper 
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Dict, List
@@ -32,7 +31,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from kdmtl_cli.data import DATASETS, DataBundle, TargetSpec
+from kdmtl_cli.data import DATASETS, DataBundle, TargetSpec, fingerprint_splits
 from kdmtl_cli.errors import KdmtlError
 
 IGNORE = 255
@@ -134,14 +133,6 @@ def _read(which: str, root: Path, split_dir: Path, indices: List[int]) -> Dict[s
     return out
 
 
-def _fingerprint(splits, extra: str) -> str:
-    digest = hashlib.sha256(extra.encode())
-    for split in splits.values():
-        for tensor in split.values():
-            digest.update(tensor.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _valid_stats(depth: torch.Tensor):
     values = depth[depth > 0].double()
     if values.numel() == 0:
@@ -178,7 +169,7 @@ def build_dense(which: str, cfg) -> DataBundle:
                "depth": TargetSpec("depth", mean=mean, std=std)}
     if "normal" in LAYOUT[which]["parts"]:
         targets["normal"] = TargetSpec("normals")
-    fingerprint = _fingerprint(splits, extra=f"{which}:{cut}:{cfg.val_size}")
+    fingerprint = fingerprint_splits(splits, extra=f"{which}:{cut}:{cfg.val_size}")
     return DataBundle(name=which, targets=targets, splits=splits, mean=list(cfg.mean), std=list(cfg.std),
                       fingerprint=fingerprint, info={"path": str(root / which)})
 
