@@ -55,20 +55,38 @@ def fingerprint_splits(splits: Dict[str, Dict[str, torch.Tensor]], extra: str) -
     return digest.hexdigest()[:16]
 
 
-def save_generated(tensors: Dict[str, torch.Tensor], path) -> None:
-    """Cache a generated split atomically; an unwritable place is a one-line error."""
+def generated_splits(folder, sizes: Dict[str, int], keys, make, *, name: str, items: str, generate: bool,
+                     missing_hint: str = "") -> Dict[str, Dict[str, torch.Tensor]]:
+    """Every split of a generated data set: read from `<folder>/<split>.pt` when cached (checked
+    against the expected `keys` and size), else made by `make(split, index)` and cached
+    atomically, or a one-line error when `generate` is off or the cache is unwritable."""
     from pathlib import Path
 
-    from kdmtl_cli.engine.checkpoint import atomic_torch_save
+    from kdmtl_cli.engine.checkpoint import atomic_torch_save, load_tensor_file
     from kdmtl_cli.errors import KdmtlError
 
-    folder = Path(path).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(tensors, Path(path))
-    except OSError as err:
-        raise KdmtlError(f"cannot write generated data to {folder} ({err.strerror}); "
-                         "set data.root (or KDMTL_CACHE) to a writable directory") from None
+    folder = Path(folder)
+    splits = {}
+    for index, split in enumerate(SPLITS):
+        path = folder / f"{split}.pt"
+        if path.exists():
+            tensors = load_tensor_file(path, what=f"{name} data file")
+            if set(tensors) != set(keys) or tensors["image"].shape[0] != sizes[split]:
+                raise KdmtlError(f"{name} data file {path} does not hold the expected {sizes[split]} "
+                                 f"{items} with {sorted(keys)}; delete {folder} to regenerate it")
+        elif not generate:
+            raise KdmtlError(f"no {name} data at {folder} (expected train.pt, val.pt, test.pt); "
+                             f"set data.generate=true to create it{missing_hint}")
+        else:
+            tensors = make(split, index)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_torch_save(tensors, path)
+            except OSError as err:
+                raise KdmtlError(f"cannot write generated data to {folder} ({err.strerror}); "
+                                 "set data.root (or KDMTL_CACHE) to a writable directory") from None
+        splits[split] = tensors
+    return splits
 
 
 def build_data(data_cfg) -> DataBundle:

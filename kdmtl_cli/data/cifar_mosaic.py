@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec, save_generated
+from kdmtl_cli.data import DATASETS, DataBundle, TargetSpec, generated_splits
 from kdmtl_cli.data.cifar import load_cifar_arrays
-from kdmtl_cli.engine.checkpoint import load_tensor_file
 from kdmtl_cli.errors import KdmtlError
 
 GENERATOR_VERSION = 1
@@ -119,24 +118,13 @@ def build_cifar_cls_seg(cfg) -> DataBundle:
            "source": digest.hexdigest()}
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(str(cfg.root)).expanduser() / "cifar_cls_seg" / fingerprint
-    splits = {}
-    for index, split in enumerate(SPLITS):
-        path = folder / f"{split}.pt"
-        if path.exists():
-            tensors = load_tensor_file(path, what="cifar_cls_seg data file")
-            if set(tensors) != EXPECTED_KEYS or tensors["image"].shape[0] != sizes[split]:
-                raise KdmtlError(f"cifar_cls_seg data file {path} does not hold the expected {sizes[split]} "
-                                 f"mosaics with {sorted(EXPECTED_KEYS)}; delete {folder} to regenerate it")
-        elif not cfg.generate:
-            raise KdmtlError(f"no cifar_cls_seg data at {folder} (expected train.pt, val.pt, test.pt); "
-                             "set data.generate=true to create it")
-        else:
-            tensors = generate_mosaics(*pools[split], sizes[split], size=cfg.image_size,
-                                       seed=cfg.seed * 1000 + index, min_tiles=cfg.min_tiles,
-                                       max_tiles=cfg.max_tiles, min_tile=cfg.min_tile_size,
-                                       max_tile=cfg.max_tile_size)
-            save_generated(tensors, path)
-        splits[split] = tensors
+    splits = generated_splits(
+        folder, sizes, EXPECTED_KEYS,
+        lambda split, index: generate_mosaics(*pools[split], sizes[split], size=cfg.image_size,
+                                              seed=cfg.seed * 1000 + index, min_tiles=cfg.min_tiles,
+                                              max_tiles=cfg.max_tiles, min_tile=cfg.min_tile_size,
+                                              max_tile=cfg.max_tile_size),
+        name="cifar_cls_seg", items="mosaics", generate=cfg.generate)
     names = list(arrays["classes"])
     targets = {"cls": TargetSpec("classification", 10, names),
                "seg": TargetSpec("segmentation", 11, ["background", *names])}

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kdmtl_cli.data import DATASETS, SPLITS, DataBundle, TargetSpec, save_generated
-from kdmtl_cli.engine.checkpoint import load_tensor_file
+from kdmtl_cli.data import DATASETS, DataBundle, TargetSpec, generated_splits
 from kdmtl_cli.errors import KdmtlError
 
 GENERATOR_VERSION = 3  # bump when the generator's output changes, to invalidate caches
@@ -63,25 +62,13 @@ def build_shapes(cfg) -> DataBundle:
     sizes = _split_sizes(cfg)
     fingerprint = _fingerprint(cfg, sizes)
     folder = Path(cfg.root).expanduser() / "shapes" / fingerprint
-    splits = {}
-    for index, split in enumerate(SPLITS):
-        path = folder / f"{split}.pt"
-        if path.exists():
-            tensors = load_tensor_file(path, what="shapes data file")
-            expected = EXPECTED_KEYS
-            if set(tensors) != expected or tensors["image"].shape[0] != sizes[split]:
-                raise KdmtlError(f"shapes data file {path} does not hold the expected {sizes[split]} "
-                                 f"images with {sorted(expected)}; delete {folder} to regenerate it")
-        elif not cfg.generate:
-            raise KdmtlError(f"no shapes data at {folder} (expected train.pt, val.pt, test.pt); "
-                             "set data.generate=true to create it, or point data.root at existing data")
-        else:
-            # Each split has its own seed so no scene repeats across splits.
-            tensors = generate_shapes(sizes[split], image_size=cfg.image_size,
-                                      seed=cfg.seed * 1000 + index, min_objects=cfg.min_objects,
-                                      max_objects=cfg.max_objects)
-            save_generated(tensors, path)
-        splits[split] = tensors
+    # Each split has its own seed so no scene repeats across splits.
+    splits = generated_splits(
+        folder, sizes, EXPECTED_KEYS,
+        lambda split, index: generate_shapes(sizes[split], image_size=cfg.image_size, seed=cfg.seed * 1000 + index,
+                                             min_objects=cfg.min_objects, max_objects=cfg.max_objects),
+        name="shapes", items="images", generate=cfg.generate,
+        missing_hint=", or point data.root at existing data")
     num_shapes = len(SHAPE_NAMES)
     depth_mean, depth_std = _stats(splits["train"]["depth"])
     count_mean, count_std = _stats(splits["train"]["count"])
