@@ -115,8 +115,9 @@ def test_nyuv2_experiments_run_one_short_step(tmp_path, shared_cache):
     root = tmp_path / "data"
     write_release(root, "nyuv2", n_train=6, n_val=3, h=32, w=48)
     sizes = ["data.train_size=4", "data.val_size=2", "data.test_size=3", "student.width=8", "teacher.width=8"]
-    procs = _run_all(["nyuv2_segnet", "nyuv2_segnet_kd4mtl"], root, tmp_path, shared_cache, extra=sizes)
-    for name in ("nyuv2_segnet", "nyuv2_segnet_kd4mtl"):
+    names = ["nyuv2_segnet", "nyuv2_mtan", "nyuv2_segnet_kd4mtl"]
+    procs = _run_all(names, root, tmp_path, shared_cache, extra=sizes)
+    for name in names:
         assert procs[name].returncode == 0, show(procs[name])
         results = json.loads((tmp_path / name / "results.json").read_text())["results"]
         assert {"test/seg/miou", "test/depth/abs_err", "test/normal/median_angle"} <= set(results)
@@ -125,6 +126,24 @@ def test_nyuv2_experiments_run_one_short_step(tmp_path, shared_cache):
     epoch = _epoch_record(tmp_path / "nyuv2_segnet_kd4mtl")
     assert {"train/kd4mtl/seg", "train/kd4mtl/depth", "train/kd4mtl/normal"} <= set(epoch)
     assert kd4mtl["config"]["teacher"]["mode"] == "per_task"
+    mtan = json.loads((tmp_path / "nyuv2_mtan" / "results.json").read_text())["config"]
+    assert mtan["student"]["arch"] == "segnet_mtan" and mtan["published"]
+
+
+def test_cityscapes_experiments_run_one_short_step(tmp_path, shared_cache):
+    """SegNet and MTAN on fabricated files in MTAN's Cityscapes layout (7 classes, depth)."""
+    from test_nyuv2_cityscapes import write_release
+
+    root = tmp_path / "data"
+    write_release(root, "cityscapes", n_train=6, n_val=3, h=32, w=64, classes=7, normals=False)
+    sizes = ["data.train_size=4", "data.val_size=2", "data.test_size=3", "student.width=8"]
+    names = ["cityscapes_segnet", "cityscapes_mtan"]
+    procs = _run_all(names, root, tmp_path, shared_cache, extra=sizes)
+    for name in names:
+        assert procs[name].returncode == 0, show(procs[name])
+        saved = json.loads((tmp_path / name / "results.json").read_text())
+        assert saved["config"]["data"]["name"] == "cityscapes" and set(saved["config"]["tasks"]) == {"seg", "depth"}
+        assert {"test/seg/miou", "test/depth/abs_err"} <= set(saved["results"])
 
 
 def _epoch_record(run_dir):

@@ -59,3 +59,52 @@ def test_segnet_multitask_shapes_and_stage_paths():
     assert shapes["trunk.stages.0"] == (4, 32, 48) and shapes["trunk.stages.4"] == (32, 2, 3)
     assert shapes["trunk.stages.5"] == (32, 2, 3) and shapes["trunk.stages.9"] == (4, 32, 48)
     out["outputs"]["seg"].sum().backward()
+
+
+def _nyuv2_tasks():
+    targets = {"seg": TargetSpec("segmentation", 13), "depth": TargetSpec("depth", mean=2.0, std=1.0),
+               "normal": TargetSpec("normals")}
+    return build_tasks(OmegaConf.create({"seg": {"kind": "segmentation"}, "depth": {"kind": "depth"},
+                                         "normal": {"kind": "normals"}}), targets)
+
+
+def test_mtan_paper_size_parameter_count():
+    """MTAN's NYUv2 script prints 44,229,076 parameters, three of them its uncertainty
+    log-variances (kdmtl keeps those in the weighting, not the model)."""
+    model = build_model(OmegaConf.structured(ModelConfig(arch="segnet_mtan", width=64)), _nyuv2_tasks())
+    assert count_parameters(model) == 44_229_076 - 3
+    # the trunk is plain SegNet plus the task-shared attention convs
+    assert count_parameters(model.trunk) - count_parameters(model.trunk.attention) == 24_943_296
+
+
+def test_mtan_with_open_masks_predicts_from_the_trunk_output():
+    """With every decoder mask forced to 1 (last BN: weight 0, bias 30, sigmoid -> 1) a dense task's
+    branch output is exactly the trunk's last decoder stage, so the prediction is MTAN's
+    prediction layer applied to it; odd input sizes keep their size."""
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.structured(ModelConfig(arch="segnet_mtan", width=4)), _nyuv2_tasks()).eval()
+    head = model.heads["seg"]
+    for layer in head.decoder:
+        torch.nn.init.zeros_(layer[4].weight)
+        torch.nn.init.constant_(layer[4].bias, 30.0)
+    x = torch.randn(2, 3, 33, 47)
+    with torch.no_grad():
+        out = model(x)["outputs"]
+        trunk_out = model.trunk(x)[0]
+        assert torch.allclose(out["seg"], head.predict(trunk_out), atol=1e-5)
+    assert {n: tuple(v.shape) for n, v in out.items()} == {
+        "seg": (2, 13, 33, 47), "depth": (2, 1, 33, 47), "normal": (2, 3, 33, 47)}
+    # masks that are not open change the prediction: the attention is really in the path
+    assert not torch.allclose(out["depth"], model.heads["depth"].head.predict(trunk_out) * 1.0 + 2.0, atol=1e-3)
+
+
+def test_mtan_shared_attention_convs_learn_from_every_task():
+    tasks = _nyuv2_tasks()
+    model = build_model(OmegaConf.structured(ModelConfig(arch="segnet_mtan", width=4)), tasks)
+    out = model(torch.randn(2, 3, 32, 32))["outputs"]
+    for name in tasks:
+        model.zero_grad()
+        out[name].square().mean().backward(retain_graph=True)
+        assert model.trunk.attention.encoder[0][0].weight.grad.abs().sum() > 0
+        others = [n for n in tasks if n != name]
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for n in others for p in model.heads[n].parameters())

@@ -27,7 +27,10 @@ class MultiTaskModel(nn.Module):
         self.trunk = trunk
         self.heads = nn.ModuleDict()
         for name, task in tasks.items():
-            if task.kind.dense:
+            own = trunk.build_head(task) if hasattr(trunk, "build_head") else None
+            if own is not None:          # a trunk with per-task branches (MTAN) builds its heads
+                self.heads[name] = own
+            elif task.kind.dense:
                 self.heads[name] = DenseDecoder(trunk.channels, decoder_width, task.out_channels)
             else:
                 self.heads[name] = PooledLinearHead(trunk.channels[-1], task.out_channels)
@@ -47,7 +50,9 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, image):
         self._captured = {}
-        features = TrunkFeatures(self.trunk(image))
+        features = self.trunk(image)
+        if not isinstance(features, TrunkFeatures):
+            features = TrunkFeatures(features)
         size = image.shape[-2:]
         outputs = {name: head(features, size) for name, head in self.heads.items()}
         return {"outputs": outputs, "features": dict(self._captured)}

@@ -24,6 +24,11 @@ Dense heads (DenseDecoder) fuse the two top-down, so they read the full-resoluti
 output plus a projection of the bottleneck; image-level heads pool the bottleneck. Any input
 size works (unpooling restores each pre-pool size, odd ones included) as long as every side is
 at least 32 px; the papers' 288x384 and 128x256 divide by 32 exactly.
+
+``segnet_mtan`` is the same network with MTAN's attention (kdmtl_cli/models/mtan.py): the trunk
+then also owns the attention's task-shared conv blocks and hands its heads the taps MTAN reads
+(each encoder stage's first-conv and final outputs, each decoder stage's unpooled input and
+output); every task's head is its own attention branch plus MTAN's prediction layer.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdmtl_cli.models import TRUNKS
+from kdmtl_cli.models.heads import TrunkFeatures
 from kdmtl_cli.models.trunk import StagedTrunk
 
 ENCODER_CONVS = (2, 2, 3, 3, 3)
@@ -44,12 +50,25 @@ def conv_layer(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
+class TappedBlock(nn.Sequential):
+    """A stage of convs that keeps its first conv's output in `first` until the trunk takes it
+    (MTAN's encoder attention reads it). Stage forward hooks still see the stage's one output."""
+
+    first = None
+
+    def forward(self, x):
+        x = self.first = self[0](x)
+        for layer in self[1:]:
+            x = layer(x)
+        return x
+
+
 def _block(c_in: int, c_out: int, n: int) -> nn.Sequential:
-    return nn.Sequential(*[conv_layer(c_in if k == 0 else c_out, c_out) for k in range(n)])
+    return TappedBlock(*[conv_layer(c_in if k == 0 else c_out, c_out) for k in range(n)])
 
 
 class SegNetTrunk(StagedTrunk):
-    def __init__(self, width: int = 64, in_channels: int = 3):
+    def __init__(self, width: int = 64, in_channels: int = 3, attention: bool = False):
         super().__init__()
         if width < 1:
             raise ValueError(f"segnet width must be positive (got {width})")
@@ -63,26 +82,53 @@ class SegNetTrunk(StagedTrunk):
                 stages.append(_block(c[4], c[4], n))
             else:
                 first = conv_layer(c[level], c_out)
-                stages.append(nn.Sequential(first, *[conv_layer(c_out, c_out) for _ in range(n - 1)]))
+                stages.append(TappedBlock(first, *[conv_layer(c_out, c_out) for _ in range(n - 1)]))
         self.stages = nn.ModuleList(stages)
         self.channels: List[int] = [c[0], c[4]]
         self.reductions: List[int] = [1, 32]
+        self.plan: List[int] = c
+        self.attention = None
+        if attention:
+            from kdmtl_cli.models.mtan import SharedAttentionBlocks
+            self.attention = SharedAttentionBlocks(c)
+
+    def build_head(self, task) -> nn.Module | None:
+        """MTAN: each task gets its own attention branch; plain SegNet uses the standard heads."""
+        if self.attention is None:
+            return None
+        from kdmtl_cli.models.mtan import AttentionHead
+        return AttentionHead(self.plan, task.out_channels, dense=task.kind.dense)
 
     def forward(self, x):
         x = self.stem(x)
         indices, sizes = [], []
+        taps = {"enc_first": [], "enc_out": [], "dec_in": [], "dec_out": []}
         for stage in self.stages[:5]:
             x = stage(x)
+            taps["enc_first"].append(stage.first)
+            stage.first = None               # do not keep the activation alive past this forward
+            taps["enc_out"].append(x)
             sizes.append(x.shape[-2:])
             x, idx = F.max_pool2d(x, 2, 2, return_indices=True)
             indices.append(idx)
         bottleneck = x
         for j, stage in enumerate(self.stages[5:]):
             x = F.max_unpool2d(x, indices[4 - j], 2, 2, output_size=sizes[4 - j])
+            taps["dec_in"].append(x)
             x = stage(x)
-        return [x, bottleneck]
+            stage.first = None
+            taps["dec_out"].append(x)
+        features = TrunkFeatures([x, bottleneck])
+        if self.attention is not None:
+            features.taps, features.attention = taps, self.attention
+        return features
 
 
 @TRUNKS.register("segnet")
 def build_segnet(cfg) -> SegNetTrunk:
     return SegNetTrunk(int(cfg.width))
+
+
+@TRUNKS.register("segnet_mtan")
+def build_segnet_mtan(cfg) -> SegNetTrunk:
+    return SegNetTrunk(int(cfg.width), attention=True)
