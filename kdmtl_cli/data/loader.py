@@ -15,6 +15,11 @@ are drawn from the epoch's generator after the flips (so p = 0 leaves every epoc
 before) and stored in the batch as `crop` (int64 [N,2]). Dense targets (whose last two dims
 are the image's H, W) get the same crop, padded with `pad_values[name]` (default 0; build.py
 passes 255 = ignore for segmentation, 0 = invalid for depth and normals).
+
+Stored views (`views=ViewTable`, the teacher-output cache's FKD scheme): each sample has K
+fixed augmentations (flip, crop offsets); every epoch draws one of them per sample, so the
+student sees exactly a view whose teacher outputs were stored. The batch then carries `view`
+(int64 [N], which of the K) so the cache can be looked up by (index, view).
 """
 
 from __future__ import annotations
@@ -25,6 +30,32 @@ import torch
 import torch.nn.functional as F
 
 FlipFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ViewTable:
+    """K stored augmentations per sample: `flips` bool [N,K], `crops` int64 [N,K,2] or None.
+    `choose(seed, epoch)` picks, per sample, the view that epoch uses (uniform over K, a pure
+    function of (seed, epoch), independent of the shuffle)."""
+
+    def __init__(self, flips: torch.Tensor, crops: torch.Tensor | None):
+        self.flips, self.crops = flips.bool(), (crops.long() if crops is not None else None)
+        self.num_views = int(flips.shape[1])
+
+    @classmethod
+    def draw(cls, num_samples: int, num_views: int, *, hflip: bool, crop_padding: int, seed: int) -> "ViewTable":
+        generator = torch.Generator().manual_seed(seed * 100_003 + 7_777_777)
+        flips = (torch.rand(num_samples, num_views, generator=generator) < 0.5) if hflip \
+            else torch.zeros(num_samples, num_views, dtype=torch.bool)
+        crops = torch.randint(0, 2 * crop_padding + 1, (num_samples, num_views, 2), generator=generator) \
+            if crop_padding > 0 else None
+        return cls(flips, crops)
+
+    def choose(self, seed: int, epoch: int) -> torch.Tensor:
+        n = self.flips.shape[0]
+        if self.num_views == 1:
+            return torch.zeros(n, dtype=torch.long)
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 3_333_333)
+        return torch.randint(0, self.num_views, (n,), generator=generator)
 
 
 def _flip_function(spec: FlipFn | str | None) -> FlipFn | None:
@@ -56,7 +87,8 @@ class TensorLoader:
     def __init__(self, split: dict[str, torch.Tensor], target_flips: dict[str, FlipFn | str | None], *,
                  batch_size: int, mean, std, device: torch.device, shuffle: bool = False,
                  hflip: bool = False, seed: int = 0, limit_batches: int | None = None,
-                 drop_last: bool = False, crop_padding: int = 0, pad_values: dict | None = None):
+                 drop_last: bool = False, crop_padding: int = 0, pad_values: dict | None = None,
+                 views: ViewTable | None = None):
         """`target_flips`: the targets to load, each with its flip (a callable such as
         `kind.flip_target`, a task kind name, or None for a target a flip leaves alone).
         `crop_padding`, `pad_values`: random crop (module docstring); 0 = off."""
@@ -74,6 +106,9 @@ class TensorLoader:
             raise ValueError(f"crop_padding must be >= 0 (got {crop_padding})")
         self.crop_padding = int(crop_padding)
         self.pad_values = dict(pad_values or {})
+        self.views = views
+        if views is not None and views.flips.shape[0] != self.num_samples:
+            raise ValueError(f"the view table has {views.flips.shape[0]} samples, the split {self.num_samples}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -87,22 +122,34 @@ class TensorLoader:
         batches = full if (self.drop_last or rest == 0) else full + 1
         return min(batches, self.limit_batches) if self.limit_batches else batches
 
-    def _epoch_plan(self):
+    def epoch_plan(self):
+        """(order, flips, crops or None, views or None) of the current epoch, per sample."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator) if self.shuffle \
             else torch.arange(self.num_samples)
+        if self.views is not None:
+            view = self.views.choose(self.seed, self.epoch)
+            rows = torch.arange(self.num_samples)
+            crops = self.views.crops[rows, view] if self.views.crops is not None else None
+            return order, self.views.flips[rows, view], crops, view
         flips = (torch.rand(self.num_samples, generator=generator) < 0.5) if self.hflip \
             else torch.zeros(self.num_samples, dtype=torch.bool)
         crops = torch.randint(0, 2 * self.crop_padding + 1, (self.num_samples, 2), generator=generator) \
             if self.crop_padding > 0 else None
-        return order, flips, crops
+        return order, flips, crops, None
+
+    def batch_indices(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
+        for b in range(len(self)):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
 
     def __iter__(self) -> Iterator[dict]:
-        order, flips, crops = self._epoch_plan()
-        for b in range(len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+        order, flips, crops, views = self.epoch_plan()
+        for index in self.batch_indices(order):
             crop = crops[index].to(self.device) if crops is not None else None
-            yield self.make_batch(index.to(self.device), flips[index].to(self.device), crop)
+            batch = self.make_batch(index.to(self.device), flips[index].to(self.device), crop)
+            if views is not None:
+                batch["view"] = views[index].to(self.device)
+            yield batch
 
     def make_batch(self, index: torch.Tensor, flip: torch.Tensor, crop: torch.Tensor | None = None) -> dict:
         raw = self.images.index_select(0, index)
