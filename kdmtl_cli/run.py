@@ -15,6 +15,7 @@ from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.objective import Objective, check_student_modules
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
+from kdmtl_cli.engine import teacher_outputs
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
 from kdmtl_cli.engine.logging import MetricsLog
@@ -75,6 +76,23 @@ def _delta_rows(results: dict, convention: str):
     return (f"Δm% ({convention}) ↑", results.get(f"teacher/{key}"), results[key])
 
 
+def _teacher_output_cache(cfg, teacher, train_loader, hardware, data, tasks):
+    """Open or build the teacher-output cache and make the train loader replay its views."""
+    views = teacher_outputs.plan_views(str(cfg.teacher.cache), int(cfg.teacher.cache_views),
+                                       train_loader.num_samples, hflip=train_loader.hflip,
+                                       crop_padding=train_loader.crop_padding, seed=cfg.seed, say=_say(cfg))
+    cache = teacher_outputs.open_or_build(
+        cache_dir=cfg.cache_dir, teacher=teacher, loader=train_loader, hardware=hardware, teacher_cfg=cfg.teacher,
+        data=data, views=views, task_kinds={n: t.kind.name for n, t in tasks.items()}, seed=cfg.seed,
+        say=_say(cfg), progress_mode=cfg.log.progress)
+    train_loader.views = views
+    return cache
+
+
+def _say(cfg):
+    return (lambda text: print(text, flush=True)) if cfg.log.progress != "none" else (lambda text: None)
+
+
 def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Optional[float]:
     started = time.perf_counter()
     _write_config(cfg, run_dir, resume)
@@ -88,6 +106,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     check_monitor(cfg.checkpoint.monitor, tasks)
     weighting = build_weighting(cfg.weighting, list(tasks), seed=cfg.seed).to(hardware.device)
     baseline = _check_delta_m(cfg.delta_m, tasks)
+    teacher_outputs.check_settings(cfg.teacher)
 
     # The student is built before any teacher is trained, so a bad student setting fails in
     # a second, not after the teacher's training.
@@ -105,6 +124,9 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     seed_everything(cfg.seed)
     objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
     objective.setup(student, next(iter(val_loader)), hardware.device)
+    if teacher is not None and cfg.teacher.cache != "off":
+        objective.cache = _teacher_output_cache(cfg, teacher, train_loader, hardware, data, tasks)
+        seed_everything(cfg.seed)   # building the cache or not leaves training the same
     optimizer = build_optimizer([{"params": list(student.parameters())}, *objective.param_groups(cfg.optim.lr),
                                  *weighting.param_groups(cfg.optim.lr)], cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader))

@@ -41,6 +41,9 @@ class DataConfig:
     max_tiles: int = 4
     min_tile_size: int = 16               # cifar_cls_seg: tile side in pixels (resized from 32x32)
     max_tile_size: int = 40
+    loader: str = "auto"                  # auto (tensor if the split fits in tensor_max_mb) | tensor | dataloader
+    num_workers: int = 2                  # dataloader path: worker processes building samples (0 = main process)
+    tensor_max_mb: int = 4096             # auto: largest split (MiB) kept resident; on CUDA also <= 1/4 of free memory
 
 
 @dataclass
@@ -87,6 +90,12 @@ class TeacherConfig(ModelConfig):
     checkpoints: Dict[str, str] = field(default_factory=dict)  # per_task: {task: path}; other tasks are trained
     tasks: Optional[List[str]] = None     # tasks the teacher covers; default: all student tasks
     optim: OptimConfig = field(default_factory=OptimConfig)  # how a teacher is trained when not loaded
+    # Teacher-output cache (kdmtl_cli/engine/teacher_outputs.py): off | views (K stored augmented
+    # views per sample, one drawn per epoch: FKD) | deterministic (one unaugmented view per sample)
+    cache: str = "off"
+    cache_views: int = 4                  # K, for cache=views
+    cache_topk: Optional[int] = None      # keep only the k largest classification logits (+ log-sum-exp)
+    cache_dtype: str = "float16"          # float16 | float32
 
 
 @dataclass
@@ -177,6 +186,8 @@ class HardwareConfig:
     num_threads: Optional[int] = None     # CPU threads for torch; default: torch's choice
     deterministic: bool = True            # deterministic kernels (bit-reproducible CPU runs)
     channels_last: bool = True            # NHWC memory layout: faster convolutions on CPU and GPU
+    compile: bool = False                 # torch.compile the models' forward (keys of state_dict unchanged)
+    compile_mode: str = "default"         # default | reduce-overhead | max-autotune
 
 
 @dataclass

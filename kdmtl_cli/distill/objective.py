@@ -11,6 +11,8 @@ down-weights a task down-weights its distillation too, and gradient-based strate
 of the non-auxiliary task losses) is what validation reports by default.
 The teacher runs frozen, in eval mode, under no_grad; learned parts of methods (FitNet
 regressors, KD4MTL adaptors) live in `self.modules` and are optimised with the student.
+With a teacher-output cache (`self.cache`), training batches that carry a stored `view` read
+the teacher's outputs from it instead of running the teacher.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Objective:
         self.task_weight = per_task_weights(task_weight, tasks, "loss.task_weight")
         self.modules = torch.nn.ModuleDict({m.name: m.modules for m in self.methods})
         self.progress = {"fraction": 0.0, "epoch": 0.0}
+        self.cache = None                 # a TeacherOutputCache, set by the run when teacher.cache is on
         if self.methods and teacher is None:
             raise KdmtlError("the distillation methods need a teacher; use loss=none for a vanilla student")
         if self.teacher is not None:
@@ -83,6 +86,8 @@ class Objective:
 
     def set_progress(self, fraction: float, epoch: float) -> None:
         """Where training is: fraction of all steps done, and epochs done (fractional)."""
+        if self.cache is not None and int(epoch) != int(self.progress["epoch"]):
+            self.cache.new_epoch()        # check the first batch of each epoch against the cache
         self.progress = {"fraction": fraction, "epoch": epoch}
 
     def train(self, mode: bool = True) -> None:
@@ -99,8 +104,11 @@ class Objective:
         groups = {name: self.task_weight[name] * terms[f"task/{name}"] for name in self.tasks}
         extra = None
         if self.methods:
-            with torch.no_grad():
-                teacher_out = self.teacher(batch["image"])
+            if self.cache is not None and "view" in batch:
+                teacher_out = self.cache.lookup(batch["index"], batch["view"], batch["image"])
+            else:
+                with torch.no_grad():
+                    teacher_out = self.teacher(batch["image"])
             for method in self.methods:
                 for name, value in method(student_out, teacher_out, batch, self.progress).items():
                     terms[name] = value

@@ -17,14 +17,15 @@ CACHE_FORMAT_VERSION = 1
 # Fields of the teacher node that do not change the trained weights.
 # (which tasks a teacher covers is in the key through the task signature, so a per-task
 # teacher for `seg` and a multitask teacher with tasks=[seg] share one cache entry).
-_NOT_IN_KEY = ("checkpoint", "checkpoints", "mode", "tasks")
+# The output-cache settings say how a trained teacher is used, not how it is trained.
+_NOT_IN_KEY = ("checkpoint", "checkpoints", "mode", "tasks", "cache", "cache_views", "cache_topk", "cache_dtype")
 
 
 def teacher_key(teacher_cfg, task_signature: Dict, data_cfg, data_fingerprint: str, seed: int,
                 precision: str, limit_train_batches) -> str:
     teacher = {k: v for k, v in OmegaConf.to_container(teacher_cfg, resolve=True).items() if k not in _NOT_IN_KEY}
     data = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items()
-            if k not in ("root", "generate", "eval_batch_size")}
+            if k not in ("root", "generate", "eval_batch_size", "loader", "num_workers", "tensor_max_mb")}
     content = {"version": CACHE_FORMAT_VERSION, "teacher": teacher, "tasks": task_signature,
                "data": data, "data_fingerprint": data_fingerprint, "seed": seed,
                "precision": str(precision), "limit_train_batches": limit_train_batches}
