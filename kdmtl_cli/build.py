@@ -4,26 +4,62 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import torch
 from omegaconf import OmegaConf
 
 from kdmtl_cli.data import DataBundle
+from kdmtl_cli.data.dataloader_path import DataLoaderPath
 from kdmtl_cli.data.loader import TensorLoader
 from kdmtl_cli.engine.hardware import Hardware
+from kdmtl_cli.errors import KdmtlError
+
+LOADERS = ("auto", "tensor", "dataloader")
 
 
 def make_loader(data: DataBundle, split: str, tasks, cfg, hardware: Hardware, *, train: bool,
-                limit: Optional[int]) -> TensorLoader:
+                limit: Optional[int], views=None) -> TensorLoader:
+    """The split's loader: tensor-resident (TensorLoader) or a DataLoader with workers
+    (DataLoaderPath), per `data.loader`; both yield bitwise-identical batches. `views`: stored
+    augmentations (loader.ViewTable) for the teacher-output cache."""
     # Per target, how a left-right flip changes it (tasks sharing a target share its kind).
     flips = {t.target: t.kind.flip_target for t in tasks.values()}
     # Random crop (train only): dense targets are padded with their kind's fill value
     # (segmentation 255 = ignored; depth and normals 0 = invalid; others 0).
     pad_values = {t.target: 255 if t.kind.name == "segmentation" else 0 for t in tasks.values()}
     crop_padding = int(cfg.data.get("crop_padding", 0) or 0) if train else 0
-    return TensorLoader(data.splits[split], flips,
-                        batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
-                        mean=data.mean, std=data.std, device=hardware.device, shuffle=train,
-                        hflip=train and cfg.data.hflip, seed=cfg.seed, limit_batches=limit,
-                        crop_padding=crop_padding, pad_values=pad_values)
+    tensors = data.splits[split]
+    # .get: configs built by hand (tests, scripts) may predate these fields
+    choice = str(cfg.data.get("loader", "auto"))
+    num_workers = int(cfg.data.get("num_workers", 2))
+    tensor_max_mb = int(cfg.data.get("tensor_max_mb", 4096))
+    if choice not in LOADERS:
+        raise KdmtlError(f"unknown data.loader={choice}; choose one of {', '.join(LOADERS)}")
+    if num_workers < 0:
+        raise KdmtlError(f"data.num_workers must be >= 0 (got {num_workers}); 0 builds batches in the main process")
+    if tensor_max_mb < 0:
+        raise KdmtlError(f"data.tensor_max_mb must be >= 0 (got {tensor_max_mb})")
+    if choice == "auto":
+        choice = "tensor" if _fits_resident(tensors, flips, tensor_max_mb, hardware.device) else "dataloader"
+    common = dict(batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
+                  mean=data.mean, std=data.std, device=hardware.device, shuffle=train,
+                  hflip=train and cfg.data.hflip, seed=cfg.seed, limit_batches=limit,
+                  crop_padding=crop_padding, pad_values=pad_values, views=views)
+    if choice == "dataloader":
+        return DataLoaderPath(tensors, flips, num_workers=num_workers, **common)
+    return TensorLoader(tensors, flips, **common)
+
+
+def _fits_resident(tensors: Dict[str, torch.Tensor], flips: Dict, tensor_max_mb: int, device: torch.device) -> bool:
+    """`data.loader=auto`: keep the split resident when its bytes (images + the targets loaded)
+    are at most data.tensor_max_mb MiB and, on a CUDA device, at most a quarter of the free
+    memory there (the rest is for the model, its activations and the optimiser)."""
+    size = sum(tensors[name].numel() * tensors[name].element_size() for name in ("image", *flips))
+    if size > tensor_max_mb * 2 ** 20:
+        return False
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return size <= free // 4
+    return True
 
 
 def model_meta(model_cfg, tasks_signature: Dict, data: DataBundle) -> Dict:

@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from kdmtl_cli.errors import KdmtlError
 
 MAY_CHANGE_ON_RESUME = ("resume", "stop_after_epoch", "hardware", "log")
+# Nested settings that change how, not what, a run computes (both data paths give identical batches).
+MAY_CHANGE_NESTED = ("data.loader", "data.num_workers", "data.tensor_max_mb")
 RESUME_ARG = re.compile(r"^\+{0,2}resume=(.*)$")
 
 
@@ -92,7 +94,7 @@ def merge_for_resume(new_cfg: DictConfig, saved_cfg: DictConfig, overrides: List
     old_flat = _flatten(OmegaConf.to_container(saved_cfg, resolve=True))
     changed = []
     for key in sorted(set(new_flat) | set(old_flat)):
-        if key.split(".")[0] in MAY_CHANGE_ON_RESUME:
+        if key.split(".")[0] in MAY_CHANGE_ON_RESUME or key in MAY_CHANGE_NESTED:
             continue
         if not everything and not any(key == k or key.startswith(k + ".") for k in keys):
             continue
@@ -106,4 +108,8 @@ def merge_for_resume(new_cfg: DictConfig, saved_cfg: DictConfig, overrides: List
     fresh = OmegaConf.to_container(new_cfg, resolve=True)
     for key in MAY_CHANGE_ON_RESUME:
         merged[key] = fresh.get(key)
+    for key in MAY_CHANGE_NESTED:
+        group, name = key.split(".")
+        if name in (fresh.get(group) or {}):
+            merged.setdefault(group, {})[name] = fresh[group][name]
     return OmegaConf.create(merged)
