@@ -309,6 +309,191 @@ def epoch_cost(args) -> None:
               f"{count_parameters(student) / 1e6:4.2f}M {t_epoch:14.0f} s {s_epoch:17.0f} s {total_h:16.1f} h")
 
 
+def data_path(args) -> None:
+    """Samples/s of the data alone (one training epoch of the train split, no model) through the
+    tensor-resident path and the DataLoader path (0 and 2 workers), on the default `shapes` data
+    and on CIFAR-sized data (50000 random uint8 3x32x32 images, cls target, batch 64, crop 4,
+    flip), beside the student's training throughput on the same data (default student on
+    shapes, resnet20 on the CIFAR-sized data; no teacher). Goal: tensor path >= 10x training."""
+    from omegaconf import OmegaConf
+
+    from kdmtl_cli.build import make_loader
+    from kdmtl_cli.data import DataBundle, TargetSpec
+    from kdmtl_cli.distill.objective import Objective
+    from kdmtl_cli.models import build_model
+    from kdmtl_cli.schema import ModelConfig
+    from kdmtl_cli.tasks import TASK_KINDS, Task, _load_kinds
+
+    def data_speed(loader) -> float:
+        loader.set_epoch(1)
+        next(iter(loader))  # warm-up: starts the persistent workers (a once-per-run cost)
+        start, seen = time.perf_counter(), 0
+        for batch in loader:
+            seen += batch["image"].shape[0]
+        return seen / (time.perf_counter() - start)
+
+    def train_speed(model, loader, tasks, steps: int) -> float:
+        """Real training steps (forward, task losses, backward, SGD) on the loader's batches."""
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        objective = Objective(tasks, 1.0)  # the task losses, as the engine computes them
+        model.train()
+        loader.set_epoch(0)
+        batches = iter(loader)
+        start, seen = None, 0
+        for step in range(steps + 3):
+            if step == 3:  # the first steps allocate and tune kernels
+                start, seen = time.perf_counter(), 0
+            batch = next(batches)
+            loss, _ = objective(model(hardware.to_input(batch["image"])), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += batch["image"].shape[0]
+        float(loss.detach())
+        return seen / (time.perf_counter() - start)
+
+    def paths(data, split_name, tasks, cfg):
+        runs = {}
+        for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every path alike
+            for label, loader_name, workers in (("tensor", "tensor", 0), ("dataloader, 0 workers", "dataloader", 0),
+                                                ("dataloader, 2 workers", "dataloader", 2)):
+                cfg.data.loader, cfg.data.num_workers = loader_name, workers
+                loader = make_loader(data, split_name, tasks, cfg, hardware, train=True, limit=None)
+                runs.setdefault(label, []).append(data_speed(loader))
+                del loader  # its worker processes end here, not during the next path's epoch
+        cfg.data.loader = "tensor"
+        return {label: statistics.median(v) for label, v in runs.items()}
+
+    rows = []
+    # the default shapes data, the default student
+    cfg, hardware, data, tasks, _, student, _, _, _ = _setup("none")
+    cfg = OmegaConf.merge(cfg, {})  # a plain copy whose data.* can be set per path
+    speeds = paths(data, "train", tasks, cfg)
+    loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=None)
+    trained = train_speed(student, loader, tasks, args.steps)
+    rows.append((f"shapes ({data.size('train')} x {cfg.data.image_size}px, batch {cfg.data.batch_size}, flip)",
+                 speeds, f"{cfg.student.arch} (default)", trained))
+
+    # CIFAR-sized data, built directly: random pixels cost the same to move as real ones
+    _load_kinds()
+    generator = torch.Generator().manual_seed(0)
+    split = {"image": torch.randint(0, 256, (50000, 3, 32, 32), generator=generator, dtype=torch.uint8),
+             "cls": torch.randint(0, 100, (50000,), generator=generator)}
+    spec = TargetSpec("classification", 100)
+    cifar = DataBundle("cifar_sized", {"cls": spec}, {"train": split}, mean=[0.5071, 0.4865, 0.4409],
+                       std=[0.2673, 0.2564, 0.2762])
+    cls_tasks = {"cls": Task("cls", TASK_KINDS.get("classification")(), spec, "cls")}
+    cifar_cfg = OmegaConf.create({"data": {"batch_size": 64, "eval_batch_size": 512, "hflip": True,
+                                           "crop_padding": 4, "loader": "tensor", "num_workers": 0}, "seed": 0})
+    speeds = paths(cifar, "train", cls_tasks, cifar_cfg)
+    torch.manual_seed(0)
+    model = hardware.prepare_model(build_model(OmegaConf.structured(ModelConfig(arch="resnet20")), cls_tasks))
+    loader = make_loader(cifar, "train", cls_tasks, cifar_cfg, hardware, train=True, limit=None)
+    trained = train_speed(model, loader, cls_tasks, args.steps)
+    rows.append(("CIFAR-sized (50000 x 32px, batch 64, crop 4, flip)", speeds, "resnet20", trained))
+
+    print(f"device {hardware.device}, {torch.get_num_threads()} threads, torch {torch.__version__}; data: one "
+          f"training epoch, median of {args.repeats}; training: {args.steps} steps (after 3 warm-up)")
+    print(f"  {'data':52s} {'path':24s} {'samples/s':>10s} {'tensor/this':>12s} {'this/training':>14s}")
+    for name, speeds, arch, trained in rows:
+        tensor = speeds["tensor"]
+        for label, speed in speeds.items():
+            print(f"  {name:52s} {label:24s} {speed:10.0f} {tensor / speed:11.2f}x {speed / trained:13.1f}x")
+        print(f"  {name:52s} {'training: ' + arch:24s} {trained:10.0f}")
+    print("  goal: tensor path >= 10x the student's training throughput")
+
+
+def hardware_knobs(args) -> None:
+    """ms per training step (forward + loss + backward + SGD step; warm-up excluded; median of
+    --steps) on this machine for each combination of hardware.channels_last x hardware.precision
+    (32, bf16) x hardware.compile, through Hardware.prepare_model / to_input / autocast (the
+    engine's own path). Models: resnet20 at 32x32, batch 64, 100 classes (CIFAR zoo trunk) and
+    the default student on the default shapes data and tasks. Timed steps are interleaved across
+    the combinations (one step each per round), so drifts in machine load hit all alike. The
+    first compiled step's extra time (tracing + inductor codegen; inductor's on-disk cache as
+    found) is reported separately."""
+    from kdmtl_cli.data import TargetSpec
+    from kdmtl_cli.distill.objective import Objective
+    from kdmtl_cli.engine.hardware import Hardware, check_compile
+    from kdmtl_cli.errors import KdmtlError
+    from kdmtl_cli.models import build_model
+    from kdmtl_cli.schema import ModelConfig
+    from kdmtl_cli.tasks import TASK_KINDS, Task, _load_kinds
+
+    from omegaconf import OmegaConf
+
+    _load_kinds()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    cpu = torch.device("cpu")
+    compile_options = [False]
+    if args.compile != "off":
+        try:
+            check_compile(cpu)
+            compile_options.append(True)
+        except KdmtlError as err:
+            print(f"compile skipped: {err}")
+    cfg, _, _, shape_tasks, _, _, loader, _, _ = _setup("none")
+    cifar_tasks = {"cls": Task("cls", TASK_KINDS.get("classification")(), TargetSpec("classification", 100), "cls")}
+    workloads = {  # name: (model config, tasks, one training batch)
+        "resnet20": (OmegaConf.structured(ModelConfig(arch="resnet20")), cifar_tasks,
+                     {"image": torch.randn(64, 3, 32, 32), "targets": {"cls": torch.randint(0, 100, (64,))}}),
+        f"{cfg.student.arch} (default student)": (cfg.student, shape_tasks, next(iter(loader))),
+    }
+
+    def make_step(model_cfg, tasks, batch, hardware):
+        torch.manual_seed(0)
+        model = hardware.prepare_model(build_model(model_cfg, tasks)).train()
+        objective = Objective(tasks, 1.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        image = hardware.to_input(batch["image"])
+
+        def step() -> float:
+            start = time.perf_counter()
+            with hardware.autocast():
+                loss, _ = objective(model(image), batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if not torch.isfinite(loss):
+                raise SystemExit(f"non-finite loss under {hardware}")
+            return time.perf_counter() - start
+
+        return step
+
+    runs = {}  # (model, channels_last, precision, compile): [step fn, first step s, timed steps]
+    for name, (model_cfg, tasks, batch) in workloads.items():
+        for compiled in compile_options:
+            for precision in ("32", "bf16"):
+                for channels_last in (False, True):
+                    hardware = Hardware(device=cpu, precision=precision, channels_last=channels_last, scaler=None,
+                                        compile=compiled, compile_mode=args.compile_mode)
+                    step = make_step(model_cfg, tasks, batch, hardware)
+                    first = step()  # compiles when compile is on
+                    for _ in range(args.warmup - 1):
+                        step()
+                    runs[name, channels_last, precision, compiled] = [step, first, []]
+                    print(f"  warmed up {name}, channels_last={channels_last}, precision={precision}, "
+                          f"compile={compiled}: first step {first:.1f} s", flush=True)
+    for _ in range(args.steps):
+        for run in runs.values():
+            run[2].append(run[0]())
+    # Other processes on a 2-core machine slow multi-threaded steps far more than 1-thread ones
+    # (OpenMP threads wait for each other): the load average says how quiet the machine was.
+    print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}, batch 64, {args.steps} timed steps "
+          f"after {args.warmup} warm-up, interleaved (median); compile mode {args.compile_mode}; "
+          f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print("| model | channels_last | precision | compile | ms/step | vs fp32 contiguous eager | compile s |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for (name, channels_last, precision, compiled), (_, first, times) in runs.items():
+        ms = 1000 * statistics.median(times)
+        base = 1000 * statistics.median(runs[name, False, "32", False][2])
+        compile_s = f"{first - ms / 1000:.1f}" if compiled else ""
+        print(f"| {name} | {'on' if channels_last else 'off'} | {precision} | {'on' if compiled else 'off'} "
+              f"| {ms:.1f} | {ms / base:.2f}x | {compile_s} |")
+
+
 def default_run(args) -> None:
     seeds = [int(s) for s in str(args.seeds).split(",")]
     results = {}
@@ -357,11 +542,20 @@ def main() -> None:
     w.add_argument("--epochs", type=int, default=5)
     e = sub.add_parser("epoch-cost")
     e.add_argument("--steps", type=int, default=5)
+    dp = sub.add_parser("data-path")
+    dp.add_argument("--repeats", type=int, default=3, help="data epochs per path (median)")
+    dp.add_argument("--steps", type=int, default=30, help="timed training steps per student")
     d = sub.add_parser("default-run")
     d.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    h = sub.add_parser("hardware")
+    h.add_argument("--steps", type=int, default=10)
+    h.add_argument("--warmup", type=int, default=3)
+    h.add_argument("--compile", choices=("auto", "off"), default="auto", help="off: skip the compiled rows")
+    h.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    h.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
     args = parser.parse_args()
-    {"throughput": throughput, "methods": methods, "weighting": weighting,
-     "epoch-cost": epoch_cost, "default-run": default_run}[args.command](args)
+    {"throughput": throughput, "hardware": hardware_knobs, "methods": methods, "weighting": weighting,
+     "epoch-cost": epoch_cost, "default-run": default_run, "data-path": data_path}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -12,6 +14,8 @@ import torch
 from kdmtl_cli.errors import KdmtlError
 
 PRECISIONS = ("32", "bf16", "16-mixed")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+_COMPILE_OFF = "or run with hardware.compile=false"   # every compile error names the way out
 
 
 @dataclass
@@ -20,6 +24,8 @@ class Hardware:
     precision: str
     channels_last: bool
     scaler: Optional["torch.amp.GradScaler"]
+    compile: bool = False
+    compile_mode: str = "default"
 
     def autocast(self):
         if self.precision == "32":
@@ -32,11 +38,90 @@ class Hardware:
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.compile:
+            if self.device.type == "cpu":
+                _quiet_cuda_probe()
+            compile_in_place(model, self.compile_mode)
+        return model
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+@functools.lru_cache(1)
+def _quiet_cuda_probe() -> None:
+    """Inductor on CPU imports torch.utils.cpp_extension, which warns 'No CUDA runtime is found'
+    on stderr when a CUDA build of torch runs without a GPU: irrelevant to a CPU run, so dropped."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: "No CUDA runtime is found" not in record.getMessage())
+
+
+def _is_compiled(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def compile_in_place(model: torch.nn.Module, mode: str) -> None:
+    """Compile `model`'s forward in place (nn.Module.compile): the module stays itself, so
+    state_dict keys carry no `_orig_mod.` prefix and checkpoints load in non-compiled runs.
+    Compilation happens on the first forward; its failures become one KdmtlError."""
+    if any(_is_compiled(m) for m in model.modules()):
+        # Already compiled, or a wrapper (per-task teachers) around compiled teachers: compiling
+        # again would nest one compiled region in another for no gain.
+        return
+    # By default dynamo does not guard on module hooks, so a feature hook registered after the
+    # first compiled forward (a teacher trained in this run, hooked afterwards for feature KD)
+    # would silently never fire. Guarding on hooks recompiles once when hooks change instead.
+    import torch._dynamo
+    import torch._functorch.config
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    # The trainer backpropagates twice through one graph (per-task gradients with retain_graph for
+    # gradient-norm logging and gradient-based weightings); compiled backward graphs that donate
+    # their buffers refuse that, so buffer donation (a memory saving only) is turned off.
+    torch._functorch.config.donated_buffer = False
+    model.compile(mode=mode)
+    compiled = model._compiled_call_impl
+
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except _compile_errors() as err:
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise KdmtlError(f"torch.compile (hardware.compile=true, mode {mode}) failed: "
+                             f"{type(err).__name__}: {first[:300]}; fix that {_COMPILE_OFF}") from err
+
+    model._compiled_call_impl = call
+
+
+@functools.lru_cache(1)
+def _compile_errors() -> tuple:
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
+
+    return TorchDynamoException, InductorError, CppCompileError, InvalidCxxCompiler
+
+
+def check_compile(device: torch.device) -> None:
+    """Fail at start-up, not at the first training step, when torch.compile cannot work here:
+    inductor (torch.compile's default backend) builds C++ kernels on CPU and Triton kernels on CUDA."""
+    if device.type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or whatever the probe raises
+            raise KdmtlError("hardware.compile=true needs a C++ compiler on CPU (torch.compile's inductor backend "
+                             "builds C++ kernels) and none was found (g++, or $CXX); install one (e.g. "
+                             f"apt-get install g++) {_COMPILE_OFF}") from None
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise KdmtlError(f"hardware.compile=true on {device} needs Triton (pip install triton) "
+                             f"and it is not usable here; install it {_COMPILE_OFF}")
 
 
 def select_device(spec: str) -> torch.device:
@@ -62,6 +147,11 @@ def setup_hardware(hw_cfg) -> Hardware:
     if precision not in PRECISIONS:
         raise KdmtlError(f"unknown hardware.precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
     device = select_device(hw_cfg.device)
+    compile_on, compile_mode = bool(getattr(hw_cfg, "compile", False)), str(getattr(hw_cfg, "compile_mode", "default"))
+    if compile_mode not in COMPILE_MODES:  # an error even while compile is off: a typo stays a typo
+        raise KdmtlError(f"unknown hardware.compile_mode '{compile_mode}'; choose one of: {', '.join(COMPILE_MODES)}")
+    if compile_on:
+        check_compile(device)
     if hw_cfg.num_threads:
         torch.set_num_threads(int(hw_cfg.num_threads))
     if hw_cfg.deterministic:
@@ -74,4 +164,5 @@ def setup_hardware(hw_cfg) -> Hardware:
         raise KdmtlError(f"{device} does not support bf16; use hardware.precision=16-mixed or 32")
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
-    return Hardware(device=device, precision=precision, channels_last=bool(hw_cfg.channels_last), scaler=scaler)
+    return Hardware(device=device, precision=precision, channels_last=bool(hw_cfg.channels_last), scaler=scaler,
+                    compile=compile_on, compile_mode=compile_mode)
