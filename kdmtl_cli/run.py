@@ -127,6 +127,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     if teacher is not None and cfg.teacher.cache != "off":
         objective.cache = _teacher_output_cache(cfg, teacher, train_loader, hardware, data, tasks)
         seed_everything(cfg.seed)   # building the cache or not leaves training the same
+    elif cfg.teacher.cache != "off":
+        _say(cfg)(f"teacher.cache={cfg.teacher.cache} is not used: no distillation method runs (loss=none)")
     optimizer = build_optimizer([{"params": list(student.parameters())}, *objective.param_groups(cfg.optim.lr),
                                  *weighting.param_groups(cfg.optim.lr)], cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader))

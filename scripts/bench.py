@@ -20,6 +20,19 @@
       Seconds per CIFAR-100 epoch of the RepDistiller pairs (teacher training step, KD student
       step) from a few timed batches, and the implied cost of a 240-epoch reproduction.
 
+  python scripts/bench.py perf [--pairs resnet56:resnet20,resnet110:resnet32] [--samples 2048]
+      The speed issue's ratios in one process, on RepDistiller pairs at 32x32 (CIFAR-100 recipe,
+      batch 64, crop 4 + flip): engine vs a hand-written KD loop (goal >= 0.97), KD step with
+      the teacher-output cache vs the live teacher (goal >= 0.9 x (1 + T/(3S)), T/S from FLOP
+      counts), then the `data-path` ratios below.
+
+  python scripts/bench.py data-path [--repeats 3]
+      Samples/s of the data alone through the tensor-resident path and the DataLoader path, and
+      the tensor path against the student's training throughput (goal >= 10x).
+
+  python scripts/bench.py hardware [--steps 10]
+      ms per training step for channels_last x precision x torch.compile (defaults by measurement).
+
   python scripts/bench.py default-run [--seeds 0,1,2]
       Times the default `kdmtl train` (teacher trained from scratch + student + test)
       with a fresh cache, then the vanilla student (`loss=none`, same seed), and
@@ -494,6 +507,147 @@ def hardware_knobs(args) -> None:
               f"| {ms:.1f} | {ms / base:.2f}x | {compile_s} |")
 
 
+def _cifar_like(n: int, classes: int = 100, seed: int = 0):
+    """A CIFAR-sized DataBundle in memory (random uint8 3x32x32 images, `cls` labels)."""
+    from kdmtl_cli.data import DataBundle, TargetSpec
+
+    g = torch.Generator().manual_seed(seed)
+    split = lambda m: {"image": torch.randint(0, 256, (m, 3, 32, 32), generator=g, dtype=torch.uint8),  # noqa: E731
+                       "cls": torch.randint(0, classes, (m,), generator=g)}
+    return DataBundle(name="cifar_like", targets={"cls": TargetSpec("classification", classes)},
+                      splits={"train": split(n), "val": split(64), "test": split(64)},
+                      mean=[0.5071, 0.4865, 0.4409], std=[0.2673, 0.2564, 0.2762], fingerprint=f"random-{n}-{seed}")
+
+
+def hand_kd_epoch(data, student, teacher, cfg, hardware, epoch: int) -> float:
+    """A minimal hand-written KD epoch, the same work as the engine's: gather, pad-4 random
+    crop, flip, normalise, student forward, teacher forward (no_grad), 0.1 CE + 0.9 KD(T=4),
+    SGD step, scheduler step. Samples/s."""
+    device, b, pad = hardware.device, cfg.data.batch_size, 4
+    images, labels = data.splits["train"]["image"].to(device), data.splits["train"]["cls"].to(device)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    n = len(images)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    steps = (n + b - 1) // b
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [steps * 150, steps * 180], 0.1)
+    gen = torch.Generator().manual_seed(epoch)
+    order = torch.randperm(n, generator=gen)
+    flips = torch.rand(n, generator=gen) < 0.5
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    T = 4.0
+    student.train()
+    start, seen = time.perf_counter(), 0
+    for s in range(steps):
+        idx = order[s * b:(s + 1) * b]
+        x = F.pad(images[idx.to(device)], (pad, pad, pad, pad))
+        ys = offsets[idx, 0:1].to(device) + torch.arange(32, device=device)
+        xs = offsets[idx, 1:2].to(device) + torch.arange(32, device=device)
+        rows = torch.arange(len(idx), device=device).view(-1, 1, 1)
+        x = x.permute(0, 2, 3, 1)[rows, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
+        x = (x.float() / 255 - mean) / std
+        x = torch.where(flips[idx].to(device).view(-1, 1, 1, 1), x.flip(-1), x)
+        x = hardware.to_input(x)
+        with hardware.autocast():
+            out = student(x)["outputs"]["cls"]
+            with torch.no_grad():
+                t_out = teacher(x)["outputs"]["cls"]
+            loss = 0.1 * F.cross_entropy(out, labels[idx.to(device)]) + 0.9 * T * T * F.kl_div(
+                F.log_softmax(out / T, 1), F.log_softmax(t_out / T, 1), reduction="batchmean", log_target=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        seen += len(idx)
+    float(loss.detach())  # wait for the device
+    return seen / (time.perf_counter() - start)
+
+
+def perf(args) -> None:
+    """Issue-6 ratios in one process on the RepDistiller pairs at 32x32 (CIFAR-100 recipe, batch
+    64, crop 4 + flip, fp32 unless --precision): engine vs a hand-written KD loop, the KD step
+    with the teacher-output cache vs the live teacher (beside the FLOP bound 1 + T/(3S)), and the
+    tensor-resident data path vs the DataLoader path and vs the student's training throughput."""
+    from hydra import compose, initialize_config_module
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kdmtl_cli.distill import build_methods
+    from kdmtl_cli.distill.objective import Objective
+    from kdmtl_cli.engine import teacher_outputs
+    from kdmtl_cli.engine.hardware import setup_hardware
+    from kdmtl_cli.engine.optim import build_optimizer
+    from kdmtl_cli.models import build_model
+    from kdmtl_cli.schema import TrainConfig, validate
+    from kdmtl_cli.tasks import build_tasks
+
+    data = _cifar_like(args.samples)
+    cache_root = tempfile.mkdtemp(prefix="kdmtl-bench-cache-")
+    print(f"{torch.get_num_threads()} threads, {args.samples} CIFAR-sized training images, batch 64, "
+          f"precision {args.precision}, {args.epochs} epochs per measurement (median), interleaved")
+    for pair in args.pairs.split(","):
+        teacher_arch, student_arch = pair.split(":")
+        with initialize_config_module(config_module="kdmtl_cli.conf", version_base="1.3"):
+            # The RepDistiller KD recipe (the same for every pair shipped) with this pair's models.
+            raw = compose("train", overrides=["+experiment=cifar100_resnet56_resnet20_kd",
+                                              f"teacher.arch={teacher_arch}", f"student.arch={student_arch}",
+                                              f"hardware.precision={args.precision}", f"cache_dir={cache_root}"])
+        cfg = validate(raw, TrainConfig)
+        hardware = setup_hardware(cfg.hardware)
+        tasks = build_tasks(cfg.tasks, data.targets)
+        torch.manual_seed(0)
+        teacher = hardware.prepare_model(build_model(cfg.teacher, tasks)).eval()
+        student0 = hardware.prepare_model(build_model(cfg.student, tasks))
+        methods = build_methods(cfg.loss, tasks, list(tasks))
+        loader = make_loader_for(data, tasks, cfg, hardware, train=True)
+        val_loader = make_loader_for(data, tasks, cfg, hardware, train=False)
+        one = hardware.to_input(torch.randn(1, 3, 32, 32, device=hardware.device))
+        flops = {}
+        for name, model in (("T", teacher), ("S", student0)):
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model.eval()(one)
+            flops[name] = counter.get_total_flops()
+        bound = 1 + flops["T"] / (3 * flops["S"])
+        table = teacher_outputs.plan_views("views", 4, loader.num_samples, hflip=True, crop_padding=4, seed=0,
+                                           say=lambda _: None)
+        cache = teacher_outputs.open_or_build(cache_dir=cache_root, teacher=teacher, loader=loader, hardware=hardware,
+                                              teacher_cfg=cfg.teacher, data=data, views=table,
+                                              task_kinds={"cls": "classification"}, seed=0, say=lambda _: None,
+                                              progress_mode="none")
+
+        def engine(with_cache: bool) -> float:
+            student = copy.deepcopy(student0)
+            objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
+            objective.cache = cache if with_cache else None
+            loader.views = table if with_cache else None
+            try:
+                return engine_speed(cfg, hardware, tasks, student, objective,
+                                    build_optimizer(student.parameters(), cfg.optim), loader, val_loader)
+            finally:
+                loader.views = None
+
+        live, cached, hand = [], [], []
+        for epoch in range(args.epochs):
+            live.append(engine(False))
+            cached.append(engine(True))
+            hand.append(hand_kd_epoch(data, copy.deepcopy(student0), teacher, cfg, hardware, epoch))
+        live_m, cached_m, hand_m = (statistics.median(v) for v in (live, cached, hand))
+        print(f"\n{teacher_arch} -> {student_arch}: forward FLOPs T {flops['T'] / 1e6:.1f}M, "
+              f"S {flops['S'] / 1e6:.1f}M, "
+              f"T/S {flops['T'] / flops['S']:.2f}, bound 1 + T/(3S) = {bound:.2f}")
+        print(f"  engine, live teacher   {live_m:8.1f} samples/s  ({', '.join(f'{v:.0f}' for v in live)})")
+        print(f"  hand-written KD loop   {hand_m:8.1f} samples/s  ({', '.join(f'{v:.0f}' for v in hand)})")
+        print(f"  engine, cached teacher {cached_m:8.1f} samples/s  ({', '.join(f'{v:.0f}' for v in cached)})")
+        print(f"  engine / hand = {live_m / hand_m:.3f} (goal >= 0.97)")
+        print(f"  cache / live = {cached_m / live_m:.2f}; goal >= 0.9 x {bound:.2f} = {0.9 * bound:.2f}; "
+              f"fraction of the bound {cached_m / live_m / bound:.2f}")
+        # Training FLOP/s of the student (forward + backward ~ 3x forward), with the cache on.
+        achieved = 3 * flops["S"] * cached_m / 1e12
+        peak = f", {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops} TFLOP/s" if args.peak_tflops else ""
+        print(f"  student training with the cache: {achieved:.3f} TFLOP/s{peak}")
+    print()
+    data_path(args)   # the data-path ratios, in the same process
+
+
 def default_run(args) -> None:
     seeds = [int(s) for s in str(args.seeds).split(",")]
     results = {}
@@ -547,6 +701,14 @@ def main() -> None:
     dp.add_argument("--steps", type=int, default=30, help="timed training steps per student")
     d = sub.add_parser("default-run")
     d.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p = sub.add_parser("perf")
+    p.add_argument("--pairs", default="resnet56:resnet20,resnet110:resnet32", help="teacher:student,...")
+    p.add_argument("--samples", type=int, default=2048, help="CIFAR-sized training images")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per measurement (median)")
+    p.add_argument("--precision", default="32", choices=("32", "bf16"))
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, to print the fraction reached")
+    p.add_argument("--repeats", type=int, default=3, help="data-path: data epochs per path (median)")
+    p.add_argument("--steps", type=int, default=30, help="data-path: timed training steps per student")
     h = sub.add_parser("hardware")
     h.add_argument("--steps", type=int, default=10)
     h.add_argument("--warmup", type=int, default=3)
@@ -555,7 +717,7 @@ def main() -> None:
     h.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
     args = parser.parse_args()
     {"throughput": throughput, "hardware": hardware_knobs, "methods": methods, "weighting": weighting,
-     "epoch-cost": epoch_cost, "default-run": default_run, "data-path": data_path}[args.command](args)
+     "epoch-cost": epoch_cost, "default-run": default_run, "data-path": data_path, "perf": perf}[args.command](args)
 
 
 if __name__ == "__main__":
