@@ -17,6 +17,7 @@ from kdmtl_cli.data import TargetSpec
 from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.engine.checkpoint import (atomic_write_text, load_checkpoint, load_tensor_file,
                                          read_safetensors_metadata, save_weights)
+from kdmtl_cli.engine.locks import file_lock
 from kdmtl_cli.engine.logging import MetricsLog
 from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
 from kdmtl_cli.engine.seeding import seed_everything
@@ -161,23 +162,32 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
                       cfg.hardware.precision, cfg.limit_train_batches)
     entry = teacher_dir(cfg.cache_dir, key)
     weights_path = entry / "teacher.safetensors"
-    if weights_path.exists():
+
+    def cached():
         meta, weights = read_teacher_file(weights_path)
         _check_covers(f"cache entry {entry}", meta["tasks"], tasks, wanted)
         model = _with_input_norm(build_teacher(weights_path, meta, weights), meta, data, progress)
         _say(progress, f"{label}: reusing cached teacher {entry}")
         return hardware.prepare_model(model), {"source": str(weights_path), "cached": True}
 
-    _say(progress, f"{label}: no cached teacher for key {key}; training it ({cfg.teacher.optim.epochs} epochs)")
-    start = time.perf_counter()
-    model = train_teacher(cfg, teacher_tasks, data, hardware, logs_dir, label)
-    meta = model_meta(cfg.teacher, signature, data)
-    save_weights(model.state_dict(), weights_path, {"kdmtl_model_meta": json.dumps(meta)})
-    info = {"key": key, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "trained_in_run": str(run_dir),
-            "train_seconds": round(time.perf_counter() - start, 2),
-            "config": OmegaConf.to_container(cfg.teacher, resolve=True), "tasks": signature}
-    atomic_write_text(json.dumps(info, indent=2), entry / "teacher.json")
+    if weights_path.exists():
+        return cached()
+    # Sweep jobs needing this teacher train it once: the first takes the lock, the others wait
+    # and then load it. The weights file is written atomically, so it exists only when complete.
+    with file_lock(entry.parent / f".{key}.lock",
+                   on_wait=lambda: _say(progress, f"{label}: another job is training teacher {key}; waiting")):
+        if weights_path.exists():
+            return cached()
+        _say(progress, f"{label}: no cached teacher for key {key}; training it ({cfg.teacher.optim.epochs} epochs)")
+        start = time.perf_counter()
+        model = train_teacher(cfg, teacher_tasks, data, hardware, logs_dir, label)
+        meta = model_meta(cfg.teacher, signature, data)
+        save_weights(model.state_dict(), weights_path, {"kdmtl_model_meta": json.dumps(meta)})
+        info = {"key": key, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "trained_in_run": str(run_dir),
+                "train_seconds": round(time.perf_counter() - start, 2),
+                "config": OmegaConf.to_container(cfg.teacher, resolve=True), "tasks": signature}
+        atomic_write_text(json.dumps(info, indent=2), entry / "teacher.json")
     _say(progress, f"{label}: trained in {info['train_seconds']:.1f}s and cached at {entry}")
     return model, {"source": str(weights_path), "cached": False}
 

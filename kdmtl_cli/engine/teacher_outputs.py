@@ -43,6 +43,7 @@ import torch
 
 from kdmtl_cli.data.loader import ViewTable
 from kdmtl_cli.engine.checkpoint import atomic_write_text
+from kdmtl_cli.engine.locks import file_lock
 from kdmtl_cli.errors import KdmtlError
 
 FORMAT_VERSION = 1
@@ -223,6 +224,16 @@ def open_or_build(*, cache_dir: str, teacher, loader, hardware, teacher_cfg, dat
     }
     key = cache_key(content)
     entry = Path(cache_dir).expanduser() / "teacher_outputs" / key
+    # Sweep jobs sharing this teacher build the entry once: the others wait, then reuse it.
+    with file_lock(entry.parent / f".{key}.lock",
+                   on_wait=lambda: say(f"teacher outputs: another job is building {entry}; waiting")):
+        return _open_or_build_locked(entry, content, entries, teacher, loader, hardware, views, topk, probe,
+                                     dtype_name, say, progress_mode)
+
+
+def _open_or_build_locked(entry: Path, content: dict, entries: dict, teacher, loader, hardware, views: ViewTable,
+                          topk, probe, dtype_name: str, say, progress_mode: str) -> TeacherOutputCache:
+    n = loader.num_samples
     if entry.exists():
         cache = _open_existing(entry, content, views, hardware.device)
         if cache is not None:

@@ -18,8 +18,6 @@ Writes are atomic and serialised by a lock file, so a sweep of baselines can rec
 
 from __future__ import annotations
 
-import fcntl
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Dict, Optional
 import yaml
 
 from kdmtl_cli.engine.checkpoint import atomic_write_text
+from kdmtl_cli.engine.locks import file_lock
 from kdmtl_cli.errors import KdmtlError
 
 HEADER = ("# kdmtl single-task baselines for Δm: test metrics of single-task runs (checkpoint chosen\n"
@@ -105,15 +104,8 @@ def data_mismatch(baseline: Baseline, data) -> Optional[str]:
     return None
 
 
-@contextmanager
 def _locked(path: Path):
-    lock = path.with_name(f".{path.name}.lock")  # hidden, and never removed (a removed lock file races)
-    with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(path.with_name(f".{path.name}.lock"))  # hidden, never removed (kdmtl_cli/engine/locks.py)
 
 
 def check_record_target(path: str, tasks) -> Path:
