@@ -113,8 +113,9 @@ def _run(command: Callable[[], None], schema: type) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI boundary: turn anything into one line
         if user_wants_traceback:
             raise
-        print(f"kdmtl: error: {_format_error(err, schema)}", file=sys.stderr)
-        return 1
+        code = getattr(err, "exit_code", 1)
+        print(f"kdmtl: {'stopped' if code == 75 else 'error'}: {_format_error(err, schema)}", file=sys.stderr)
+        return code
     finally:
         if not user_wants_traceback:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -16,6 +16,15 @@ from typing import List
 class KdmtlError(Exception):
     """An error the user can fix; its message says what is wrong and how to fix it."""
 
+    exit_code = 1
+
+
+class Preempted(KdmtlError):
+    """The run was asked to stop (SIGTERM / SIGUSR1), wrote a checkpoint and exits with
+    EX_TEMPFAIL (75): a launcher may requeue it, and the same command resumes it."""
+
+    exit_code = 75
+
 
 def one_line(message: str) -> str:
     """Fold a multi-line message (Hydra lists choices on tab-indented lines) into one line."""

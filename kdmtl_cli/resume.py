@@ -37,9 +37,14 @@ def rewrite_argv_for_resume(args: List[str]) -> List[str]:
         run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
         multirun = any(a in ("-m", "--multirun") for a in args)
         if run_dirs and not multirun and (Path(run_dirs[-1]).expanduser() / "checkpoints" / "last.pt").exists():
-            raise KdmtlError(f"{run_dirs[-1]} already holds a run's checkpoints; pass resume={run_dirs[-1]} "
-                             "to continue it, or choose another hydra.run.dir")
-        return args
+            if not (Path(run_dirs[-1]).expanduser() / "PREEMPTED").exists():
+                raise KdmtlError(f"{run_dirs[-1]} already holds a run's checkpoints; pass resume={run_dirs[-1]} "
+                                 "to continue it, or choose another hydra.run.dir")
+            # Stopped by a signal (kdmtl_cli/run.py): the requeued, identical command resumes it.
+            values = [run_dirs[-1]]
+            args = [a for a in args if not RESUME_ARG.match(a)]
+        else:
+            return args
     if any(a in ("-m", "--multirun") for a in args):
         raise KdmtlError("resume cannot be combined with -m/--multirun; resume each run by its directory")
     value = values[-1]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +25,7 @@ from kdmtl_cli.engine.logging import MetricsLog
 from kdmtl_cli.engine.optim import build_optimizer, build_scheduler, check_optimizer
 from kdmtl_cli.engine.seeding import seed_everything
 from kdmtl_cli.engine.trainer import Trainer, check_monitor, evaluate
-from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.errors import KdmtlError, Preempted
 from kdmtl_cli.models import build_model
 from kdmtl_cli.report import baselines
 from kdmtl_cli.report.delta_m import CONVENTIONS, delta_m_of_run
@@ -89,6 +92,30 @@ def _teacher_output_cache(cfg, teacher, train_loader, hardware, data, tasks):
     return cache
 
 
+PREEMPTED = "PREEMPTED"                      # marker: the run stopped on a signal; the same command resumes it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends SIGTERM (or --signal=USR1@T) before the end
+
+
+@contextmanager
+def _stop_on_signals(trainer, run_dir: Path, log):
+    """SIGTERM / SIGUSR1: the trainer checkpoints after the current step and raises Preempted;
+    the marker file tells the next start with this run dir to resume instead of refusing."""
+    if threading.current_thread() is not threading.main_thread():   # signals only reach the main thread
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, _frame: trainer.request_stop(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    except Preempted as stop:
+        log.close()
+        atomic_write_text(json.dumps({"signal": signal.Signals(trainer.stop_signal).name, "message": str(stop)}),
+                          run_dir / PREEMPTED)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _say(cfg):
     return (lambda text: print(text, flush=True)) if cfg.log.progress != "none" else (lambda text: None)
 
@@ -145,10 +172,14 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     if resume:
         checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         trainer.restore(checkpoint)
-        log.truncate_after_epoch(checkpoint["epoch"])
+        position = checkpoint.get("position")
+        log.truncate_after_epoch(checkpoint["epoch"], through_step=checkpoint["global_step"] if position else None)
+        (run_dir / PREEMPTED).unlink(missing_ok=True)
         if cfg.log.progress != "none":
-            print(f"student: resuming {run_dir} after epoch {checkpoint['epoch']}", flush=True)
-    state = trainer.fit()
+            where = f" + {position['batches_done']} steps" if position else ""
+            print(f"student: resuming {run_dir} after epoch {checkpoint['epoch']}{where}", flush=True)
+    with _stop_on_signals(trainer, run_dir, log):
+        state = trainer.fit()
     if state.epoch < cfg.optim.epochs:
         log.close()
         return state.best_value

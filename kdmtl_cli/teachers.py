@@ -174,7 +174,7 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
         return cached()
     # Sweep jobs needing this teacher train it once: the first takes the lock, the others wait
     # and then load it. The weights file is written atomically, so it exists only when complete.
-    with file_lock(entry.parent / f".{key}.lock",
+    with file_lock(entry.parent.parent / "locks" / f"teacher-{key}.lock",
                    on_wait=lambda: _say(progress, f"{label}: another job is training teacher {key}; waiting")):
         if weights_path.exists():
             return cached()

@@ -67,7 +67,7 @@ def test_a_job_killed_while_training_leaves_no_lock_and_no_teacher(tmp_path):
     time.sleep(1.0)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert list((cache / "teachers").glob(".*.lock"))                 # the lock file stays, unlocked
+    assert list((cache / "locks").glob("teacher-*.lock"))              # the lock file stays, unlocked
     assert not list((cache / "teachers").glob("*/teacher.safetensors"))
     # the next job (same teacher key) is not blocked and trains the teacher itself
     proc = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path, env=_env(cache),

@@ -107,6 +107,7 @@ class TensorLoader:
         self.crop_padding = int(crop_padding)
         self.pad_values = dict(pad_values or {})
         self.views = views
+        self.skip_batches = 0
         if views is not None and views.flips.shape[0] != self.num_samples:
             raise ValueError(f"the view table has {views.flips.shape[0]} samples, the split {self.num_samples}")
 
@@ -139,7 +140,9 @@ class TensorLoader:
         return order, flips, crops, None
 
     def batch_indices(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
-        for b in range(len(self)):
+        # `skip_batches` (set when resuming mid-epoch) skips the batches already trained, once.
+        start, self.skip_batches = self.skip_batches, 0
+        for b in range(start, len(self)):
             yield order[b * self.batch_size:(b + 1) * self.batch_size]
 
     def __iter__(self) -> Iterator[dict]:

@@ -35,14 +35,16 @@ class MetricsLog:
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
-    def truncate_after_epoch(self, epoch: int) -> None:
-        """On resume: drop records written after the checkpoint we resume from."""
+    def truncate_after_epoch(self, epoch: int, through_step: Optional[int] = None) -> None:
+        """On resume: drop records written after the checkpoint we resume from (a mid-epoch
+        checkpoint also keeps the step records up to its global step `through_step`)."""
         if not self.path.exists():
             return
         kept = []
         for line in self.path.read_text().splitlines():
             record = json.loads(line)
-            if record.get("type") == "final" or record.get("epoch", 0) > epoch:
+            in_part = through_step is not None and record.get("type") == "step" and record["step"] <= through_step
+            if record.get("type") == "final" or (record.get("epoch", 0) > epoch and not in_part):
                 continue
             kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))

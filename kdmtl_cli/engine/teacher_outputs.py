@@ -225,7 +225,7 @@ def open_or_build(*, cache_dir: str, teacher, loader, hardware, teacher_cfg, dat
     key = cache_key(content)
     entry = Path(cache_dir).expanduser() / "teacher_outputs" / key
     # Sweep jobs sharing this teacher build the entry once: the others wait, then reuse it.
-    with file_lock(entry.parent / f".{key}.lock",
+    with file_lock(entry.parent.parent / "locks" / f"teacher_outputs-{key}.lock",
                    on_wait=lambda: say(f"teacher outputs: another job is building {entry}; waiting")):
         return _open_or_build_locked(entry, content, entries, teacher, loader, hardware, views, topk, probe,
                                      dtype_name, say, progress_mode)

@@ -7,6 +7,8 @@ One loop trains teachers and students alike; what is optimised lives in the
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,9 +22,13 @@ from kdmtl_cli.engine.checkpoint import save_checkpoint
 from kdmtl_cli.engine.hardware import Hardware
 from kdmtl_cli.engine.logging import MetricsLog, Progress
 from kdmtl_cli.engine.seeding import rng_state, set_rng_state
-from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.errors import KdmtlError, Preempted
 from kdmtl_cli.schema import WeightingConfig
 from kdmtl_cli.weighting import build_weighting, weighted_backward
+
+
+# Tests only: deliver SIGTERM to this process right after this global step (0 = never).
+_SIGNAL_AT_STEP = int(os.environ.get("KDMTL_TEST_SIGNAL_AT_STEP", "0") or 0)
 
 
 def validation_metric_names(tasks) -> list:
@@ -124,6 +130,12 @@ class Trainer:
         self.stop_after_epoch = stop_after_epoch
         self.checkpoint_extra = checkpoint_extra or {}
         self.state = TrainState()
+        self.stop_signal: Optional[int] = None     # set by a signal handler: checkpoint and stop
+        self._position: Optional[Dict[str, Any]] = None   # where a mid-epoch checkpoint left off
+
+    def request_stop(self, signum: int) -> None:
+        """Called from a signal handler: finish the current step, checkpoint, raise Preempted."""
+        self.stop_signal = signum
 
     # ---- checkpoints -------------------------------------------------------------------
     def _checkpoint_state(self) -> Dict[str, Any]:
@@ -153,6 +165,7 @@ class Trainer:
                                 best_value=checkpoint["best_value"], best_epoch=checkpoint["best_epoch"],
                                 best_metrics=dict(checkpoint.get("best_metrics") or {}))
         set_rng_state(checkpoint["rng"])
+        self._position = checkpoint.get("position")
 
     def _improved(self, value: float) -> bool:
         best = self.state.best_value
@@ -202,9 +215,16 @@ class Trainer:
         window: Dict[str, torch.Tensor] = {}
         window_counts: Dict[str, int] = {}
         recent_losses = []
-        samples, window_steps = 0, 0
+        samples, window_steps, first = 0, 0, 0
+        position, self._position = self._position, None
+        if position is not None and position["epoch"] == epoch:
+            # Resuming mid-epoch: the epoch's plan is a function of (seed, epoch), so skipping the
+            # batches already trained and restoring the epoch's running sums continues it exactly.
+            first, samples = int(position["batches_done"]), int(position["samples"])
+            sums, counts = dict(position["sums"]), dict(position["counts"])
+            self.train_loader.skip_batches = first
         start = time.perf_counter()
-        for step, batch in enumerate(self.train_loader):
+        for step, batch in enumerate(self.train_loader, start=first):
             batch["image"] = hw.to_input(batch["image"])  # the teacher sees the same layout
             # Schedules inside methods (DKD warm-up, BAM annealing) read where training is.
             self.objective.set_progress(self.state.global_step / total_steps, epoch - 1 + step / steps_per_epoch)
@@ -267,6 +287,11 @@ class Trainer:
                 window, window_counts, window_steps, recent_losses = {}, {}, 0, []
             else:
                 progress.batch(None, 0.0)
+            if _SIGNAL_AT_STEP and self.state.global_step == _SIGNAL_AT_STEP and self.label == "student":
+                os.kill(os.getpid(), signal.SIGTERM)   # tests: a real signal at a known step
+            if self.stop_signal is not None:
+                self._check_finite(recent_losses, epoch)
+                self._stop_mid_epoch(epoch, step + 1, sums, counts, samples)
         self._check_finite(recent_losses, epoch)
         elapsed = time.perf_counter() - start
         metrics = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
@@ -275,6 +300,17 @@ class Trainer:
         metrics["train/samples_per_s"] = samples / max(elapsed, 1e-9)
         metrics["train/epoch_time_s"] = elapsed
         return metrics
+
+    def _stop_mid_epoch(self, epoch: int, batches_done: int, sums, counts, samples: int) -> None:
+        """The safe point after a step: write `last.pt` with the position in the epoch, raise Preempted."""
+        state = self._checkpoint_state()
+        state["position"] = {"epoch": epoch, "batches_done": batches_done, "samples": samples,
+                             "sums": dict(sums), "counts": dict(counts)}
+        save_checkpoint(state, self.checkpoint_dir / "last.pt")
+        name = signal.Signals(self.stop_signal).name
+        raise Preempted(f"[{self.label}] {name} received: checkpoint written after epoch {epoch - 1} + "
+                        f"{batches_done} steps ({self.checkpoint_dir / 'last.pt'}); run the same command "
+                        "again (or resume=<run dir>) to continue")
 
     def _check_finite(self, recent_losses, epoch: int) -> None:
         if not recent_losses:

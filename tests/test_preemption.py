@@ -1,0 +1,58 @@
+"""Preemption: SIGTERM (or SIGUSR1) makes a run checkpoint after the current step and exit with
+75 (EX_TEMPFAIL, for a launcher to requeue); the same command started again resumes it from the
+middle of the epoch and finishes bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import FAST, read_jsonl, run_kdmtl, show
+
+
+def test_sigterm_mid_epoch_then_the_same_command_resumes_exactly(workdir, shared_cache):
+    common = ["train", *FAST, "optim.epochs=2", "data.batch_size=16", "limit_train_batches=4", "log.every_n_steps=1"]
+    straight, stopped = workdir / "straight", workdir / "stopped"
+    done = run_kdmtl([*common, f"hydra.run.dir={straight}"], workdir, shared_cache)
+    assert done.returncode == 0, show(done)
+
+    command = [*common, f"hydra.run.dir={stopped}"]
+    # a real SIGTERM, delivered by the run to itself right after global step 3 (epoch 1 has 4 steps)
+    first = run_kdmtl(command, workdir, shared_cache, env_extra={"KDMTL_TEST_SIGNAL_AT_STEP": "3"})
+    assert first.returncode == 75, show(first)
+    lines = first.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdmtl: stopped:") and "SIGTERM" in lines[0], first.stderr
+    checkpoint = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 3
+    assert checkpoint["position"]["epoch"] == 1 and checkpoint["position"]["batches_done"] == 3
+    assert json.loads((stopped / "PREEMPTED").read_text())["signal"] == "SIGTERM"
+    assert not (stopped / "results.json").exists()
+
+    second = run_kdmtl(command, workdir, shared_cache)          # the requeued, identical command
+    assert second.returncode == 0, show(second)
+    assert "resuming" in second.stdout and "after epoch 0 + 3 steps" in second.stdout
+    assert not (stopped / "PREEMPTED").exists()
+
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(stopped / "metrics.jsonl")
+    assert [r["type"] for r in b if r["type"] != "step"] == ["epoch", "epoch", "final"]
+    assert [r["step"] for r in b if r["type"] == "step"] == [r["step"] for r in a if r["type"] == "step"]
+    epochs_a = [r for r in a if r["type"] == "epoch"]
+    epochs_b = [r for r in b if r["type"] == "epoch"]
+    for ra, rb in zip(epochs_a, epochs_b):           # the interrupted epoch's training means included
+        for key in ra:
+            if key.startswith(("train/loss", "train/task", "val/")):
+                assert ra[key] == rb[key], key
+    keys = [k for k in a[-1] if k.startswith(("test/", "val/"))]
+    assert keys and all(a[-1][k] == b[-1][k] for k in keys)    # bit-identical, not approximately equal
+    wa = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_finished_run_dir_without_the_marker_is_still_refused(workdir, shared_cache):
+    run_dir = workdir / "once"
+    args = ["train", *FAST, "loss=none", f"hydra.run.dir={run_dir}"]
+    assert run_kdmtl(args, workdir, shared_cache).returncode == 0
+    again = run_kdmtl(args, workdir, shared_cache)
+    assert again.returncode == 1 and "already holds a run's checkpoints" in again.stderr
