@@ -116,6 +116,16 @@ def _stop_on_signals(trainer, run_dir: Path, log):
             signal.signal(sig, handler)
 
 
+def _overrides() -> list:
+    """The command-line overrides of this job (a sweep point's own values), when run by Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+
+
 def _say(cfg):
     return (lambda text: print(text, flush=True)) if cfg.log.progress != "none" else (lambda text: None)
 
@@ -209,7 +219,10 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     log.scalars({k: v for k, v in results.items() if k.startswith(("test/", "teacher/test/"))}, state.global_step)
     log.hparams(_hparams(cfg), {k: v for k, v in results.items() if k.startswith("test/")})
     log.close()
-    atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "results": results,
+    # Machine-readable for sweep aggregation: what this job changed, and its best / last / final metrics.
+    atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
+                                  "results": results, "best": {"epoch": state.best_epoch, **state.best_metrics},
+                                  "last": {"epoch": state.epoch, **state.last_metrics},
                                   "teacher": teacher_info}, indent=2), run_dir / "results.json")
     if cfg.delta_m.record:
         baselines.record(cfg.delta_m.record, tasks, test_metrics, data,

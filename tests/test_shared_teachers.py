@@ -54,6 +54,14 @@ def test_two_job_joblib_sweep_trains_the_teacher_once(tmp_path):
     assert len(jobs) == 2 and all((j / "results.json").is_file() for j in jobs)
     assert sum((j / "teacher").is_dir() for j in jobs) == 1      # only one job trained a teacher
     assert len(list((cache / "teachers").glob("*/teacher.safetensors"))) == 1
+    # each job records its own overrides and best / last / final metrics for the aggregation
+    import json
+    saved = [json.loads((j / "results.json").read_text()) for j in jobs]
+    assert sorted(o for s in saved for o in s["overrides"] if o.startswith("student.width")) == \
+        ["student.width=12", "student.width=8"]
+    for s in saved:
+        assert s["best"]["epoch"] == 1 and s["last"]["epoch"] == 1 and "val/loss/task" in s["last"]
+        assert s["best"]["val/loss/task"] == s["results"]["val/loss/task"] and "test/cls/accuracy" in s["results"]
 
 
 def test_a_job_killed_while_training_leaves_no_lock_and_no_teacher(tmp_path):

@@ -95,6 +95,7 @@ class TrainState:
     best_value: Optional[float] = None
     best_epoch: Optional[int] = None
     best_metrics: Dict[str, float] = field(default_factory=dict)
+    last_metrics: Dict[str, float] = field(default_factory=dict)   # validation metrics of the last epoch
 
 
 class Trainer:
@@ -181,6 +182,7 @@ class Trainer:
                 value = val_metrics[self.monitor]
                 self.state.epoch = epoch
                 improved = self._improved(value)
+                self.state.last_metrics = dict(val_metrics)
                 if improved:
                     self.state.best_value, self.state.best_epoch = value, epoch
                     self.state.best_metrics = dict(val_metrics)
