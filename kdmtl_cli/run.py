@@ -185,6 +185,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
         position = checkpoint.get("position")
         log.truncate_after_epoch(checkpoint["epoch"], through_step=checkpoint["global_step"] if position else None)
         (run_dir / PREEMPTED).unlink(missing_ok=True)
+        for partial in (run_dir / "checkpoints").glob(".*.tmp"):   # a write killed halfway (kill -9)
+            partial.unlink(missing_ok=True)
         if cfg.log.progress != "none":
             where = f" + {position['batches_done']} steps" if position else ""
             print(f"student: resuming {run_dir} after epoch {checkpoint['epoch']}{where}", flush=True)

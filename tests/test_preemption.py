@@ -56,3 +56,40 @@ def test_a_finished_run_dir_without_the_marker_is_still_refused(workdir, shared_
     assert run_kdmtl(args, workdir, shared_cache).returncode == 0
     again = run_kdmtl(args, workdir, shared_cache)
     assert again.returncode == 1 and "already holds a run's checkpoints" in again.stderr
+
+
+def _final(run_dir):
+    return next(r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "final")
+
+
+def test_sigusr1_also_checkpoints_and_stops(workdir, shared_cache):
+    run_dir = workdir / "usr1"
+    proc = run_kdmtl(["train", *FAST, "loss=none", "optim.epochs=2", "data.batch_size=16", "limit_train_batches=4",
+                      f"hydra.run.dir={run_dir}"], workdir, shared_cache,
+                     env_extra={"KDMTL_TEST_SIGNAL_AT_STEP": "2", "KDMTL_TEST_SIGNAL": "USR1"})
+    assert proc.returncode == 75 and "SIGUSR1" in proc.stderr, show(proc)
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["position"]["batches_done"] == 2
+
+
+def test_kill_9_mid_epoch_and_inside_a_checkpoint_write_then_resume_exactly(workdir, shared_cache):
+    """kill -9 loses at most the current epoch: the previous checkpoint stays loadable (a write
+    killed halfway leaves only a temporary file) and `resume=` finishes bit-identical."""
+    common = ["train", *FAST, "loss=none", "optim.epochs=3", "data.batch_size=16", "limit_train_batches=4"]
+    straight = workdir / "straight9"
+    assert run_kdmtl([*common, f"hydra.run.dir={straight}"], workdir, shared_cache).returncode == 0
+    # writes: epoch 1 last (1) + best (2); epoch 2 last (3)...; step 6 is mid epoch 2
+    cases = {"mid_epoch": {"KDMTL_TEST_SIGNAL_AT_STEP": "6", "KDMTL_TEST_SIGNAL": "KILL"},
+             "in_write": {"KDMTL_TEST_KILL_IN_CHECKPOINT_WRITE": "3"}}
+    for name, env in cases.items():
+        run_dir = workdir / name
+        killed = run_kdmtl([*common, f"hydra.run.dir={run_dir}"], workdir, shared_cache, env_extra=env)
+        assert killed.returncode == -9, show(killed)
+        checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)   # still loadable
+        assert checkpoint["epoch"] == 1 and "position" not in checkpoint, name
+        if name == "in_write":
+            assert list((run_dir / "checkpoints").glob(".last.pt.*.tmp"))     # the half-written file
+        resumed = run_kdmtl(["train", f"resume={run_dir}", "log.progress=plain"], workdir, shared_cache)
+        assert resumed.returncode == 0, show(resumed)
+        a, b = _final(straight), _final(run_dir)
+        keys = [k for k in a if k.startswith(("test/", "val/"))]
+        assert keys and all(a[k] == b[k] for k in keys), name

@@ -82,8 +82,29 @@ def one_line_err(err: BaseException) -> str:
     return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
 
 
+# Tests only: SIGKILL this process halfway through writing its N-th checkpoint (0 = never).
+_KILL_IN_WRITE = int(os.environ.get("KDMTL_TEST_KILL_IN_CHECKPOINT_WRITE", "0") or 0)
+_writes = 0
+
+
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
+    global _writes
+    _writes += 1
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    if _KILL_IN_WRITE and _writes == _KILL_IN_WRITE:
+        _atomic_write(Path(path), lambda handle: _write_half_then_die(state, handle))
+    atomic_torch_save(state, path)
+
+
+def _write_half_then_die(state, handle) -> None:
+    import io
+    import signal
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:

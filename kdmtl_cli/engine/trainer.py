@@ -29,6 +29,7 @@ from kdmtl_cli.weighting import build_weighting, weighted_backward
 
 # Tests only: deliver SIGTERM to this process right after this global step (0 = never).
 _SIGNAL_AT_STEP = int(os.environ.get("KDMTL_TEST_SIGNAL_AT_STEP", "0") or 0)
+_TEST_SIGNAL = getattr(signal, "SIG" + os.environ.get("KDMTL_TEST_SIGNAL", "TERM"))
 
 
 def validation_metric_names(tasks) -> list:
@@ -290,7 +291,7 @@ class Trainer:
             else:
                 progress.batch(None, 0.0)
             if _SIGNAL_AT_STEP and self.state.global_step == _SIGNAL_AT_STEP and self.label == "student":
-                os.kill(os.getpid(), signal.SIGTERM)   # tests: a real signal at a known step
+                os.kill(os.getpid(), _TEST_SIGNAL)   # tests: a real signal at a known step
             if self.stop_signal is not None:
                 self._check_finite(recent_losses, epoch)
                 self._stop_mid_epoch(epoch, step + 1, sums, counts, samples)
