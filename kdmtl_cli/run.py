@@ -110,6 +110,11 @@ def _stop_on_signals(trainer, run_dir: Path, log):
         log.close()
         atomic_write_text(json.dumps({"signal": signal.Signals(trainer.stop_signal).name, "message": str(stop)}),
                           run_dir / PREEMPTED)
+        # Under submitit the signal's own handler requeues the job: hand it the signal now that
+        # the checkpoint is written (outside a launcher the previous handler is the default).
+        handler = previous.get(trainer.stop_signal)
+        if callable(handler):
+            handler(trainer.stop_signal, None)
         raise
     finally:
         for sig, handler in previous.items():
@@ -132,6 +137,8 @@ def _say(cfg):
 
 def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Optional[float]:
     started = time.perf_counter()
+    if not resume and (run_dir / PREEMPTED).exists() and (run_dir / "checkpoints" / "last.pt").exists():
+        resume = True    # a job requeued by its launcher (submitit) after a stop signal: continue it
     _write_config(cfg, run_dir, resume)
     seed_everything(cfg.seed)
     hardware = setup_hardware(cfg.hardware)
