@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import datetime
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -114,12 +115,50 @@ def _run(command: Callable[[], None], schema: type) -> int:
         if user_wants_traceback:
             raise
         code = getattr(err, "exit_code", 1)
-        print(f"kdmtl: {'stopped' if code == 75 else 'error'}: {_format_error(err, schema)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":   # data-parallel ranks > 0 fail alike: rank 0 says it once
+            print(f"kdmtl: {'stopped' if code == 75 else 'error'}: {_format_error(err, schema)}", file=sys.stderr)
         return code
     finally:
         if not user_wants_traceback:
             os.environ.pop("HYDRA_FULL_ERROR", None)
     return 0
+
+
+def _data_parallel_argv(args: List[str]) -> List[str]:
+    """`hardware.nproc=N > 1` (or `hardware=ddp`): start N ranks of this very command with
+    torch.distributed.run and exit with their status. Inside a rank: all ranks share one run
+    directory (given explicitly), and only rank 0 lets Hydra write .hydra/ and the log file."""
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if "RANK" in os.environ:                       # started by torch.distributed.run / torchrun
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if not multirun and not any(a.startswith("hydra.run.dir=") for a in args):
+                raise KdmtlError("with torchrun pass hydra.run.dir=DIR: every rank must use the same run directory")
+            if os.environ["RANK"] != "0":
+                args = [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                        "hydra/hydra_logging=disabled"]
+        return args
+    values = [a.split("=", 1)[1] for a in args if a.startswith(("hardware.nproc=", "+hardware.nproc="))]
+    if values:
+        try:
+            nproc = int(values[-1])
+        except ValueError:
+            raise KdmtlError(f"hardware.nproc must be a number of processes (got '{values[-1]}')") from None
+    elif "hardware=ddp" in args:
+        from importlib import resources
+
+        nproc = int(OmegaConf.create(resources.files("kdmtl_cli.conf").joinpath("hardware/ddp.yaml")
+                                     .read_text()).get("nproc", 2))
+    else:
+        return args
+    if nproc <= 1:
+        return args
+    if multirun:
+        raise KdmtlError("hardware.nproc > 1 cannot be combined with -m yet: start each data-parallel run on its own")
+    if not any(a.startswith("hydra.run.dir=") for a in args):   # one directory for all ranks, chosen here
+        args = [*args, f"hydra.run.dir=outputs/{datetime.now():%Y-%m-%d/%H-%M-%S}-{_RUN_ID}"]
+    from kdmtl_cli.engine.distributed import launch
+
+    sys.exit(launch(args, nproc))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -153,6 +192,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             check_added_keys(rest, TrainConfig)
             rest = mapping_entry_overrides(rest, TrainConfig)
             rest = rewrite_argv_for_resume(rest)
+            rest = _data_parallel_argv(rest)
         except KdmtlError as err:
             print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(1)

@@ -18,10 +18,12 @@ from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.objective import Objective, check_student_modules
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
-from kdmtl_cli.engine import teacher_outputs
+import torch
+
+from kdmtl_cli.engine import distributed, teacher_outputs
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
-from kdmtl_cli.engine.logging import MetricsLog
+from kdmtl_cli.engine.logging import MetricsLog, NullLog
 from kdmtl_cli.engine.optim import build_optimizer, build_scheduler, check_optimizer
 from kdmtl_cli.engine.seeding import seed_everything
 from kdmtl_cli.engine.trainer import Trainer, check_monitor, evaluate
@@ -97,7 +99,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends SIGTERM (or --sig
 
 
 @contextmanager
-def _stop_on_signals(trainer, run_dir: Path, log):
+def _stop_on_signals(trainer, run_dir: Path, log, ranks=None):
     """SIGTERM / SIGUSR1: the trainer checkpoints after the current step and raises Preempted;
     the marker file tells the next start with this run dir to resume instead of refusing."""
     if threading.current_thread() is not threading.main_thread():   # signals only reach the main thread
@@ -108,8 +110,9 @@ def _stop_on_signals(trainer, run_dir: Path, log):
         yield
     except Preempted as stop:
         log.close()
-        atomic_write_text(json.dumps({"signal": signal.Signals(trainer.stop_signal).name, "message": str(stop)}),
-                          run_dir / PREEMPTED)
+        if ranks is None or ranks.is_main:
+            atomic_write_text(json.dumps({"signal": signal.Signals(trainer.stop_signal).name,
+                                          "message": str(stop)}), run_dir / PREEMPTED)
         # Under submitit the signal's own handler requeues the job: hand it the signal now that
         # the checkpoint is written (outside a launcher the previous handler is the default).
         handler = previous.get(trainer.stop_signal)
@@ -131,6 +134,17 @@ def _overrides() -> list:
         return []
 
 
+def _main_first(ranks, make):
+    """Rank 0 makes it first (training a teacher, generating data, building a cache), then the
+    other ranks make theirs, which finds rank 0's result in the cache."""
+    if ranks.is_main:
+        result = make()
+        distributed.barrier(ranks)
+        return result
+    distributed.barrier(ranks)
+    return make()
+
+
 def _say(cfg):
     return (lambda text: print(text, flush=True)) if cfg.log.progress != "none" else (lambda text: None)
 
@@ -139,10 +153,23 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     started = time.perf_counter()
     if not resume and (run_dir / PREEMPTED).exists() and (run_dir / "checkpoints" / "last.pt").exists():
         resume = True    # a job requeued by its launcher (submitit) after a stop signal: continue it
-    _write_config(cfg, run_dir, resume)
+    ranks = distributed.from_env()
+    if not ranks.is_main:      # one voice and one writer: rank 0
+        cfg.log.progress, cfg.log.tensorboard = "none", False
+    else:
+        _write_config(cfg, run_dir, resume)
     seed_everything(cfg.seed)
     hardware = setup_hardware(cfg.hardware)
-    data = build_data(cfg.data)
+    if ranks.active:
+        if hardware.device.type == "cuda":
+            hardware.device = torch.device(f"cuda:{ranks.local_rank}")
+            torch.cuda.set_device(hardware.device)
+        distributed.init(ranks, hardware.device)
+        distributed.check_batch(cfg.data.batch_size, ranks)
+        if cfg.weighting.name in ("gradnorm", "pcgrad", "cagrad"):
+            raise KdmtlError(f"weighting={cfg.weighting.name} is not supported with several processes yet "
+                             "(its per-task gradients are per rank); use equal, fixed, uncertainty, dwa or famo")
+    data = _main_first(ranks, lambda: build_data(cfg.data))   # generated data sets are cached once
     tasks = build_tasks(cfg.tasks, data.targets)
     teacher_tasks = teacher_task_names(cfg, tasks)
     methods = build_methods(cfg.loss, tasks, teacher_tasks)  # checks each method's settings
@@ -158,25 +185,27 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     check_optimizer(cfg.optim)
     check_student_modules(methods, student)
     train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
+    train_loader.shard = (ranks.rank, ranks.world)
     val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
     test_loader = make_loader(data, "test", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
 
     teacher, teacher_info = None, {}
     if methods:
-        teacher, teacher_info = prepare_teacher(cfg, tasks, data, hardware, run_dir)
+        teacher, teacher_info = _main_first(ranks, lambda: prepare_teacher(cfg, tasks, data, hardware, run_dir))
     # Reseed: training continues the same whether the teacher was trained here or loaded.
     seed_everything(cfg.seed)
     objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
     objective.setup(student, next(iter(val_loader)), hardware.device)
     if teacher is not None and cfg.teacher.cache != "off":
-        objective.cache = _teacher_output_cache(cfg, teacher, train_loader, hardware, data, tasks)
+        objective.cache = _main_first(ranks, lambda: _teacher_output_cache(cfg, teacher, train_loader, hardware,
+                                                                           data, tasks))
         seed_everything(cfg.seed)   # building the cache or not leaves training the same
     elif cfg.teacher.cache != "off":
         _say(cfg)(f"teacher.cache={cfg.teacher.cache} is not used: no distillation method runs (loss=none)")
     optimizer = build_optimizer([{"params": list(student.parameters())}, *objective.param_groups(cfg.optim.lr),
                                  *weighting.param_groups(cfg.optim.lr)], cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader))
-    log = MetricsLog(run_dir, cfg.log.tensorboard)
+    log = MetricsLog(run_dir, cfg.log.tensorboard) if ranks.is_main else NullLog()
     meta = model_meta(cfg.student, task_signature(tasks), data)
     trainer = Trainer(model=student, objective=objective, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
                       hardware=hardware, train_loader=train_loader, val_loader=val_loader,
@@ -185,22 +214,26 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
                       mode=cfg.checkpoint.mode, grad_clip_norm=cfg.optim.grad_clip_norm,
                       log_every_n_steps=cfg.log.every_n_steps, stop_after_epoch=cfg.stop_after_epoch,
                       checkpoint_extra={"model_meta": meta}, weighting=weighting,
-                      grad_norms_every_n_steps=cfg.log.grad_norms_every_n_steps)
+                      grad_norms_every_n_steps=cfg.log.grad_norms_every_n_steps, ranks=ranks)
     if resume:
         checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         trainer.restore(checkpoint)
         position = checkpoint.get("position")
         log.truncate_after_epoch(checkpoint["epoch"], through_step=checkpoint["global_step"] if position else None)
-        (run_dir / PREEMPTED).unlink(missing_ok=True)
-        for partial in (run_dir / "checkpoints").glob(".*.tmp"):   # a write killed halfway (kill -9)
-            partial.unlink(missing_ok=True)
+        distributed.barrier(ranks)    # every rank has read the checkpoint before rank 0 tidies up
+        if ranks.is_main:
+            (run_dir / PREEMPTED).unlink(missing_ok=True)
+            for partial in (run_dir / "checkpoints").glob(".*.tmp"):   # a write killed halfway (kill -9)
+                partial.unlink(missing_ok=True)
         if cfg.log.progress != "none":
             where = f" + {position['batches_done']} steps" if position else ""
             print(f"student: resuming {run_dir} after epoch {checkpoint['epoch']}{where}", flush=True)
-    with _stop_on_signals(trainer, run_dir, log):
+    with _stop_on_signals(trainer, run_dir, log, ranks):
         state = trainer.fit()
-    if state.epoch < cfg.optim.epochs:
+    distributed.barrier(ranks)        # rank 0's checkpoints are written
+    if state.epoch < cfg.optim.epochs or not ranks.is_main:
         log.close()
+        distributed.shutdown(ranks)
         return state.best_value
 
     # Test once, with the checkpoint chosen on validation.
@@ -254,4 +287,5 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
         if results.get("delta_m/skipped"):
             print(f"Δm not computed: {results['delta_m/skipped']}", flush=True)
         print(f"run dir: {run_dir}", flush=True)
+    distributed.shutdown(ranks)
     return state.best_value

@@ -188,6 +188,7 @@ class HardwareConfig:
     channels_last: bool = True            # NHWC memory layout: faster convolutions on CPU and GPU
     compile: bool = False                 # torch.compile the models' forward (keys of state_dict unchanged)
     compile_mode: str = "default"         # default | reduce-overhead | max-autotune
+    nproc: int = 1                        # data-parallel processes (kdmtl starts them; hardware=ddp)
 
 
 @dataclass

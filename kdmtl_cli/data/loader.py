@@ -108,6 +108,7 @@ class TensorLoader:
         self.pad_values = dict(pad_values or {})
         self.views = views
         self.skip_batches = 0
+        self.shard = (0, 1)             # (rank, world) under data-parallel training
         if views is not None and views.flips.shape[0] != self.num_samples:
             raise ValueError(f"the view table has {views.flips.shape[0]} samples, the split {self.num_samples}")
 
@@ -142,8 +143,15 @@ class TensorLoader:
     def batch_indices(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
         # `skip_batches` (set when resuming mid-epoch) skips the batches already trained, once.
         start, self.skip_batches = self.skip_batches, 0
+        rank, world = self.shard
         for b in range(start, len(self)):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            # data-parallel ranks: each takes its contiguous share of the same global batch
+            yield torch.tensor_split(index, world)[rank] if world > 1 else index
+
+    def global_batch_size(self, step: int) -> int:
+        """Samples in the global batch of this step (all ranks together)."""
+        return min(self.batch_size, self.num_samples - step * self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
         order, flips, crops, views = self.epoch_plan()

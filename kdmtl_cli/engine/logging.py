@@ -130,3 +130,22 @@ class Progress:
         if self.mode != "none":
             (self._bar.console.print if self._bar is not None else print)(text)
             sys.stdout.flush()
+
+
+class NullLog:
+    """The log of a data-parallel rank other than 0: rank 0 writes metrics.jsonl and TensorBoard."""
+
+    def write(self, record) -> None:
+        pass
+
+    def scalars(self, values, step) -> None:
+        pass
+
+    def hparams(self, hparams, metrics) -> None:
+        pass
+
+    def truncate_after_epoch(self, epoch, through_step=None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

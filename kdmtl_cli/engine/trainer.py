@@ -18,7 +18,8 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import OmegaConf
 
-from kdmtl_cli.engine.checkpoint import save_checkpoint
+from kdmtl_cli.engine.checkpoint import save_checkpoint as _save_checkpoint
+from kdmtl_cli.engine.distributed import average_gradients, mean_across_ranks
 from kdmtl_cli.engine.hardware import Hardware
 from kdmtl_cli.engine.logging import MetricsLog, Progress
 from kdmtl_cli.engine.seeding import rng_state, set_rng_state
@@ -58,12 +59,21 @@ def metric_direction(name: str, tasks) -> str:
     return "min"
 
 
+def _no_dist() -> bool:
+    return False
+
+
 @torch.no_grad()
 def evaluate(model, loader, tasks, hardware: Hardware, split: str) -> Dict[str, float]:
     """Task losses and every task metric over a whole split, as {split/...: float}."""
     model.eval()
     metrics = {name: {m: metric.to(hardware.device) for m, metric in task.kind.metrics(task.spec).items()}
                for name, task in tasks.items()}
+    for per_task in metrics.values():
+        for metric in per_task.values():
+            # Under data-parallel training every rank evaluates the whole split: no syncing.
+            metric.sync_on_compute = False
+            metric.distributed_available_fn = _no_dist
     sums: Dict[str, float] = {}
     count = 0
     for batch in loader:
@@ -105,8 +115,10 @@ class Trainer:
                  progress_mode: str, label: str, monitor: str, mode: str = "auto",
                  grad_clip_norm: Optional[float] = None, log_every_n_steps: int = 25,
                  stop_after_epoch: Optional[int] = None, checkpoint_extra: Optional[Dict[str, Any]] = None,
-                 weighting=None, grad_norms_every_n_steps: int = 0):
+                 weighting=None, grad_norms_every_n_steps: int = 0, ranks=None):
         self.model, self.objective, self.tasks = model, objective, tasks
+        from kdmtl_cli.engine.distributed import Ranks
+        self.ranks = ranks or Ranks()          # data-parallel ranks (kdmtl_cli/engine/distributed.py)
         # How the per-task losses become a step; teachers are trained with equal weights.
         if weighting is None:
             weighting = build_weighting(OmegaConf.structured(WeightingConfig), list(tasks))
@@ -193,9 +205,9 @@ class Trainer:
                 self.log.write(record)
                 self.log.scalars({**train_metrics, **val_metrics, "lr": lr}, self.state.global_step)
                 state = self._checkpoint_state()
-                save_checkpoint(state, self.checkpoint_dir / "last.pt")
+                self._save(state, self.checkpoint_dir / "last.pt")
                 if improved:
-                    save_checkpoint(state, self.checkpoint_dir / "best.pt")
+                    self._save(state, self.checkpoint_dir / "best.pt")
                 progress.end_epoch(epoch, f"train {train_metrics['train/loss/total']:.4f}  "
                                           f"{self.monitor} {value:.4f}{'  *best' if improved else ''}  "
                                           f"{train_metrics['train/samples_per_s']:,.0f} samples/s")
@@ -241,6 +253,9 @@ class Trainer:
                                        scale=scale, measure_grad_norms=measure)
             loss = result.total
             terms["loss/total"] = loss
+            if self.ranks.active:   # the gradient of the global batch's mean loss, on every rank
+                share = batch["image"].shape[0] / self.train_loader.global_batch_size(step)
+                average_gradients(self.shared + self.others, share)
             for name, value in losses.items():
                 terms[f"group/{name}"] = value
                 terms[f"weight/{name}"] = result.weights[name]
@@ -257,7 +272,10 @@ class Trainer:
                 if self.grad_clip_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
                 self.optimizer.step()
-            self.weighting.after_step({name: value.detach() for name, value in losses.items()})
+            step_losses = {name: value.detach() for name, value in losses.items()}
+            if self.ranks.active:   # strategies adapt from the global batch's losses, alike on every rank
+                step_losses = mean_across_ranks(step_losses)
+            self.weighting.after_step(step_losses)
             with warnings.catch_warnings():
                 # GradScaler skips optimizer steps whose gradients overflowed; the schedule
                 # still advances per batch, which is what we want, so torch's warning is noise.
@@ -297,6 +315,8 @@ class Trainer:
                 self._stop_mid_epoch(epoch, step + 1, sums, counts, samples)
         self._check_finite(recent_losses, epoch)
         elapsed = time.perf_counter() - start
+        if self.ranks.active:
+            sums = mean_across_ranks(sums)
         metrics = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
         # DWA and friends adapt once per epoch from the epoch-mean loss of each task.
         self.weighting.end_epoch({name: metrics[f"train/group/{name}"] for name in self.tasks})
@@ -304,12 +324,16 @@ class Trainer:
         metrics["train/epoch_time_s"] = elapsed
         return metrics
 
+    def _save(self, state, path: Path) -> None:
+        if self.ranks.is_main:      # one writer; every rank holds the same state
+            _save_checkpoint(state, path)
+
     def _stop_mid_epoch(self, epoch: int, batches_done: int, sums, counts, samples: int) -> None:
         """The safe point after a step: write `last.pt` with the position in the epoch, raise Preempted."""
         state = self._checkpoint_state()
         state["position"] = {"epoch": epoch, "batches_done": batches_done, "samples": samples,
                              "sums": dict(sums), "counts": dict(counts)}
-        save_checkpoint(state, self.checkpoint_dir / "last.pt")
+        self._save(state, self.checkpoint_dir / "last.pt")
         name = signal.Signals(self.stop_signal).name
         raise Preempted(f"[{self.label}] {name} received: checkpoint written after epoch {epoch - 1} + "
                         f"{batches_done} steps ({self.checkpoint_dir / 'last.pt'}); run the same command "
