@@ -25,6 +25,7 @@ Knowledge distillation into multi-task students, driven by Hydra configs.
 commands:
   train   train (or load) the teacher(s), distil into the student, evaluate, checkpoint
   eval    re-evaluate a finished run's checkpoint: kdmtl eval run_dir=outputs/...
+  report  one table over runs: kdmtl report multirun/DATE/TIME [group_by=[loss,weighting]] [out=FILE.md]
 
 Each command takes Hydra's options: --help, --cfg job, --info, -m/--multirun,
 --config-dir DIR (your own configs and experiments), --hydra-help.
@@ -172,9 +173,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"kdmtl {__version__}")
         sys.exit(0)
     name, rest = argv[0], argv[1:]
+    if name == "report":       # reads finished runs: no Hydra composition involved
+        from kdmtl_cli.commands.report import report_main
+
+        try:
+            sys.exit(report_main(rest))
+        except KdmtlError as err:
+            print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
+            sys.exit(1)
     commands = _commands()
     if name not in commands:
-        print(f"kdmtl: error: unknown command '{name}'; choose one of: {', '.join(commands)} "
+        print(f"kdmtl: error: unknown command '{name}'; choose one of: {', '.join([*commands, 'report'])} "
               "(kdmtl --help lists them)", file=sys.stderr)
         sys.exit(2)
     register_resolvers()

@@ -1,0 +1,125 @@
+"""Run directories -> groups of runs that differ only by seed, with mean ± std per metric.
+
+A finished run has `results.json` (kdmtl train writes it last): its config, the test metrics of
+the checkpoint selected on validation (`results`), the validation metrics of that epoch (`best`)
+and of the last epoch (`last`). Directories with a `config.yaml` but no `results.json` are
+unfinished: preempted (a PREEMPTED marker), stopped or crashed after a checkpoint, or crashed
+before one; they are listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from kdmtl_cli.errors import KdmtlError
+
+# Config keys that say where or how a run ran, not what it computed: never a grouping difference.
+NOT_A_SETTING = ("seed", "resume", "stop_after_epoch", "cache_dir", "log.", "hardware.", "data.root",
+                 "data.download", "data.generate", "data.loader", "data.num_workers", "data.tensor_max_mb",
+                 "published", "delta_m.record")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    results: dict
+    best: dict
+    last: dict
+
+
+@dataclass
+class Group:
+    label: str
+    runs: List[Run] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> List[int]:
+        return sorted(int(r.config.get("seed", 0)) for r in self.runs)
+
+    @property
+    def published(self) -> List[dict]:
+        return list(self.runs[0].config.get("published") or [])
+
+
+def _flatten(node, prefix: str = "") -> Dict[str, object]:
+    if isinstance(node, dict):
+        out: Dict[str, object] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.dumps(node, sort_keys=True) if isinstance(node, list) else node}
+
+
+def _is_setting(key: str) -> bool:
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_A_SETTING)
+
+
+def find_runs(dirs: Sequence[Path]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
+    """Every run directory under `dirs` (a run dir itself, a multirun dir, or nested ones)."""
+    runs, unfinished = [], []
+    seen = set()
+    for root in dirs:
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise KdmtlError(f"no such run directory: {root}; pass a kdmtl train run or multirun directory")
+        for config in sorted(root.rglob("config.yaml")):
+            run_dir = config.parent
+            if ".hydra" in run_dir.parts or run_dir in seen:
+                continue
+            seen.add(run_dir)
+            results = run_dir / "results.json"
+            if results.is_file():
+                saved = json.loads(results.read_text())
+                runs.append(Run(run_dir, saved["config"], saved["results"], saved.get("best") or {},
+                                saved.get("last") or {}))
+            elif (run_dir / "PREEMPTED").exists():
+                unfinished.append((run_dir, "preempted (resume with the same command)"))
+            elif (run_dir / "checkpoints" / "last.pt").exists():
+                unfinished.append((run_dir, "stopped or crashed after a checkpoint (resume=<dir>)"))
+            else:
+                unfinished.append((run_dir, "crashed before its first checkpoint"))
+    if not runs and not unfinished:
+        raise KdmtlError(f"no kdmtl runs (config.yaml) under {', '.join(map(str, dirs))}")
+    return runs, unfinished
+
+
+def group_runs(runs: List[Run], group_by: Optional[Sequence[str]] = None) -> List[Group]:
+    """Runs whose settings differ only by seed form one group; its label names the settings that
+    differ between groups (or the `group_by` keys; `loss` means the distillation methods)."""
+    flat = [{k: v for k, v in _flatten(r.config).items() if _is_setting(k)} for r in runs]
+    if group_by:
+        def key_of(i):
+            return tuple((k, _setting(runs[i].config, flat[i], k)) for k in group_by)
+    else:
+        varying = sorted({k for f in flat for k in f if len({json.dumps(g.get(k), default=str) for g in flat}) > 1})
+
+        def key_of(i):
+            return tuple((k, flat[i].get(k)) for k in varying)
+    groups: Dict[tuple, Group] = {}
+    for i, run in enumerate(runs):
+        key = key_of(i)
+        label = ", ".join(f"{k}={v}" if k != "loss" else str(v) for k, v in key) or "all runs"
+        groups.setdefault(key, Group(label)).runs.append(run)
+    return list(groups.values())
+
+
+def _setting(config: dict, flat: dict, key: str):
+    if key == "loss":   # the distillation methods, as the user chose them
+        methods = [name for name, node in config.get("loss", {}).items() if name != "task_weight" and node]
+        return "+".join(sorted(methods)) or "none"
+    for name in (key, f"{key}.name", f"{key}.arch"):    # a group node stands for its name / arch
+        if name in flat:
+            return flat[name]
+    raise KdmtlError(f"group_by key '{key}' is not a config key of the runs; e.g. group_by=[loss,weighting.name]")
+
+
+def mean_std(values: List[float]) -> Tuple[float, float, int]:
+    """Mean, sample standard deviation (n - 1; 0 for one run) and n."""
+    if not values:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
