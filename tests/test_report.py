@@ -21,7 +21,8 @@ PUBLISHED = [{"model": "student", "metric": "test/cls/accuracy", "value": 0.5, "
 def _run(root, name, loss, seed, acc, val_best, val_last, delta=None):
     run = root / name
     run.mkdir(parents=True)
-    config = {"seed": seed, "tasks": TASKS, "loss": {"task_weight": 1.0, "kd": {"weight": 0.5} if loss == "kd" else None},
+    kd = {"weight": 0.5} if loss == "kd" else None
+    config = {"seed": seed, "tasks": TASKS, "loss": {"task_weight": 1.0, "kd": kd},
               "weighting": {"name": "equal"}, "log": {"progress": "plain"}, "published": PUBLISHED}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     results = {"test/cls/accuracy": acc, "test/task/cls": 1.0, "teacher/test/cls/accuracy": 0.9}
