@@ -26,6 +26,7 @@ commands:
   train   train (or load) the teacher(s), distil into the student, evaluate, checkpoint
   eval    re-evaluate a finished run's checkpoint: kdmtl eval run_dir=outputs/...
   report  one table over runs: kdmtl report multirun/DATE/TIME [group_by=[loss,weighting]] [out=FILE.md]
+  export  a run's student (and teacher) to TorchScript/ONNX: kdmtl export run_dir=outputs/... format=torchscript
 
 Each command takes Hydra's options: --help, --cfg job, --info, -m/--multirun,
 --config-dir DIR (your own configs and experiments), --hydra-help.
@@ -173,17 +174,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"kdmtl {__version__}")
         sys.exit(0)
     name, rest = argv[0], argv[1:]
-    if name == "report":       # reads finished runs: no Hydra composition involved
+    if name in ("report", "export"):   # read finished runs: no Hydra composition involved
+        from kdmtl_cli.commands.export import export_main
         from kdmtl_cli.commands.report import report_main
 
         try:
-            sys.exit(report_main(rest))
+            sys.exit((report_main if name == "report" else export_main)(rest))
         except KdmtlError as err:
             print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(1)
     commands = _commands()
     if name not in commands:
-        print(f"kdmtl: error: unknown command '{name}'; choose one of: {', '.join([*commands, 'report'])} "
+        print(f"kdmtl: error: unknown command '{name}'; choose one of: {', '.join([*commands, 'report', 'export'])} "
               "(kdmtl --help lists them)", file=sys.stderr)
         sys.exit(2)
     register_resolvers()

@@ -34,6 +34,9 @@ def _say(progress_mode: str, text: str) -> None:
 
 
 def _tasks_from_signature(signature: Dict) -> Dict[str, Task]:
+    from kdmtl_cli.tasks import _load_kinds
+
+    _load_kinds()   # also when no config was composed (kdmtl export)
     tasks = {}
     for name, sig in signature.items():
         kind = TASK_KINDS.get(sig["kind"])()

@@ -1,0 +1,159 @@
+"""`kdmtl export run_dir=RUN [format=torchscript|onnx] [checkpoint=best|last] [out=DIR]`: the
+run's student (and its teacher, when it had one) as a deployable file, checked against the
+PyTorch model on a batch, plus a teacher-vs-student table: parameters, FLOPs, file size and
+latency per image on this device.
+
+The exported module takes an image batch [N, 3, H, W] (normalised as in training) and returns
+the task outputs as a tuple, in the order of `tasks` printed by the command (TorchScript by
+tracing: the architectures have no data-dependent control flow)."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import List
+
+import torch
+
+from kdmtl_cli.errors import KdmtlError
+
+OPTIONS = ("run_dir", "format", "checkpoint", "out")
+FORMATS = ("torchscript", "onnx")
+
+
+class TupleOutputs(torch.nn.Module):
+    """The model with its task outputs as a tuple (export formats want tensors, not dicts)."""
+
+    def __init__(self, model: torch.nn.Module, tasks: List[str]):
+        super().__init__()
+        self.model, self.tasks = model, list(tasks)
+
+    def forward(self, image):
+        outputs = self.model(image)["outputs"]
+        return tuple(outputs[name] for name in self.tasks)
+
+
+def parse(args: List[str]) -> dict:
+    options = {"format": "torchscript", "checkpoint": "best"}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in OPTIONS:
+            raise KdmtlError(f"unknown export argument '{arg}'; use {'=..., '.join(OPTIONS)}=... "
+                             "(e.g. kdmtl export run_dir=outputs/DATE/TIME format=torchscript)")
+        options[key] = value
+    if "run_dir" not in options:
+        raise KdmtlError("kdmtl export needs run_dir=<a kdmtl train run directory>")
+    if options["format"] not in FORMATS:
+        raise KdmtlError(f"unknown export format '{options['format']}'; choose torchscript or onnx")
+    if options["checkpoint"] not in ("best", "last"):
+        raise KdmtlError(f"checkpoint must be best or last (got '{options['checkpoint']}')")
+    return options
+
+
+def _load_student(run_dir: Path, which: str):
+    from kdmtl_cli.engine.checkpoint import load_checkpoint
+    from kdmtl_cli.teachers import build_teacher
+
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    if not path.is_file():
+        raise KdmtlError(f"{path} not found; pass run_dir= a finished kdmtl train run (checkpoints/{which}.pt)")
+    state = load_checkpoint(path)
+    return build_teacher(path, state["model_meta"], state["model"]), state["model_meta"]
+
+
+def _load_teacher(run_dir: Path):
+    from kdmtl_cli.teachers import build_teacher, read_teacher_file
+
+    results = run_dir / "results.json"
+    if not results.is_file():
+        return None
+    source = (json.loads(results.read_text()).get("teacher") or {}).get("source")
+    if not source or ";" in source or not Path(source).is_file():   # none, per-task, or gone
+        return None
+    meta, weights = read_teacher_file(Path(source))
+    return build_teacher(Path(source), meta, weights)
+
+
+def _export(model, tasks, example, fmt: str, path: Path) -> int:
+    """Write the exported model; check it against eager on `example`; return its size in bytes."""
+    from kdmtl_cli.engine.checkpoint import _atomic_write
+
+    wrapped = TupleOutputs(model.eval(), tasks).eval()
+    with torch.no_grad():
+        expected = wrapped(example)
+    if fmt == "torchscript":
+        # torch flags jit as deprecated in favour of torch.export, and the trace warns about the
+        # size checks in the heads (constant for a fixed input size): both are noise here.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        with torch.no_grad():
+            traced = torch.jit.trace(wrapped, example, check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        _atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+        loaded = torch.jit.load(str(path))
+        with torch.no_grad():
+            got = loaded(example)
+    else:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime
+        except ImportError:
+            raise KdmtlError("format=onnx needs the onnx extra: pip install kdmtl[onnx] "
+                             "(onnx and onnxruntime)") from None
+        buffer = io.BytesIO()
+        torch.onnx.export(wrapped, (example,), buffer, input_names=["image"], output_names=list(tasks),
+                          dynamic_axes={"image": {0: "batch"}})
+        _atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+        session = onnxruntime.InferenceSession(str(path))
+        got = tuple(torch.from_numpy(o) for o in session.run(None, {"image": example.numpy()}))
+    for name, a, b in zip(tasks, expected, got):
+        if a.shape != b.shape or not torch.allclose(a, b, atol=1e-4, rtol=1e-4):
+            raise KdmtlError(f"the exported {path.name} differs from the PyTorch model on task {name} "
+                             f"(max |Δ| {float((a - b).abs().max()):.3g}); not kept")
+    return path.stat().st_size
+
+
+def export_main(args: List[str]) -> int:
+    from omegaconf import OmegaConf
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdmtl_cli.engine.efficiency import measure
+    from kdmtl_cli.engine.hardware import Hardware
+
+    options = parse(args)
+    run_dir = Path(options["run_dir"]).expanduser()
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise KdmtlError(f"{run_dir} is not a kdmtl train run directory (no config.yaml)")
+    cfg = OmegaConf.load(config)
+    student, meta = _load_student(run_dir, options["checkpoint"])
+    tasks = list(meta["tasks"])
+    size = int(cfg.data.get("image_size", 32))
+    torch.manual_seed(0)
+    example = torch.randn(4, 3, size, size)
+    out_dir = Path(options.get("out") or run_dir / "export")
+    suffix = ".torchscript.pt" if options["format"] == "torchscript" else ".onnx"
+    hardware = Hardware(device=torch.device("cpu"), precision="32", channels_last=False, scaler=None)
+    rows = []
+    models = [("student", student)]
+    teacher = _load_teacher(run_dir)
+    if teacher is not None:
+        models.append(("teacher", teacher))
+    for name, model in models:
+        path = out_dir / f"{name}{suffix}"
+        own_tasks = [t for t in tasks if t in model.heads] if hasattr(model, "heads") else tasks
+        size_bytes = _export(model, own_tasks, example, options["format"], path)
+        cost = measure(model, example, hardware)
+        rows.append((name, cost["params"], cost["flops"], size_bytes, cost["latency_ms"], path))
+    table = Table(title=f"kdmtl export: {options['format']}, tasks {', '.join(tasks)} (outputs in this order)")
+    for column in ("model", "parameters", "FLOPs / image", "file size", "latency / image (cpu)", "file"):
+        table.add_column(column, justify="left" if column in ("model", "file") else "right")
+    for name, params, flops, size_bytes, latency, path in rows:
+        table.add_row(name, f"{params / 1e6:.3f}M", f"{flops / 1e6:.1f}M", f"{size_bytes / 2**20:.2f} MiB",
+                      f"{latency:.2f} ms", str(path))
+    Console(width=200).print(table)
+    return 0

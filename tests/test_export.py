@@ -1,0 +1,39 @@
+"""`kdmtl export`: a finished run's student and teacher to TorchScript; the saved module, loaded
+back, gives the PyTorch model's outputs on a batch; the comparison table; bad arguments."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import FAST, assert_one_line_error, run_kdmtl, show
+from kdmtl_cli.engine.checkpoint import load_checkpoint
+from kdmtl_cli.teachers import build_teacher
+
+
+def test_export_torchscript_round_trip_and_table(workdir, shared_cache):
+    run_dir = workdir / "run"
+    trained = run_kdmtl(["train", *FAST, f"hydra.run.dir={run_dir}"], workdir, shared_cache)
+    assert trained.returncode == 0, show(trained)
+    proc = run_kdmtl(["export", f"run_dir={run_dir}"], workdir, shared_cache)
+    assert proc.returncode == 0, show(proc)
+    assert "student" in proc.stdout and "teacher" in proc.stdout and "MiB" in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    model = build_teacher(run_dir / "checkpoints" / "best.pt", state["model_meta"], state["model"]).eval()
+    exported = torch.jit.load(str(run_dir / "export" / "student.torchscript.pt"))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)["outputs"]
+        got = exported(x)
+    assert len(got) == 3
+    for name, value in zip(("cls", "seg", "depth"), got):
+        assert torch.allclose(value, expected[name], atol=1e-5), name
+    assert (run_dir / "export" / "teacher.torchscript.pt").stat().st_size > \
+        (run_dir / "export" / "student.torchscript.pt").stat().st_size
+
+
+def test_export_bad_arguments(workdir, shared_cache):
+    assert_one_line_error(run_kdmtl(["export", "format=torchscript"], workdir, shared_cache), "needs run_dir")
+    assert_one_line_error(run_kdmtl(["export", f"run_dir={workdir}", "format=tflite"], workdir, shared_cache),
+                          "unknown export format")
+    assert_one_line_error(run_kdmtl(["export", f"run_dir={workdir}"], workdir, shared_cache), "no config.yaml")
