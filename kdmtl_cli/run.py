@@ -134,6 +134,15 @@ def _overrides() -> list:
         return []
 
 
+def _panel(cfg, val_loader, tasks, data, teacher):
+    """Validation images with ground truth, teacher and student predictions, for TensorBoard."""
+    if not cfg.log.tensorboard or not any(t.kind.dense for t in tasks.values()):
+        return None
+    from kdmtl_cli.engine.panel import ValidationPanel
+
+    return ValidationPanel(next(iter(val_loader)), tasks, data.mean, data.std, teacher)
+
+
 def _main_first(ranks, make):
     """Rank 0 makes it first (training a teacher, generating data, building a cache), then the
     other ranks make theirs, which finds rank 0's result in the cache."""
@@ -214,7 +223,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
                       mode=cfg.checkpoint.mode, grad_clip_norm=cfg.optim.grad_clip_norm,
                       log_every_n_steps=cfg.log.every_n_steps, stop_after_epoch=cfg.stop_after_epoch,
                       checkpoint_extra={"model_meta": meta}, weighting=weighting,
-                      grad_norms_every_n_steps=cfg.log.grad_norms_every_n_steps, ranks=ranks)
+                      grad_norms_every_n_steps=cfg.log.grad_norms_every_n_steps, ranks=ranks,
+                      panel=_panel(cfg, val_loader, tasks, data, teacher) if ranks.is_main else None)
     if resume:
         checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         trainer.restore(checkpoint)

@@ -60,6 +60,11 @@ class MetricsLog:
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(self.prefix + name, value, step)
 
+    def image(self, name: str, image, step: int) -> None:
+        """An RGB image [3, H, W] in [0, 1] to TensorBoard."""
+        if self.writer is not None:
+            self.writer.add_image(name, image, step)
+
     def hparams(self, params: Dict, metrics: Dict[str, float]) -> None:
         """One row of TensorBoard's HParams table per run, so sweeps compare side by side.
         run_name='.' keeps it in this run's event files instead of a new sub-run."""
@@ -142,6 +147,9 @@ class NullLog:
         pass
 
     def hparams(self, hparams, metrics) -> None:
+        pass
+
+    def image(self, name, image, step) -> None:
         pass
 
     def truncate_after_epoch(self, epoch, through_step=None) -> None:

@@ -115,7 +115,7 @@ class Trainer:
                  progress_mode: str, label: str, monitor: str, mode: str = "auto",
                  grad_clip_norm: Optional[float] = None, log_every_n_steps: int = 25,
                  stop_after_epoch: Optional[int] = None, checkpoint_extra: Optional[Dict[str, Any]] = None,
-                 weighting=None, grad_norms_every_n_steps: int = 0, ranks=None):
+                 weighting=None, grad_norms_every_n_steps: int = 0, ranks=None, panel=None):
         self.model, self.objective, self.tasks = model, objective, tasks
         from kdmtl_cli.engine.distributed import Ranks
         self.ranks = ranks or Ranks()          # data-parallel ranks (kdmtl_cli/engine/distributed.py)
@@ -144,6 +144,7 @@ class Trainer:
         self.stop_after_epoch = stop_after_epoch
         self.checkpoint_extra = checkpoint_extra or {}
         self.state = TrainState()
+        self.panel = panel                          # engine/panel.py: val images for TensorBoard
         self.stop_signal: Optional[int] = None     # set by a signal handler: checkpoint and stop
         self._position: Optional[Dict[str, Any]] = None   # where a mid-epoch checkpoint left off
 
@@ -204,6 +205,9 @@ class Trainer:
                           **train_metrics, **val_metrics, "best_epoch": self.state.best_epoch}
                 self.log.write(record)
                 self.log.scalars({**train_metrics, **val_metrics, "lr": lr}, self.state.global_step)
+                if self.panel is not None and self.ranks.is_main:
+                    for task, image in self.panel.render(self.model).items():
+                        self.log.image(f"val_panel/{task}", image, self.state.global_step)
                 state = self._checkpoint_state()
                 self._save(state, self.checkpoint_dir / "last.pt")
                 if improved:
