@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import assert_one_line_error
@@ -25,7 +26,10 @@ def _run(root, name, loss, seed, acc, val_best, val_last, delta=None):
     config = {"seed": seed, "tasks": TASKS, "loss": {"task_weight": 1.0, "kd": kd},
               "weighting": {"name": "equal"}, "log": {"progress": "plain"}, "published": PUBLISHED}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    results = {"test/cls/accuracy": acc, "test/task/cls": 1.0, "teacher/test/cls/accuracy": 0.9}
+    results = {"test/cls/accuracy": acc, "test/task/cls": 1.0, "teacher/test/cls/accuracy": 0.9,
+               "student/params": 1e5, "student/latency_ms": 1.0, "teacher/params": 8e5, "teacher/latency_ms": 3.0}
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"type": "epoch", "epoch": e, "train/loss/total": 2.0 / e,
+                                                           "val/cls/accuracy": acc * e / 2}) + "\n" for e in (1, 2)))
     if delta is not None:
         results["test/delta_m/maninis"] = delta
     (run / "results.json").write_text(json.dumps({
@@ -79,3 +83,19 @@ def test_report_bad_inputs_are_one_line_errors(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kdmtl_cli", "report", str(tmp_path), "colour=red"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert_one_line_error(bad, "unknown report option 'colour'")
+
+
+def test_report_plots_are_png_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    sweep = tmp_path / "multirun"
+    for i, acc in enumerate([0.4, 0.5]):
+        _run(sweep, f"kd/{i}", "kd", i, acc, acc, acc)
+        _run(sweep, f"vanilla/{i}", "none", i, acc - 0.1, acc, acc)
+    proc = subprocess.run([sys.executable, "-m", "kdmtl_cli", "report", str(sweep), "group_by=[loss]", "plot=true"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("tradeoff_test_cls_accuracy.png", "curves.png"):
+        with Image.open(sweep / name) as image:
+            assert image.format == "PNG" and image.width > 300
