@@ -183,6 +183,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         except KdmtlError as err:
             print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(1)
+        except Exception as err:  # noqa: BLE001 - the CLI boundary: one line unless asked for more
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"kdmtl: error: {type(err).__name__}: {one_line(str(err))}", file=sys.stderr)
+            sys.exit(1)
     commands = _commands()
     if name not in commands:
         print(f"kdmtl: error: unknown command '{name}'; choose one of: {', '.join([*commands, 'report', 'export'])} "

@@ -3,6 +3,7 @@ back, gives the PyTorch model's outputs on a batch; the comparison table; bad ar
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import FAST, assert_one_line_error, run_kdmtl, show
@@ -37,3 +38,23 @@ def test_export_bad_arguments(workdir, shared_cache):
     assert_one_line_error(run_kdmtl(["export", f"run_dir={workdir}", "format=tflite"], workdir, shared_cache),
                           "unknown export format")
     assert_one_line_error(run_kdmtl(["export", f"run_dir={workdir}"], workdir, shared_cache), "no config.yaml")
+
+
+def test_export_onnx_checked_against_pytorch(workdir, shared_cache):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnxruntime
+
+    run_dir = workdir / "run"
+    assert run_kdmtl(["train", *FAST, "loss=none", f"hydra.run.dir={run_dir}"], workdir, shared_cache).returncode == 0
+    proc = run_kdmtl(["export", f"run_dir={run_dir}", "format=onnx"], workdir, shared_cache, timeout=600)
+    assert proc.returncode == 0, show(proc)
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    model = build_teacher(run_dir / "checkpoints" / "best.pt", state["model_meta"], state["model"]).eval()
+    session = onnxruntime.InferenceSession(str(run_dir / "export" / "student.onnx"))
+    x = torch.randn(2, 3, 32, 32)                                   # another batch size than the export's
+    got = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)["outputs"]
+    for name, value in zip(("cls", "seg", "depth"), got):
+        assert torch.allclose(torch.from_numpy(value), expected[name], atol=1e-4), name

@@ -9,6 +9,7 @@ tracing: the architectures have no data-dependent control flow)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import warnings
@@ -100,12 +101,14 @@ def _export(model, tasks, example, fmt: str, path: Path) -> int:
         try:
             import onnx  # noqa: F401
             import onnxruntime
+            import onnxscript  # noqa: F401  (torch's exporter)
         except ImportError:
             raise KdmtlError("format=onnx needs the onnx extra: pip install kdmtl[onnx] "
-                             "(onnx and onnxruntime)") from None
+                             "(onnx, onnxruntime, onnxscript)") from None
         buffer = io.BytesIO()
-        torch.onnx.export(wrapped, (example,), buffer, input_names=["image"], output_names=list(tasks),
-                          dynamic_axes={"image": {0: "batch"}})
+        with contextlib.redirect_stdout(io.StringIO()):   # the exporter narrates its passes
+            torch.onnx.export(wrapped, (example,), buffer, input_names=["image"], output_names=list(tasks),
+                              dynamic_axes={"image": {0: "batch"}})
         _atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
         session = onnxruntime.InferenceSession(str(path))
         got = tuple(torch.from_numpy(o) for o in session.run(None, {"image": example.numpy()}))
