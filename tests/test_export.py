@@ -40,6 +40,7 @@ def test_export_bad_arguments(workdir, shared_cache):
     assert_one_line_error(run_kdmtl(["export", f"run_dir={workdir}"], workdir, shared_cache), "no config.yaml")
 
 
+@pytest.mark.slow  # ~30 s; run with -m slow
 def test_export_onnx_checked_against_pytorch(workdir, shared_cache):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

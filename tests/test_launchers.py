@@ -34,6 +34,7 @@ def test_slurm_launcher_config_composes(tmp_path):
     assert "SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout and "signal_delay_s: 120" in proc.stdout
 
 
+@pytest.mark.slow  # ~30 s; run with -m slow
 def test_submitit_sweep_and_a_stopped_job_resumes_when_started_again(tmp_path):
     straight = _sweep(tmp_path, tmp_path / "straight", extra=["student.width=8,12"])
     assert straight.returncode == 0, show(straight)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import FAST, read_jsonl, run_kdmtl, show
@@ -71,6 +72,7 @@ def test_sigusr1_also_checkpoints_and_stops(workdir, shared_cache):
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["position"]["batches_done"] == 2
 
 
+@pytest.mark.slow  # ~30 s; run with -m slow
 def test_kill_9_mid_epoch_and_inside_a_checkpoint_write_then_resume_exactly(workdir, shared_cache):
     """kill -9 loses at most the current epoch: the previous checkpoint stays loadable (a write
     killed halfway leaves only a temporary file) and `resume=` finishes bit-identical."""
