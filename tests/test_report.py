@@ -28,8 +28,9 @@ def _run(root, name, loss, seed, acc, val_best, val_last, delta=None):
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     results = {"test/cls/accuracy": acc, "test/task/cls": 1.0, "teacher/test/cls/accuracy": 0.9,
                "student/params": 1e5, "student/latency_ms": 1.0, "teacher/params": 8e5, "teacher/latency_ms": 3.0}
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"type": "epoch", "epoch": e, "train/loss/total": 2.0 / e,
-                                                           "val/cls/accuracy": acc * e / 2}) + "\n" for e in (1, 2)))
+    epochs = [{"type": "epoch", "epoch": e, "train/loss/total": 2.0 / e, "train/task/cls": 1.0 / e,
+               "val/cls/accuracy": acc * e / 2} for e in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
     if delta is not None:
         results["test/delta_m/maninis"] = delta
     (run / "results.json").write_text(json.dumps({
@@ -96,6 +97,6 @@ def test_report_plots_are_png_files(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kdmtl_cli", "report", str(sweep), "group_by=[loss]", "plot=true"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for name in ("tradeoff_test_cls_accuracy.png", "curves.png"):
+    for name in ("tradeoff_test_cls_accuracy.png", "curves.png", "curves_loss_terms.png"):
         with Image.open(sweep / name) as image:
             assert image.format == "PNG" and image.width > 300

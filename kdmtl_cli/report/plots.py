@@ -3,8 +3,9 @@ kdmtl[plot]`):
 
 - `tradeoff_<metric>.png`: each group's test metric (mean ± std over seeds) against the
   student's parameters and against its latency per image, with the teacher as its own point;
-- `curves_<metric>.png`: per group, the training loss terms and the validation metrics by
-  epoch (mean over seeds), from each run's metrics.jsonl.
+- `curves.png`: per group, the total training loss and validation metrics by epoch, and
+  `curves_loss_terms.png`: each named loss term (task/<t>, kd/<t>, ...) by epoch (means over
+  seeds, from each run's metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def tradeoff(groups: List[Group], metric: str, out_dir: Path) -> Path:
     return path
 
 
-def curves(groups: List[Group], names: List[str], out_dir: Path) -> Path:
+def curves(groups: List[Group], names: List[str], out_dir: Path, filename: str = "curves.png") -> Path:
     """Epoch curves (mean over a group's seeds) of `names`, one panel per name."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
@@ -87,7 +88,7 @@ def curves(groups: List[Group], names: List[str], out_dir: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path = out_dir / "curves.png"
+    path = out_dir / filename
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -102,4 +103,21 @@ def write_plots(groups: List[Group], out_dir: Path) -> List[Path]:
                                            if k.startswith("val/") and k.count("/") == 2
                                            and k.split("/")[1] not in ("task", "loss")})[:3]
     paths.append(curves(groups, names, out_dir))
+    # every named loss term (task/<t>, kd/<t>, at/..., weighted groups excluded), one panel each
+    terms = sorted({k for g in groups for r in g.runs for k in _epoch_keys(r.path)
+                    if k.startswith("train/") and k.count("/") >= 2
+                    and k.split("/")[1] not in ("loss", "group", "weight", "grad_norm", "samples_per_s")})
+    if terms:
+        paths.append(curves(groups, terms[:8], out_dir, "curves_loss_terms.png"))
     return paths
+
+
+def _epoch_keys(run_dir: Path) -> List[str]:
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return []
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("type") == "epoch":
+            return list(record)
+    return []
