@@ -20,6 +20,7 @@ the meta file when present). Images stay uint8 [N,3,32,32]; the loader normalise
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 
@@ -147,11 +148,6 @@ def _build(which: str, cfg) -> DataBundle:
                       fingerprint=fingerprint, info={"path": arrays["folder"]})
 
 
-@DATASETS.register("cifar10")
-def build_cifar10(cfg) -> DataBundle:
-    return _build("cifar10", cfg)
-
-
-@DATASETS.register("cifar100")
-def build_cifar100(cfg) -> DataBundle:
-    return _build("cifar100", cfg)
+# One data set per layout: cifar10, cifar100.
+for _name in LAYOUT:
+    DATASETS.register(_name)(functools.partial(_build, _name))

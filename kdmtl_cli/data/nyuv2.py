@@ -24,6 +24,7 @@ first ``data.test_size`` files of the release's ``val`` folder (sizes are upper 
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Dict, List
@@ -174,11 +175,6 @@ def build_dense(which: str, cfg) -> DataBundle:
                       fingerprint=fingerprint, info={"path": str(root / which)})
 
 
-@DATASETS.register("nyuv2")
-def build_nyuv2(cfg) -> DataBundle:
-    return build_dense("nyuv2", cfg)
-
-
-@DATASETS.register("cityscapes")
-def build_cityscapes(cfg) -> DataBundle:
-    return build_dense("cityscapes", cfg)
+# One data set per layout: nyuv2, cityscapes.
+for _name in LAYOUT:
+    DATASETS.register(_name)(functools.partial(build_dense, _name))
