@@ -128,12 +128,13 @@ def launch(args: List[str], nproc: int) -> int:
                 if proc.poll() is None:
                     proc.kill()
             codes = [proc.wait() for proc in procs]
-            if codes[0] in (0, None) or codes[0] < 0:     # rank 0 did not report it: say which rank failed
-                rank = next(r for r, c in enumerate(codes) if c not in (0, None) and c > 0)
-                print(f"kdmtl: error: data-parallel rank {rank} failed (exit {codes[rank]}); "
+            # The first rank that exited with a status of its own (the rest may be ours, killed).
+            rank = next((r for r, c in enumerate(codes) if c > 0), None)
+            if rank != 0:       # rank 0 did not report it: say which rank failed, and how
+                culprit = rank if rank is not None else next(r for r, c in enumerate(codes) if c != 0)
+                print(f"kdmtl: error: data-parallel rank {culprit} failed (exit {codes[culprit]}); "
                       "run it with HYDRA_FULL_ERROR=1 to see why", file=sys.stderr)
-            return next(c for c in codes if c not in (0, None) and c > 0) if any(
-                c not in (0, None) and c > 0 for c in codes) else 1
+            return codes[rank] if rank is not None else 1
         return 0
     except KeyboardInterrupt:
         for proc in procs:
