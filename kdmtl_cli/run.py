@@ -134,13 +134,13 @@ def _overrides() -> list:
         return []
 
 
-def _panel(cfg, val_loader, tasks, data, teacher):
+def _panel(cfg, val_batch, tasks, data, teacher):
     """Validation images with ground truth, teacher and student predictions, for TensorBoard."""
     if not cfg.log.tensorboard or not any(t.kind.dense for t in tasks.values()):
         return None
     from kdmtl_cli.engine.panel import ValidationPanel
 
-    return ValidationPanel(next(iter(val_loader)), tasks, data.mean, data.std, teacher)
+    return ValidationPanel(val_batch, tasks, data.mean, data.std, teacher)
 
 
 def _main_first(ranks, make):
@@ -204,7 +204,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     # Reseed: training continues the same whether the teacher was trained here or loaded.
     seed_everything(cfg.seed)
     objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
-    objective.setup(student, next(iter(val_loader)), hardware.device)
+    first_val = next(iter(val_loader))     # sizes the methods' learned parts; the TensorBoard panel's images
+    objective.setup(student, first_val, hardware.device)
     if teacher is not None and cfg.teacher.cache != "off":
         objective.cache = _main_first(ranks, lambda: _teacher_output_cache(cfg, teacher, train_loader, hardware,
                                                                            data, tasks))
@@ -224,7 +225,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
                       log_every_n_steps=cfg.log.every_n_steps, stop_after_epoch=cfg.stop_after_epoch,
                       checkpoint_extra={"model_meta": meta}, weighting=weighting,
                       grad_norms_every_n_steps=cfg.log.grad_norms_every_n_steps, ranks=ranks,
-                      panel=_panel(cfg, val_loader, tasks, data, teacher) if ranks.is_main else None)
+                      panel=_panel(cfg, first_val, tasks, data, teacher) if ranks.is_main else None)
     if resume:
         checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         trainer.restore(checkpoint)
