@@ -67,11 +67,12 @@ def rewrite_argv_for_resume(args: List[str]) -> List[str]:
     return args
 
 
-def _flatten(node, prefix: str = "") -> dict:
+def flatten_keys(node, prefix: str = "") -> dict:
+    """A nested config container as {dotted.key: leaf value} (lists are leaves)."""
     out = {}
     if isinstance(node, dict):
         for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_keys(value, f"{prefix}{key}."))
     else:
         out[prefix[:-1]] = node
     return out
@@ -95,8 +96,8 @@ def touched_keys(overrides: List[str]) -> Tuple[List[str], bool]:
 def merge_for_resume(new_cfg: DictConfig, saved_cfg: DictConfig, overrides: List[str]) -> DictConfig:
     """The saved config, with only the allowed overrides applied; anything else that changed is an error."""
     keys, everything = touched_keys(overrides)
-    new_flat = _flatten(OmegaConf.to_container(new_cfg, resolve=True))
-    old_flat = _flatten(OmegaConf.to_container(saved_cfg, resolve=True))
+    new_flat = flatten_keys(OmegaConf.to_container(new_cfg, resolve=True))
+    old_flat = flatten_keys(OmegaConf.to_container(saved_cfg, resolve=True))
     changed = []
     for key in sorted(set(new_flat) | set(old_flat)):
         if key.split(".")[0] in MAY_CHANGE_ON_RESUME or key in MAY_CHANGE_NESTED:

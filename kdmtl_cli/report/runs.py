@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.resume import flatten_keys
 
 # Config keys that say where or how a run ran, not what it computed: never a grouping difference.
 NOT_A_SETTING = ("seed", "resume", "stop_after_epoch", "cache_dir", "log.", "hardware.", "data.root",
@@ -46,13 +47,9 @@ class Group:
         return list(self.runs[0].config.get("published") or [])
 
 
-def _flatten(node, prefix: str = "") -> Dict[str, object]:
-    if isinstance(node, dict):
-        out: Dict[str, object] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: json.dumps(node, sort_keys=True) if isinstance(node, list) else node}
+def _flatten(config: dict) -> Dict[str, object]:
+    """Dotted keys; list values as JSON text, so settings compare and hash as plain values."""
+    return {k: json.dumps(v, sort_keys=True) if isinstance(v, list) else v for k, v in flatten_keys(config).items()}
 
 
 def _is_setting(key: str) -> bool:
