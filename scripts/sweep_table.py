@@ -18,19 +18,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from kdmtl_cli.report.table import higher_is_better
 
-
-def higher_is_better(metric: str, config: dict) -> bool:
-    """Direction of `split/task/metric` from the task's kind, or of a Δm column."""
-    from kdmtl_cli.tasks import TASK_KINDS, _load_kinds
-
-    parts = metric.split("/")
-    if parts[1] == "delta_m":
-        return True
-    if parts[1] not in config["tasks"]:
-        return False  # losses
-    _load_kinds()
-    return TASK_KINDS.get(config["tasks"][parts[1]]["kind"]).higher_is_better[parts[2]]
 
 
 def setting_of(config: dict, by: str) -> str:

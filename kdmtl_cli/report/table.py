@@ -15,17 +15,23 @@ COLUMNS = ["group", "seeds", "n", "metric", "test mean", "test std", "val best m
            "val last mean", "val last std", "published", "Δ vs published", "source"]
 
 
-def _direction(metric: str, config: dict) -> str:
+def higher_is_better(metric: str, config: dict) -> bool:
+    """Direction of `[teacher/]split/task/metric` from the task's kind (a run's config); Δm is
+    higher-is-better, losses are not."""
     from kdmtl_cli.tasks import TASK_KINDS, _load_kinds
 
     parts = metric.split("/")
     if parts[-2] == "delta_m":
-        return "↑"
+        return True
     task = config.get("tasks", {}).get(parts[-2])
     if task is None:
-        return "↓"
+        return False
     _load_kinds()
-    return "↑" if TASK_KINDS.get(task["kind"]).higher_is_better.get(parts[-1], False) else "↓"
+    return TASK_KINDS.get(task["kind"]).higher_is_better.get(parts[-1], False)
+
+
+def _direction(metric: str, config: dict) -> str:
+    return "↑" if higher_is_better(metric, config) else "↓"
 
 
 def _metrics(group: Group) -> List[str]:
