@@ -331,7 +331,6 @@ def data_path(args) -> None:
     from omegaconf import OmegaConf
 
     from kdmtl_cli.build import make_loader
-    from kdmtl_cli.data import DataBundle, TargetSpec
     from kdmtl_cli.distill.objective import Objective
     from kdmtl_cli.models import build_model
     from kdmtl_cli.schema import ModelConfig
@@ -389,12 +388,8 @@ def data_path(args) -> None:
 
     # CIFAR-sized data, built directly: random pixels cost the same to move as real ones
     _load_kinds()
-    generator = torch.Generator().manual_seed(0)
-    split = {"image": torch.randint(0, 256, (50000, 3, 32, 32), generator=generator, dtype=torch.uint8),
-             "cls": torch.randint(0, 100, (50000,), generator=generator)}
-    spec = TargetSpec("classification", 100)
-    cifar = DataBundle("cifar_sized", {"cls": spec}, {"train": split}, mean=[0.5071, 0.4865, 0.4409],
-                       std=[0.2673, 0.2564, 0.2762])
+    cifar = _cifar_like(50000)
+    spec = cifar.targets["cls"]
     cls_tasks = {"cls": Task("cls", TASK_KINDS.get("classification")(), spec, "cls")}
     cifar_cfg = OmegaConf.create({"data": {"batch_size": 64, "eval_batch_size": 512, "hflip": True,
                                            "crop_padding": 4, "loader": "tensor", "num_workers": 0}, "seed": 0})
