@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import threading
@@ -23,7 +24,7 @@ import torch
 from kdmtl_cli.engine import distributed, teacher_outputs
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
-from kdmtl_cli.engine.logging import MetricsLog, NullLog
+from kdmtl_cli.engine.logging import MetricsLog, NullLog, say
 from kdmtl_cli.engine.optim import build_optimizer, build_scheduler, check_optimizer
 from kdmtl_cli.engine.seeding import seed_everything
 from kdmtl_cli.engine.trainer import Trainer, check_monitor, evaluate
@@ -155,7 +156,8 @@ def _main_first(ranks, make):
 
 
 def _say(cfg):
-    return (lambda text: print(text, flush=True)) if cfg.log.progress != "none" else (lambda text: None)
+    """The run's status-message function (engine.logging.say at its log.progress)."""
+    return functools.partial(say, cfg.log.progress)
 
 
 def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Optional[float]:

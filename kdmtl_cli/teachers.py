@@ -18,7 +18,7 @@ from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.engine.checkpoint import (atomic_write_text, load_checkpoint, load_tensor_file,
                                          read_safetensors_metadata, save_weights)
 from kdmtl_cli.engine.locks import file_lock
-from kdmtl_cli.engine.logging import MetricsLog
+from kdmtl_cli.engine.logging import MetricsLog, say
 from kdmtl_cli.engine.optim import build_optimizer, build_scheduler
 from kdmtl_cli.engine.seeding import seed_everything
 from kdmtl_cli.engine.teacher_cache import teacher_dir, teacher_key
@@ -26,11 +26,6 @@ from kdmtl_cli.engine.trainer import Trainer
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import build_model
 from kdmtl_cli.tasks import TASK_KINDS, Task, task_signature
-
-
-def _say(progress_mode: str, text: str) -> None:
-    if progress_mode != "none":
-        print(text, flush=True)
 
 
 def _tasks_from_signature(signature: Dict) -> Dict[str, Task]:
@@ -142,7 +137,7 @@ def _with_input_norm(model, meta: Dict, data, progress: str = "plain"):
     same = all(abs(a - b) < 1e-12 for key in ("mean", "std") for a, b in zip(student_norm[key], teacher_norm[key]))
     if same:
         return model
-    _say(progress, f"teacher: trained at input mean {teacher_norm['mean']} std {teacher_norm['std']}; "
+    say(progress, f"teacher: trained at input mean {teacher_norm['mean']} std {teacher_norm['std']}; "
                    "renormalising the student's input for it")
     return Renormalize(model, student_norm, teacher_norm)
 
@@ -156,7 +151,7 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
         meta, weights = read_teacher_file(path)
         _check_covers(f"checkpoint {checkpoint}", meta["tasks"], tasks, wanted)
         model = _with_input_norm(build_teacher(path, meta, weights), meta, data, progress)
-        _say(progress, f"{label}: loaded {checkpoint}")
+        say(progress, f"{label}: loaded {checkpoint}")
         return hardware.prepare_model(model), {"source": str(checkpoint)}
 
     teacher_tasks = {n: tasks[n] for n in wanted}
@@ -170,7 +165,7 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
         meta, weights = read_teacher_file(weights_path)
         _check_covers(f"cache entry {entry}", meta["tasks"], tasks, wanted)
         model = _with_input_norm(build_teacher(weights_path, meta, weights), meta, data, progress)
-        _say(progress, f"{label}: reusing cached teacher {entry}")
+        say(progress, f"{label}: reusing cached teacher {entry}")
         return hardware.prepare_model(model), {"source": str(weights_path), "cached": True}
 
     if weights_path.exists():
@@ -178,10 +173,10 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
     # Sweep jobs needing this teacher train it once: the first takes the lock, the others wait
     # and then load it. The weights file is written atomically, so it exists only when complete.
     with file_lock(entry.parent.parent / "locks" / f"teacher-{key}.lock",
-                   on_wait=lambda: _say(progress, f"{label}: another job is training teacher {key}; waiting")):
+                   on_wait=lambda: say(progress, f"{label}: another job is training teacher {key}; waiting")):
         if weights_path.exists():
             return cached()
-        _say(progress, f"{label}: no cached teacher for key {key}; training it ({cfg.teacher.optim.epochs} epochs)")
+        say(progress, f"{label}: no cached teacher for key {key}; training it ({cfg.teacher.optim.epochs} epochs)")
         start = time.perf_counter()
         model = train_teacher(cfg, teacher_tasks, data, hardware, logs_dir, label)
         meta = model_meta(cfg.teacher, signature, data)
@@ -191,7 +186,7 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
                 "train_seconds": round(time.perf_counter() - start, 2),
                 "config": OmegaConf.to_container(cfg.teacher, resolve=True), "tasks": signature}
         atomic_write_text(json.dumps(info, indent=2), entry / "teacher.json")
-    _say(progress, f"{label}: trained in {info['train_seconds']:.1f}s and cached at {entry}")
+    say(progress, f"{label}: trained in {info['train_seconds']:.1f}s and cached at {entry}")
     return model, {"source": str(weights_path), "cached": False}
 
 

@@ -79,6 +79,12 @@ class MetricsLog:
             self.writer.close()
 
 
+def say(progress_mode: str, text: str) -> None:
+    """A one-line status message (teacher trained / reused, cache built...), unless log.progress=none."""
+    if progress_mode != "none":
+        print(text, flush=True)
+
+
 class Progress:
     """Epoch and batch progress with loss and samples/s. Rich bars on a terminal; plain
     lines (one per epoch) when output is redirected; nothing with mode=none."""
