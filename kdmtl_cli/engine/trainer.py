@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kdmtl_cli.engine.checkpoint import save_checkpoint as _save_checkpoint
-from kdmtl_cli.engine.distributed import average_gradients, mean_across_ranks
+from kdmtl_cli.engine.distributed import Ranks, average_gradients, mean_across_ranks
 from kdmtl_cli.engine.hardware import Hardware
 from kdmtl_cli.engine.logging import MetricsLog, Progress
 from kdmtl_cli.engine.seeding import rng_state, set_rng_state
@@ -117,7 +117,6 @@ class Trainer:
                  stop_after_epoch: Optional[int] = None, checkpoint_extra: Optional[Dict[str, Any]] = None,
                  weighting=None, grad_norms_every_n_steps: int = 0, ranks=None, panel=None):
         self.model, self.objective, self.tasks = model, objective, tasks
-        from kdmtl_cli.engine.distributed import Ranks
         self.ranks = ranks or Ranks()          # data-parallel ranks (kdmtl_cli/engine/distributed.py)
         # How the per-task losses become a step; teachers are trained with equal weights.
         if weighting is None:
