@@ -69,7 +69,9 @@ def test_all_strategies_register_and_defaults_match_the_config_node():
     ({"name": "dwa", "temperature": 0.0}, "weighting.temperature must be > 0 (got 0)"),
     ({"name": "cagrad", "c": -1.0}, "weighting.c must be >= 0 (got -1)"),
     ({"name": "gradnorm", "alpha": -0.5}, "weighting.alpha must be >= 0 (got -0.5)"),
-    ({"name": "gradnorm", "lr": 0.0}, "weighting.lr must be > 0 (got 0)"),
+    ({"name": "gradnorm", "lr": 0.1}, "weighting.lr is not used by gradnorm (it uses: weighting.alpha); remove it"),
+    ({"name": "famo", "max_norm": -1.0}, "weighting.max_norm must be >= 0 (got -1)"),
+    ({"name": "dwa", "max_norm": 2.0}, "weighting.max_norm is not used by dwa"),
     ({"name": "famo", "gamma": -1.0}, "weighting.gamma must be >= 0 (got -1)"),
     ({"name": "famo", "lr": float("nan")}, "weighting.lr must be a finite number (got nan)"),
 ])
@@ -100,15 +102,17 @@ def test_equal_and_fixed_by_hand():
 def test_uncertainty_by_hand():
     strategy = make("uncertainty")
     assert strategy.param_groups(0.1) == [{"params": [strategy.log_vars], "lr": 0.1, "weight_decay": 0.0}]
+    assert strategy.log_vars.tolist() == [-0.5, -0.5]   # MTAN's and LibMTL's initial log-variance
+    assert floats(strategy.combine(losses_of(3, 4))[1]) == pytest.approx([math.exp(0.5) / 2] * 2)
     with torch.no_grad():
         strategy.log_vars.copy_(torch.tensor([0.0, math.log(2.0)]))
     total, w = strategy.combine(losses_of(3, 4))
-    # exp(-0) * 3 + 0 + exp(-log 2) * 4 + log 2
-    assert total.item() == pytest.approx(3 + 0 + 4 / 2 + math.log(2))
-    assert floats(w) == pytest.approx([1.0, 0.5])
+    # 3 / (2 exp 0) + 0 / 2 + 4 / (2 exp(log 2)) + log(2) / 2
+    assert total.item() == pytest.approx(3 / 2 + 0 + 4 / 4 + math.log(2) / 2)
+    assert floats(w) == pytest.approx([0.5, 0.25])
     total.backward()
-    # d/ds_k [exp(-s_k) L_k + s_k] = -L_k exp(-s_k) + 1
-    assert strategy.log_vars.grad.tolist() == pytest.approx([-3 * 1.0 + 1, -4 * 0.5 + 1])
+    # d/ds_k [L_k / (2 exp(s_k)) + s_k / 2] = -L_k / (2 exp(s_k)) + 1/2
+    assert strategy.log_vars.grad.tolist() == pytest.approx([-3 / 2 + 0.5, -4 / 4 + 0.5])
 
 
 def test_dwa_by_hand():
@@ -193,10 +197,10 @@ def test_pcgrad_projects_conflicting_pairs_only():
 def test_pcgrad_three_tasks_uses_the_original_gradients_and_resumes_its_order():
     g = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, -1.0]])
 
-    def project(i, order):  # written out: projections onto the ORIGINAL g_j, in the given order
+    def project(i, order):  # written out: projections onto the ORIGINAL g_j, in the given order (i too)
         gi = g[i].clone()
         for j in order:
-            if j != i and float(gi @ g[j]) < 0:
+            if float(gi @ g[j]) < 0:
                 gi = gi - float(gi @ g[j]) / float(g[j] @ g[j]) * g[j]
         return gi
     # each task draws its own order: the direction is one of these sums
@@ -219,50 +223,46 @@ def test_pcgrad_three_tasks_uses_the_original_gradients_and_resumes_its_order():
 
 
 def test_gradnorm_one_step_by_hand():
-    lr = 0.025
-    strategy = make("gradnorm", alpha=1.5, lr=lr)
+    strategy = make("gradnorm", alpha=1.5)
+    assert strategy.param_groups(0.01) == [{"params": [strategy.logits], "lr": 0.01}]
     g = torch.tensor([[3.0, 4.0], [0.0, 1.0]])   # n = (5, 1)
+    # first epoch (LibMTL: epoch 0): equal weights, the plain sum, no gradient for the logits
     direction, w = strategy.combine_grads(g, losses_of(2.0, 1.0))
-    # weights before the update (1, 1): direction = g1 + g2
-    assert direction.tolist() == [3.0, 5.0] and floats(w) == [1.0, 1.0]
-    # first call: L(0) = (2, 1), so r = (1, 1); G = (5, 1), G_bar = 3, target = (3, 3)
-    # dL_grad/dw = (sign(5-3) * 5, sign(1-3) * 1) = (5, -1); Adam's first step: -lr * sign
-    w1 = [1 - lr, 1 + lr]
-    assert strategy.w.tolist() == pytest.approx([x * 2 / sum(w1) for x in w1], rel=1e-6)
-    assert strategy.w.sum().item() == pytest.approx(2.0)
+    assert direction.tolist() == [3.0, 5.0] and floats(w) == [1.0, 1.0] and strategy.logits.grad is None
+    strategy.end_epoch({"a": 2.0, "b": 1.0})   # L(0) = the first epoch's mean losses
+    assert strategy.initial_losses.tolist() == [2.0, 1.0]
 
-    # second step, L = (1.8, 0.2): L~ = (0.9, 0.2), mean 0.55, r = (0.9/0.55, 0.2/0.55)
-    wa, wb = strategy.w.tolist()
-    big_g = [wa * 5, wb * 1]
-    g_bar = (big_g[0] + big_g[1]) / 2
-    target = [g_bar * (0.9 / 0.55) ** 1.5, g_bar * (0.2 / 0.55) ** 1.5]
-    grad = [math.copysign(1, big_g[0] - target[0]) * 5, math.copysign(1, big_g[1] - target[1]) * 1]
-    assert grad == [-5.0, 1.0]
-    assert strategy.balance_grad(torch.tensor([5.0, 1.0]), torch.tensor([1.8, 0.2])).tolist() == pytest.approx(grad)
+    # theta = (1, 1): w = 2 softmax(theta) = (1, 1); L = (1.8, 0.2): L~ = (0.9, 0.2), r = L~ / 0.55
     direction, w = strategy.combine_grads(g, losses_of(1.8, 0.2))
-    assert floats(w) == pytest.approx([wa, wb]) and direction.tolist() == pytest.approx([3 * wa, 4 * wa + wb])
-    # Adam's second step with gradient grad = -(first gradient), written out (betas 0.9, 0.999)
-    new = []
-    for k, (g1, g2) in enumerate([(5.0, -5.0), (-1.0, 1.0)]):
-        m = 0.9 * (0.1 * g1) + 0.1 * g2
-        v = 0.999 * (0.001 * g1 ** 2) + 0.001 * g2 ** 2
-        step = lr * (m / (1 - 0.9 ** 2)) / (math.sqrt(v / (1 - 0.999 ** 2)) + 1e-8)
-        new.append([wa, wb][k] - step)
-    assert strategy.w.tolist() == pytest.approx([x * 2 / sum(new) for x in new], rel=1e-6)
+    assert direction.tolist() == [3.0, 5.0] and floats(w) == [1.0, 1.0]
+    # G = (5, 1), G_bar = 3, target = 3 r^1.5 = (6.28.., 0.658..): dL/dw = sign(G - target) n = (-5, 1);
+    # dw_i/dtheta_j = K z_i (delta_ij - z_j) = [[.5, -.5], [-.5, .5]]: dL/dtheta = (-3, 3)
+    target = [3 * (0.9 / 0.55) ** 1.5, 3 * (0.2 / 0.55) ** 1.5]
+    assert 5 < target[0] and 1 > target[1]
+    assert strategy.logits.grad.tolist() == pytest.approx([-3.0, 3.0])
+    # the heads get their unweighted losses (LibMTL)
+    assert floats(strategy.head_weights(w)) == [1.0, 1.0]
+
+    # weights from the logits: theta = (0, log 3) gives w = 2 (1/4, 3/4)
+    with torch.no_grad():
+        strategy.logits.copy_(torch.tensor([0.0, math.log(3.0)]))
+    direction, w = strategy.combine_grads(g, losses_of(1.8, 0.2))
+    assert floats(w) == pytest.approx([0.5, 1.5]) and direction.tolist() == pytest.approx([1.5, 2.0 + 1.5])
 
 
-def test_gradnorm_clamps_before_renormalising_and_resumes():
-    strategy = make("gradnorm", lr=10.0)
+def test_gradnorm_state_resumes():
+    strategy = make("gradnorm")
     g = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
     strategy.combine_grads(g, losses_of(2.0, 1.0))
-    # Adam moves w to (1 - 10, 1 + 10) = (-9, 11): clamped to (1e-4, 11), then scaled to sum 2
-    assert strategy.w.tolist() == pytest.approx([2 * 1e-4 / 11.0001, 2 * 11 / 11.0001], rel=1e-4)
-
-    resumed = make("gradnorm", lr=10.0)
+    strategy.end_epoch({"a": 2.0, "b": 0.5})
+    with torch.no_grad():
+        strategy.logits.copy_(torch.tensor([0.3, 1.1]))
+    resumed = make("gradnorm")
     resumed.load_state_dict(roundtrip(strategy))
+    assert resumed.has_initial and resumed.initial_losses.tolist() == [2.0, 0.5]
     for losses in (losses_of(1.0, 0.9), losses_of(0.5, 0.8)):
         assert torch.equal(strategy.combine_grads(g, losses)[0], resumed.combine_grads(g, losses)[0])
-    assert strategy.w.tolist() == resumed.w.tolist()
+        assert torch.equal(strategy.logits.grad, resumed.logits.grad)
 
 
 def cagrad_brute_force(g, c, n=100001):
@@ -274,7 +274,9 @@ def cagrad_brute_force(g, c, n=100001):
     f = gw @ g0 + c * np.linalg.norm(g0) * np.linalg.norm(gw, axis=1)
     best = a[f.argmin()]
     gw = best * g[0] + (1 - best) * g[1]
-    d = (g0 + c * np.linalg.norm(g0) / np.linalg.norm(gw) * gw) / (1 + c ** 2)
+    # the official update: K (g0 + c' g_w / (|g_w| + 1e-8)) / (1 + c^2), c' = c sqrt(|g0|^2 + 1e-8) + 1e-8
+    c_prime = c * np.sqrt(g0 @ g0 + 1e-8) + 1e-8
+    d = 2 * (g0 + c_prime / (np.linalg.norm(gw) + 1e-8) * gw) / (1 + c ** 2)
     return np.array([best, 1 - best]), d
 
 
@@ -296,7 +298,7 @@ def test_cagrad_matches_a_brute_force_search(g, c):
     assert floats(weights) == [1.0, 1.0]
 
 
-def test_cagrad_three_tasks_is_optimal_and_c0_is_the_mean():
+def test_cagrad_three_tasks_is_optimal_and_c0_is_the_sum():
     g = torch.tensor([[1.0, 0.0, 0.0], [-0.6, 1.0, 0.0], [0.2, -0.8, 0.5]])
     strategy = make("cagrad", tasks=["a", "b", "c"], c=0.5)
     w = strategy.solve(g).double()
@@ -310,7 +312,7 @@ def test_cagrad_three_tasks_is_optimal_and_c0_is_the_mean():
             for i in range(101) for j in range(101 - i)]
     assert abs(float(w.sum()) - 1) < 1e-9 and float(w.min()) >= 0
     assert f(w) <= min(f(x) for x in grid) + 1e-9
-    assert torch.equal(make("cagrad", c=0.0).combine_grads(g[:2], losses_of(1, 1))[0], g[:2].mean(0))
+    assert torch.equal(make("cagrad", c=0.0).combine_grads(g[:2], losses_of(1, 1))[0], g[:2].sum(0))
 
 
 # -- weighted_backward on a tiny model ----------------------------------------------------
@@ -432,20 +434,42 @@ def test_pcgrad_backward_on_a_tiny_model(scale):
     assert float(result.total) == pytest.approx((losses["a"] + losses["b"] + extra).item())
 
 
-def test_gradnorm_backward_weights_the_heads():
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_gradnorm_backward_weights_the_trunk_not_the_heads(scale):
     model = Tiny()
     shared, others = model.split()
     strategy = make("gradnorm")
+    strategy.end_epoch({"a": 1.0, "b": 1.0})
     with torch.no_grad():
-        strategy.w.copy_(torch.tensor([0.5, 1.5]))
+        strategy.logits.copy_(torch.tensor([0.0, math.log(3.0)]))   # w = (0.5, 1.5)
     losses, _ = model.losses()
     (0.5 * losses["a"] + 1.5 * losses["b"]).backward()
-    expected = grads_of(shared + others[:4])
+    trunk = grads_of(shared)
     model.zero_grad(set_to_none=True)
-    result = weighted_backward(strategy, model.losses()[0], None, shared, others + list(strategy.parameters()))
-    assert floats(result.weights) == [0.5, 1.5]
-    assert all(torch.allclose(p.grad, e, atol=1e-6) for p, e in zip(shared + others[:4], expected))
-    assert strategy.w.grad is None and model.unused.grad is None
+    losses, _ = model.losses()
+    (losses["a"] + losses["b"]).backward()
+    heads = grads_of(others[:4])
+    model.zero_grad(set_to_none=True)
+    reference = make("gradnorm")
+    reference.load_state_dict(strategy.state_dict())
+    reference.combine_grads(torch.stack([_flat(model, shared, t) for t in TASKS]),
+                            {t: v.detach() for t, v in model.losses()[0].items()})
+    result = weighted_backward(strategy, model.losses()[0], None, shared, others + list(strategy.parameters()),
+                               scale=scale)
+    assert floats(result.weights) == pytest.approx([0.5, 1.5])
+    assert all(torch.allclose(p.grad, scale * e, atol=1e-6 * scale) for p, e in zip(shared, trunk))
+    assert all(torch.allclose(p.grad, scale * e, atol=1e-6 * scale) for p, e in zip(others[:4], heads))
+    # the logits' gradient is scaled like every other .grad (the GradScaler unscales them all)
+    assert torch.allclose(strategy.logits.grad, scale * reference.logits.grad, rtol=1e-5)
+    assert model.unused.grad is None
+
+
+def _flat(model, shared, task):
+    model.zero_grad(set_to_none=True)
+    model.losses()[0][task].backward()
+    out = flat(grads_of(shared))
+    model.zero_grad(set_to_none=True)
+    return out
 
 
 def test_uncertainty_backward_trains_its_log_variances():
@@ -454,9 +478,11 @@ def test_uncertainty_backward_trains_its_log_variances():
     strategy = make("uncertainty")
     losses, _ = model.losses()
     result = weighted_backward(strategy, losses, None, shared, others + list(strategy.parameters()))
-    # s = 0: total = L_a + L_b, d total / d s_k = 1 - L_k
-    assert strategy.log_vars.grad.tolist() == pytest.approx([1 - losses["a"].item(), 1 - losses["b"].item()])
-    assert float(result.total) == pytest.approx((losses["a"] + losses["b"]).item())
+    # s = -0.5: total = sum_k L_k e^0.5 / 2 - 0.5 / 2, d total / d s_k = 1/2 - L_k e^0.5 / 2
+    half = math.exp(0.5) / 2
+    assert strategy.log_vars.grad.tolist() == pytest.approx([0.5 - half * losses["a"].item(),
+                                                             0.5 - half * losses["b"].item()])
+    assert float(result.total) == pytest.approx(half * (losses["a"] + losses["b"]).item() - 0.5)
 
 
 def test_cagrad_backward_on_a_tiny_model():
@@ -476,6 +502,7 @@ def test_cagrad_backward_on_a_tiny_model():
 
 def test_gradnorm_does_not_learn_from_overflowed_gradients():
     strategy = make("gradnorm")
+    strategy.end_epoch({"a": 2.0, "b": 1.0})
     g = torch.tensor([[float("inf"), 4.0], [0.0, 1.0]])
     strategy.combine_grads(g, losses_of(2.0, 1.0))
-    assert strategy.w.tolist() == [1.0, 1.0] and not strategy.has_initial
+    assert strategy.logits.grad is None and strategy.logits.tolist() == [1.0, 1.0]

@@ -265,13 +265,19 @@ class Trainer:
             if result.grad_norms is not None:
                 for name, value in result.grad_norms.items():
                     terms[f"grad_norm/{name}"] = value
+            clip_shared = self.weighting.shared_clip_norm   # FAMO's max_norm: the trunk's gradient only
             if hw.scaler is not None:
-                if self.grad_clip_norm:
+                if self.grad_clip_norm or clip_shared:
                     hw.scaler.unscale_(self.optimizer)
+                if clip_shared:
+                    torch.nn.utils.clip_grad_norm_(self.shared, clip_shared)
+                if self.grad_clip_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
                 hw.scaler.step(self.optimizer)
                 hw.scaler.update()
             else:
+                if clip_shared:
+                    torch.nn.utils.clip_grad_norm_(self.shared, clip_shared)
                 if self.grad_clip_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)
                 self.optimizer.step()

@@ -34,9 +34,10 @@ DEFAULTS: dict[str, object] = {
     "weights": 1.0,       # fixed: a number or {task: number}
     "temperature": 2.0,   # dwa: T
     "alpha": 1.5,         # gradnorm: restoring-force strength
-    "lr": 0.025,          # gradnorm, famo: lr of their own Adam on the task weights
+    "lr": 0.025,          # famo: lr of its own Adam on the task logits
     "c": 0.4,             # cagrad: radius of the ball around the mean gradient
-    "gamma": 0.001,       # famo: weight decay of its logits
+    "gamma": 0.01,        # famo: weight decay of its logits
+    "max_norm": 1.0,      # famo: clip of the trunk gradient's norm after backward (0 = off)
 }
 
 
@@ -66,6 +67,9 @@ class Weighting(torch.nn.Module):
     name = ""
     uses: tuple = ()
     gradient_based = False
+    # When set, the engine clips the norm of the shared trunk's gradient to this value after the
+    # backward (and after data-parallel averaging), before any `optim.grad_clip_norm` (FAMO).
+    shared_clip_norm: float | None = None
 
     def __init__(self, cfg, task_names: list[str], seed: int = 0):
         super().__init__()
@@ -97,6 +101,11 @@ class Weighting(torch.nn.Module):
         flattened shared parameters) -> (shared update direction [P], {task: weight of its loss
         for the task-specific parameters})."""
         raise NotImplementedError(f"weighting {self.name} is loss-based; use combine")
+
+    def head_weights(self, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Gradient-based strategies: the weight of each task's loss for the task-specific
+        parameters, given the weights ``combine_grads`` returned (those are what is logged)."""
+        return weights
 
     def after_step(self, losses: dict[str, Tensor]) -> None:
         """Called once per step, after the optimiser step, with this step's detached losses."""
@@ -197,8 +206,15 @@ def weighted_backward(weighting: Weighting, losses: dict[str, Tensor], extra: Te
     if extra is not None:
         direction = direction + _flat_grad(extra, shared, scale)
     _accumulate(shared, direction * scale if scale != 1.0 else direction)
+    if scale != 1.0:
+        # gradients combine_grads wrote into the strategy's own parameters (GradNorm's logits,
+        # trained by the model optimiser) are unscaled: scale them like every other .grad
+        for p in weighting.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
 
-    total = sum(weights[t].to(losses[t].dtype) * losses[t] for t in names)
+    heads = weighting.head_weights(weights)
+    total = sum(heads[t].to(losses[t].dtype) * losses[t] for t in names)
     if extra is not None:
         total = total + extra
     if others and total.requires_grad:

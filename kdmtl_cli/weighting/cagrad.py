@@ -1,21 +1,25 @@
 """CAGrad: Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021.
 
-With g_k the task gradients on the shared parameters, g0 = mean_k g_k, c = `weighting.c` >= 0
-and phi = c^2 ||g0||^2, find w on the simplex minimising
+The official code (github Cranial-XIX/CAGrad, nyuv2/utils.py `cagrad(grads, alpha, rescale=1)`
+and `overwrite_grad`), with g_k the task gradients on the shared parameters, K tasks,
+c = `weighting.c` >= 0 (nyuv2/run.sh `--alpha 0.4`), A = G G^T:
 
-    F(w) = g_w . g0 + sqrt(phi) ||g_w||,        g_w = sum_k w_k g_k,
+    ||g0|| = sqrt(mean(A) + 1e-8)                         (g0 = mean_k g_k)
+    c' = c ||g0|| + 1e-8
+    w = argmin over the simplex of  F(w) = w^T A 1/K + c' sqrt(w^T A w + 1e-8)
+    g_w = sum_k w_k g_k,   lambda = c' / (||g_w|| + 1e-8)
+    d = K (g0 + lambda g_w) / (1 + c^2)
 
-then the update direction is
+(/(1 + c^2): `rescale=1`, the value every official call uses; K: `overwrite_grad`'s
+`newgrad * 3  # to match the sum loss`, so d has the scale of the SUM of the task gradients).
+c = 0 gives exactly sum_k g_k (equal weighting); the official code there still adds
+1e-8 g_w / (||g_w|| + 1e-8). Each task's own parameters get the gradient of sum_k L_k.
 
-    d = (g0 + sqrt(phi) / ||g_w|| * g_w) / (1 + c^2)
-
-(the division is the official code's `rescale=1`). d has the scale of the MEAN gradient (not
-the sum); c = 0 gives exactly g0. Each task's own parameters get the gradient of sum_k L_k.
-
-F only needs the K x K Gram matrix A = G G^T: g_w . g0 = w^T A 1/K, ||g_w||^2 = w^T A w. It is
-convex in w; it is minimised in float64 on the CPU by a small interior-point (log-barrier +
-Newton) method, deterministic and independent of any random state, on A divided by its mean
-diagonal so that the tolerances do not depend on the gradients' scale.
+The official code minimises F with scipy's SLSQP (`scipy.optimize.minimize` from w = 1/K,
+default tolerance ftol 1e-6). Here the same F is minimised to ~1e-12 in float64 on the CPU by a
+small interior-point (log-barrier + Newton) method, deterministic and without scipy, on A divided
+by its mean diagonal so that the tolerances do not depend on the gradients' scale; the two
+solutions agree to SLSQP's tolerance (tests/test_official_weighting.py).
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ import torch
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.weighting import WEIGHTINGS, Weighting, number
 
-_EPS = 1e-12            # inside sqrt(w^T A w) of the normalised problem: F stays smooth at g_w = 0
+EPS = 1e-8              # the official code's epsilons (nyuv2/utils.py cagrad)
+_MIN_EPS = 1e-12        # floor of the normalised sqrt epsilon: F stays smooth at g_w = 0
 BARRIERS = 10.0 ** -np.arange(1, 13)   # mu = 1e-1 ... 1e-12
 NEWTON_ITERS = 50       # per barrier value; a few are usually enough
 DECREMENT_TOL = 1e-14   # stop Newton once the predicted decrease is below this
 
 
 def solve_weights(gram: np.ndarray, c: float) -> np.ndarray:
-    """argmin over the simplex of F(w) = w^T A 1/K + c ||g0|| sqrt(w^T A w), A = ``gram``.
+    """argmin over the simplex of the official F(w) = w^T A 1/K + c' sqrt(w^T A w + 1e-8),
+    c' = c sqrt(mean(A) + 1e-8) + 1e-8, A = ``gram``.
 
     A log-barrier (interior-point) method: for decreasing mu, damped Newton steps on
     F(w) - mu sum_k log w_k restricted to sum_k w_k = 1. Newton copes with the ill-conditioning
@@ -43,14 +49,17 @@ def solve_weights(gram: np.ndarray, c: float) -> np.ndarray:
     scale = float(np.trace(gram)) / k
     w = np.full(k, 1.0 / k)
     if c == 0 or not np.isfinite(scale) or scale <= 0:
-        return w  # F is linear (or every gradient is zero): the mean is the answer
+        return w  # F is (nearly) linear in w (or every gradient is zero): the mean is the answer
+    c_prime = c * np.sqrt(gram.mean() + EPS) + EPS
+    # F / scale in terms of a = A / scale: w^T a 1/K + s sqrt(w^T a w + eps)
     a = gram / scale
     b = a.mean(axis=1)
-    s = c * np.sqrt(max(b.mean(), 0.0))  # c ||g0||, as b.mean() = 1^T A 1 / K^2 = ||g0||^2
+    s = c_prime / np.sqrt(scale)
+    eps = max(EPS / scale, _MIN_EPS)
 
     def value_grad_hess(x):
         ax = a @ x
-        r = np.sqrt(max(x @ ax, 0.0) + _EPS)  # ||g_x||
+        r = np.sqrt(max(x @ ax, 0.0) + eps)  # sqrt(||g_x||^2 + eps), normalised
         return x @ b + s * r, b + s * ax / r, s * (a / r - np.outer(ax, ax) / r ** 3)
 
     kkt = np.zeros((k + 1, k + 1))
@@ -99,13 +108,17 @@ class CAGrad(Weighting):
             return torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
         return torch.from_numpy(solve_weights(gram, self.c))
 
+    def direction(self, grads: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The official update for simplex weights ``w`` [K], in grads' dtype (see the module doc)."""
+        gram = grads @ grads.T
+        c_prime = self.c * (gram.mean() + EPS).sqrt() + EPS
+        g_w = w.to(grads.dtype) @ grads
+        lam = c_prime / (g_w.norm() + EPS)
+        return self.num_tasks * (grads.mean(dim=0) + lam * g_w) / (1 + self.c ** 2)
+
     def combine_grads(self, grads, losses):
-        mean = grads.mean(dim=0)
         ones = self.as_dict(torch.ones(self.num_tasks, dtype=grads.dtype, device=grads.device))
         if self.c == 0:
-            return mean, ones
+            return grads.sum(dim=0), ones
         w = self.solve(grads).to(device=grads.device, dtype=grads.dtype)
-        g_w = w @ grads
-        radius = self.c * mean.norm()  # sqrt(phi)
-        direction = (mean + radius / (g_w.norm() + 1e-8) * g_w) / (1 + self.c ** 2)
-        return direction, ones
+        return self.direction(grads, w), ones

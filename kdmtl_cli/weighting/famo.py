@@ -1,20 +1,34 @@
 """FAMO: Liu et al., "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023.
 
-Task logits xi (init 0) with their own Adam (lr `weighting.lr`, weight decay `weighting.gamma`),
-z = softmax(xi). With D_k = L_k + 1e-8 (the minimum losses taken as 0, so losses must be >= 0):
+The official code: github Cranial-XIX/FAMO, famo.py class FAMO (the same formulas as
+methods/weight_methods.py FAMO and LibMTL/weighting/FAMO.py). Task logits xi (init 0) with
+their own Adam (lr `weighting.lr`, famo.py `w_lr=0.025`; weight decay `weighting.gamma`,
+famo.py `gamma=0.01`), z = softmax(xi). With D_k = L_k + 1e-8 (famo.py's `min_losses` are
+zeros and never set by its experiments, so losses must be >= 0):
 
     c = sum_k z_k / D_k                       (a constant: no gradient flows through it)
     total = sum_k z_k log(D_k) / c            so d total / d L_k = z_k / (c D_k)
 
-and z_k / (c D_k) (which sum to 1) is the reported weight of L_k. After the optimiser step
-(``after_step``), with delta_k = log D_k(before) - log D_k(after), the logits get one Adam step
-with the gradient  J_softmax(xi)^T delta  (torch.autograd.grad(softmax(xi), xi, delta)).
+and z_k / (c D_k) (which sum to 1) is the reported weight of L_k. After the backward the
+engine clips the norm of the shared trunk's gradient to `weighting.max_norm` (famo.py
+`backward`: `clip_grad_norm_(shared_parameters, max_norm)` after `loss.backward()`, max_norm=1.0;
+0 turns it off). After the optimiser step (``after_step``), with
+delta_k = log D_k(before) - log D_k(after), the logits get one Adam step with the gradient
+J_softmax(xi)^T delta  (torch.autograd.grad(softmax(xi), xi, delta), famo.py `update`).
 
-Difference from the official code: it re-evaluates the same batch after the optimiser step to
-measure the loss change, an extra forward pass per step. Here the loss change is measured on
-consecutive batches instead: ``after_step`` of step t receives step t's losses (computed after
-step t-1's update) and updates xi with delta = log D(t-1) - log D(t), the change brought by step
-t-1's update. It costs nothing extra but is noisier, as the two batches differ.
+Difference from the official code (not a setting): the official training loops re-evaluate the
+same batch after the optimiser step to measure the loss change (experiments/nyuv2/trainer.py,
+an extra forward pass per step, under no_grad but in train mode). Here the loss change is
+measured on consecutive batches instead: ``after_step`` of step t receives step t's losses
+(computed after step t-1's update) and updates xi with delta = log D(t-1) - log D(t), the
+change brought by step t-1's update. It costs nothing extra but is noisier, as the two batches
+differ; the first step only records its losses. Given the same (before, after) losses the
+update is the official one (tests/test_official_weighting.py).
+
+Note on the official experiments: their run.sh files use gamma 0.001 (NYUv2, CelebA, QM9) or
+0.01 (Cityscapes), and their clip (methods/weight_methods.py WeightMethod.backward) runs BEFORE
+`loss.backward()`, on gradients just zeroed, so it changes nothing there: reproducing those
+runs is `weighting.gamma=0.001 weighting.max_norm=0` (NYUv2).
 """
 
 from __future__ import annotations
@@ -32,15 +46,18 @@ class FAMO(Weighting):
     """total = sum_k z_k log(L_k + eps) / c; z = softmax(xi) adapted from the loss decreases."""
 
     name = "famo"
-    uses = ("lr", "gamma")
+    uses = ("lr", "gamma", "max_norm")
 
     def __init__(self, cfg, task_names, seed=0):
         super().__init__(cfg, task_names, seed)
-        lr, gamma = number(cfg, "lr"), number(cfg, "gamma")
+        lr, gamma, max_norm = number(cfg, "lr"), number(cfg, "gamma"), number(cfg, "max_norm")
         if lr <= 0:
             raise KdmtlError(f"weighting.lr must be > 0 (got {lr:g})")
         if gamma < 0:
             raise KdmtlError(f"weighting.gamma must be >= 0 (got {gamma:g})")
+        if max_norm < 0:
+            raise KdmtlError(f"weighting.max_norm must be >= 0 (got {max_norm:g})")
+        self.shared_clip_norm = max_norm if max_norm > 0 else None   # applied by the engine
         # trained by the Adam below, not by the model optimiser (param_groups stays empty)
         self.logits = torch.nn.Parameter(torch.zeros(self.num_tasks))
         self.optimizer = torch.optim.Adam([self.logits], lr=lr, weight_decay=gamma)

@@ -29,8 +29,11 @@ class Fixed(Weighting):
             raise KdmtlError(f"weighting.weights must be finite and >= 0 (got {bad})")
         # a buffer, so it follows the module to the device and no step copies it from the host;
         # not saved: the config, not an old checkpoint, says what the weights are
-        self.register_buffer("weights", torch.tensor([weights[t] for t in self.task_names]), persistent=False)
+        # float64, cast to the losses' dtype in combine (float64 losses get the exact weights)
+        self.register_buffer("weights", torch.tensor([weights[t] for t in self.task_names], dtype=torch.float64),
+                             persistent=False)
 
     def combine(self, losses):
         stacked = self.stack(losses)
-        return (self.weights * stacked).sum(), self.as_dict(self.weights.clone())
+        weights = self.weights.to(stacked.dtype)
+        return (weights * stacked).sum(), self.as_dict(weights.clone())
