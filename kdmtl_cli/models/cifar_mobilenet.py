@@ -4,7 +4,13 @@ seven groups of inverted residuals (every block, even t = 1, has the expand 1x1 
 1x1 conv to 1280 channels + BN + ReLU, which the classifier pools.
 
 Trunk interface: `stem`, then `stages` = [groups 0-1, group 2, groups 3-4, groups 5-6 + last
-conv], features at 1/2, 1/4, 1/8, 1/16 with 12, 16, 48, 1280 channels.
+conv], features at 1/2, 1/4, 1/8, 1/16 with 12, 16, 48, 1280 channels. `trunk.stages.0` .. `.2`
+are RepDistiller's f1, f2, f3; its f4 (group 6's output, 80 channels) is `trunk.stages.3.1`.
+Deliberate difference: the last 1x1 conv (RepDistiller's conv2) sits in the last stage so that
+the last stage is what the classifier pools (same network, same parameters).
+Initialisation as RepDistiller's `_initialize_weights` (models/mobilenetv2.py l. 162-175): conv
+weight ~ N(0, 2 / (k * k * out)), BN 1 / 0, classifier Linear weight ~ N(0, 0.01), bias 0;
+`init="pytorch"` keeps PyTorch's default.
 cfg.width / depth / stages / stem_stride / weights / small_input are ignored."""
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import List
 import torch.nn as nn
 
 from kdmtl_cli.models import TRUNKS
-from kdmtl_cli.models.trunk import StagedTrunk
+from kdmtl_cli.models.trunk import StagedTrunk, check_init, fan_out_normal_init, init_linear_normal
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True):
@@ -42,7 +48,7 @@ class MobileNetV2Trunk(StagedTrunk):
                (None, 96, 3, 1), (None, 160, 3, 2), (None, 320, 1, 1)]
     STAGE_GROUPS = [(0, 1), (2,), (3, 4), (5, 6)]
 
-    def __init__(self, expand: int = 6, width_mult: float = 0.5):
+    def __init__(self, expand: int = 6, width_mult: float = 0.5, init: str = "official"):
         super().__init__()
         c_in = int(32 * width_mult)
         self.stem = nn.Sequential(*_conv_bn(3, c_in, 3, 2))
@@ -65,6 +71,13 @@ class MobileNetV2Trunk(StagedTrunk):
             self.channels.append(last if i == len(self.STAGE_GROUPS) - 1
                                  else int(self.SETTING[members[-1]][1] * width_mult))
         self.reductions: List[int] = [2, 4, 8, 16]
+        self.official_init = check_init(init)
+        if self.official_init:
+            fan_out_normal_init(self)
+
+    def init_head(self, head: nn.Module) -> None:
+        if self.official_init:
+            init_linear_normal(head)
 
 
 TRUNKS.register("mobilenetv2")(lambda cfg: MobileNetV2Trunk(expand=6, width_mult=0.5))

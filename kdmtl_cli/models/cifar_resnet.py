@@ -5,7 +5,11 @@ where the shape changes. resnet8..resnet110 use widths [16, 16, 32, 64]; resnet8
 resnet32x4 use [32, 64, 128, 256].
 
 Trunk interface: `stem` then `stages` (layer1..layer3), features at 1/1, 1/2, 1/4 of the
-input; the last stage is what the reference classifier pools. Built from scratch
+input: `trunk.stages.<i>` is RepDistiller's f1, f2, f3 (block outputs after the final ReLU; its
+`preact` features, the sums before that ReLU, have no module path here). The last stage is what
+the reference classifier pools. Initialisation as RepDistiller's ResNet.__init__ (models/resnet.py
+l. 130-135): every conv kaiming-normal (fan_out, relu), BN weight 1 / bias 0; the fc keeps
+PyTorch's default (`init="pytorch"` keeps PyTorch's default everywhere). Built from scratch
 (cfg.weights / width / depth / stages / stem_stride / small_input are ignored)."""
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import List
 import torch.nn as nn
 
 from kdmtl_cli.models import TRUNKS
-from kdmtl_cli.models.trunk import StagedTrunk
+from kdmtl_cli.models.trunk import StagedTrunk, check_init
 
 
 class CifarBasicBlock(nn.Module):
@@ -38,7 +42,7 @@ class CifarBasicBlock(nn.Module):
 
 
 class CifarResNetTrunk(StagedTrunk):
-    def __init__(self, depth: int, widths: List[int]):
+    def __init__(self, depth: int, widths: List[int], init: str = "official"):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (got {depth})")
@@ -54,6 +58,13 @@ class CifarResNetTrunk(StagedTrunk):
             c_in = c_out
         self.channels: List[int] = list(widths[1:])
         self.reductions: List[int] = [1, 2, 4]
+        if check_init(init):
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                    nn.init.constant_(m.weight, 1)
+                    nn.init.constant_(m.bias, 0)
 
 
 _ARCHS = {f"resnet{d}": (d, [16, 16, 32, 64]) for d in (8, 14, 20, 32, 44, 56, 110)}

@@ -4,9 +4,15 @@
 shufflenetv1: 1x1 stem conv 3 -> 24 + BN + ReLU, stages of 4 / 8 / 4 bottlenecks to 240 / 480 /
 960 channels; the first block of a stage has stride 2 and concatenates an average-pooled
 shortcut. Features at 1/2, 1/4, 1/8.
-shufflenetv2: 3x3 stem conv 3 -> 24 + BN + ReLU, stages of one down-sampling block + 3 / 7 / 3
+shufflenetv2: 1x1 stem conv 3 -> 24 + BN + ReLU (RepDistiller's ShuffleNetv2.py l. 110; the
+3x3 stem is commented out there), stages of one down-sampling block + 3 / 7 / 3
 split blocks to 116 / 232 / 464 channels, then 1x1 conv to 1024 + BN + ReLU (in the last
 stage, which the classifier pools). Features at 1/2, 1/4, 1/8.
+
+`trunk.stages.<i>` is RepDistiller's f1, f2, f3 for V1; for V2 f1, f2 and, deliberately
+different, the 1024-channel conv2 output for the last stage (conv2 + BN + ReLU sit inside it so
+that the last stage is what the classifier pools; same network, same parameters): V2's f3 is
+`trunk.stages.2.3`. Neither reference initialises explicitly: PyTorch's default init, as there.
 cfg.width / depth / stages / stem_stride / weights / small_input are ignored."""
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ class ShuffleV2DownBlock(nn.Module):
 class ShuffleNetV2Trunk(StagedTrunk):
     def __init__(self, out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3)):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True))
         self.stages = nn.ModuleList()
         c_in = 24
         for i, (c_out, n) in enumerate(zip(out_channels[:3], num_blocks)):

@@ -3,7 +3,14 @@ three groups of (depth - 4) / 6 pre-activation blocks with widths 16k, 32k, 64k 
 1, 2, 2; a 1x1 conv shortcut where the width changes), then a final BN + ReLU before pooling.
 
 Trunk interface: `stem` (the first conv), `stages` = [block1, block2, (block3, BN, ReLU)];
-`trunk.stages.2.0` is the third group before the final BN + ReLU. Features at 1/1, 1/2, 1/4.
+features at 1/1, 1/2, 1/4. `trunk.stages.0` / `.1` are RepDistiller's f1 / f2 (group outputs,
+no ReLU); `trunk.stages.2` is relu(bn1(f3)), the map the classifier pools, and
+`trunk.stages.2.0` is f3 itself (the third group before the final BN + ReLU); RepDistiller's
+`preact` f3 is `trunk.stages.2.1`. Deliberate difference: the final BN + ReLU sit inside the last
+stage so that the last stage is what the classifier pools (same network, same parameters).
+Initialisation as RepDistiller's WideResNet.__init__ (models/wrn.py l. 78-86): conv weight
+~ N(0, 2 / (k * k * out)), BN 1 / 0, classifier bias 0 (weight PyTorch's default);
+`init="pytorch"` keeps PyTorch's default.
 cfg.width / depth / stages / stem_stride / weights / small_input are ignored."""
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import List
 import torch.nn as nn
 
 from kdmtl_cli.models import TRUNKS
-from kdmtl_cli.models.trunk import StagedTrunk
+from kdmtl_cli.models.trunk import StagedTrunk, check_init, fan_out_normal_init
 
 
 class WideBasicBlock(nn.Module):
@@ -38,7 +45,7 @@ class WideBasicBlock(nn.Module):
 
 
 class WideResNetTrunk(StagedTrunk):
-    def __init__(self, depth: int, widen: int):
+    def __init__(self, depth: int, widen: int, init: str = "official"):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4 (got {depth})")
@@ -51,10 +58,20 @@ class WideResNetTrunk(StagedTrunk):
             stride = 1 if i == 0 else 2
             groups.append(nn.Sequential(*[WideBasicBlock(c_in if b == 0 else c_out, c_out, stride if b == 0 else 1)
                                           for b in range(n)]))
-        groups[2] = nn.Sequential(groups[2], nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True))
+        # not in place: a hook on the BN (`trunk.stages.2.1`) keeps the pre-activation
+        groups[2] = nn.Sequential(groups[2], nn.BatchNorm2d(widths[3]), nn.ReLU())
         self.stages = nn.ModuleList(groups)
         self.channels: List[int] = widths[1:]
         self.reductions: List[int] = [1, 2, 4]
+        self.official_init = check_init(init)
+        if self.official_init:
+            fan_out_normal_init(self)
+
+    def init_head(self, head: nn.Module) -> None:
+        if self.official_init:
+            for m in head.modules():
+                if isinstance(m, nn.Linear):
+                    m.bias.data.zero_()
 
 
 for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):

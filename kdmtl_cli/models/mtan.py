@@ -18,6 +18,8 @@ The task-shared convs live in the trunk (`trunk.attention`): they are trained by
 so gradient-based weightings treat them as shared parameters. With width 64 and NYUv2's three
 tasks the whole network has MTAN's 44,229,073 parameters (their script prints 44,229,076 with
 its three uncertainty log-variances, which kdmtl keeps in the weighting instead).
+Everything, attention branches and prediction layers included, is initialised as MTAN does
+(Xavier-normal convs / linears with bias 0, BN 1 / 0; `xavier_init` in segnet.py).
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ class MultiTaskModel(nn.Module):
                 self.heads[name] = DenseDecoder(trunk.channels, decoder_width, task.out_channels)
             else:
                 self.heads[name] = PooledLinearHead(trunk.channels[-1], task.out_channels)
+            if hasattr(trunk, "init_head"):  # the reference model's init of its classifier / predictors
+                trunk.init_head(self.heads[name])
             if task.kind.scaled_output:  # regression-like: predict in target units
                 spec = task.spec
                 self.heads[name] = ScaledHead(self.heads[name], spec.mean or 0.0, spec.std or 1.0)

@@ -14,6 +14,13 @@ Every conv is a 3x3 conv (with bias) + BatchNorm + ReLU, as in MTAN's ``conv_lay
   j = 4), the others keep the channels. The last decoder stage ends at w channels at the
   input resolution (MTAN's shared representation, which its task heads read).
 
+Initialisation as MTAN's and KD4MTL's SegNet (lorenmt/mtan im2im_pred/model_segnet_*.py, e.g.
+model_segnet_mtan.py l. 77-86; VICO-UoE/KD4MTL model/segnet.py): every Conv2d weight
+``nn.init.xavier_normal_``, bias 0; BatchNorm weight 1, bias 0; Linear weight xavier-normal,
+bias 0 -- on the trunk and, through ``init_head``, on every task head (the references initialise
+their whole model, prediction layers included). ``SegNetTrunk(..., init="pytorch")`` keeps
+PyTorch's default instead.
+
 Module paths for feature KD: ``trunk.stages.0`` .. ``trunk.stages.4`` are the encoder stages
 (outputs before pooling, at 1, 1/2, 1/4, 1/8, 1/16 of the input; pooling and unpooling are
 functional, so every stage returns one tensor), ``trunk.stages.5`` .. ``trunk.stages.9`` the
@@ -40,10 +47,25 @@ import torch.nn.functional as F
 
 from kdmtl_cli.models import TRUNKS
 from kdmtl_cli.models.heads import TrunkFeatures
-from kdmtl_cli.models.trunk import StagedTrunk
+from kdmtl_cli.models.trunk import StagedTrunk, check_init
 
 ENCODER_CONVS = (2, 2, 3, 3, 3)
 DECODER_CONVS = (3, 3, 3, 2, 2)
+
+
+def xavier_init(module: nn.Module) -> None:
+    """MTAN's / KD4MTL's init loop over `module`'s modules (model_segnet_mtan.py l. 77-86)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:   # every reference conv has one; kdmtl's DenseDecoder laterals do not
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            nn.init.constant_(m.bias, 0)
 
 
 def conv_layer(c_in: int, c_out: int) -> nn.Sequential:
@@ -68,7 +90,7 @@ def _block(c_in: int, c_out: int, n: int) -> nn.Sequential:
 
 
 class SegNetTrunk(StagedTrunk):
-    def __init__(self, width: int = 64, in_channels: int = 3, attention: bool = False):
+    def __init__(self, width: int = 64, in_channels: int = 3, attention: bool = False, init: str = "official"):
         super().__init__()
         if width < 1:
             raise ValueError(f"segnet width must be positive (got {width})")
@@ -91,6 +113,13 @@ class SegNetTrunk(StagedTrunk):
         if attention:
             from kdmtl_cli.models.mtan import SharedAttentionBlocks
             self.attention = SharedAttentionBlocks(c)
+        self.official_init = check_init(init)
+        if self.official_init:
+            xavier_init(self)
+
+    def init_head(self, head: nn.Module) -> None:
+        if self.official_init:
+            xavier_init(head)
 
     def build_head(self, task) -> nn.Module | None:
         """MTAN: each task gets its own attention branch; plain SegNet uses the standard heads."""
