@@ -545,7 +545,7 @@ def test_trainer_resume_with_learned_distillation_parts(tmp_path):
     assert [g["lr"] for g in optimizer.param_groups][1:] == [0.0, 0.0]   # fitnet, kd4mtl groups at the end of cosine
     learned = [k for k in full if k.startswith("objective.")]
     assert any(k.startswith("objective.fitnet.") for k in learned)
-    assert {k.split(".")[2] for k in learned if k.startswith("objective.kd4mtl.")} == {"cls", "seg", "depth"}
+    assert {k.split(".")[2] for k in learned if k.startswith("objective.kd4mtl.")} == {"cls__0", "seg__0", "depth__0"}
     assert "objective" in load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     _, stopped, _ = _train(tmp_path / "part", stop_after=1, distill=True)
     assert stopped.epoch == 1
@@ -555,6 +555,6 @@ def test_trainer_resume_with_learned_distillation_parts(tmp_path):
     _assert_same_state(full, resumed)
     # The learned parts did train during the second epoch.
     after_one = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["objective"]
-    assert not torch.equal(after_one["kd4mtl.cls.conv.weight"], full["objective.kd4mtl.cls.conv.weight"])
+    assert not torch.equal(after_one["kd4mtl.cls__0.conv.weight"], full["objective.kd4mtl.cls__0.conv.weight"])
     assert not torch.equal(after_one["fitnet.trunk__stages__1.conv.weight"],
                            full["objective.fitnet.trunk__stages__1.conv.weight"])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from hand import hand_at_loss, hand_attention, hand_kd4mtl, kl, softmax
 from kdmtl_cli.distill.functional import (
+    ConvReg,
     HintRegressor,
     TaskAdaptor,
     at_loss,
@@ -148,9 +149,10 @@ def test_attention_map_by_hand():
     x = tensor([feature])
     # p = 2: mean_c f^2 = [(1 + 9) / 2, (4 + 0) / 2] = [5, 2], norm sqrt(29).
     assert attention_map(x, 2.0)[0].tolist() == pytest.approx([5 / math.sqrt(29), 2 / math.sqrt(29)], rel=1e-6)
-    # p = 1 uses |f|: [(1 + 3) / 2, (2 + 0) / 2] = [2, 1], norm sqrt(5).
-    assert attention_map(x, 1.0)[0].tolist() == pytest.approx([2 / math.sqrt(5), 1 / math.sqrt(5)], rel=1e-6)
-    assert attention_map(x, 3.0)[0].tolist() == pytest.approx(hand_attention(feature, 3.0), rel=1e-6)
+    # p = 1 uses f, not |f| (RepDistiller's f.pow(p)): [(1 + 3) / 2, (-2 + 0) / 2] = [2, -1], norm sqrt(5).
+    assert attention_map(x, 1.0)[0].tolist() == pytest.approx([2 / math.sqrt(5), -1 / math.sqrt(5)], rel=1e-6)
+    # even p: the same as the paper's |f|^p
+    assert attention_map(x, 4.0)[0].tolist() == pytest.approx(hand_attention(feature, 4.0), rel=1e-6)
     assert attention_map(x).shape == (1, 2)
 
 
@@ -189,12 +191,19 @@ def test_at_loss_student_larger_is_average_pooled_first():
     assert at_loss(tensor([odd]), tensor(teacher)).item() == pytest.approx(expected_odd, rel=1e-5)
 
 
-def test_at_loss_student_smaller_is_upsampled():
-    # A 1x1 student map upsampled bilinearly is constant: its attention map is [1/2] * 4.
+def test_at_loss_teacher_larger_is_average_pooled_to_the_student():
+    # RepDistiller pools the larger map, here the teacher's: 2x2 -> 1x1; one position each, so both
+    # normalised maps are [1] and the loss is 0 whatever the values.
     student = tensor([[[[2.0]], [[-1.0]]]])
-    teacher = [[[[1.0, 2.0], [0.0, 1.0]]]]
-    expected = sum((0.5 - q) ** 2 for q in hand_attention(teacher[0], 2.0)) / 4
-    assert at_loss(student, tensor(teacher)).item() == pytest.approx(expected, rel=1e-5)
+    teacher = tensor([[[[1.0, 2.0], [0.0, 1.0]]]])
+    assert at_loss(student, teacher).item() == pytest.approx(0.0, abs=1e-12)
+    # 4x4 teacher, 2x2 student: the teacher is average-pooled to 2x2 (the student is left as it is).
+    values = [[1.0, -2.0, 0.0, 4.0], [3.0, 0.0, 1.0, 1.0], [-1.0, -1.0, 2.0, 0.5], [0.0, 5.0, 0.5, 2.0]]
+    big = [[values]]
+    small = [[[[1.0, 2.0], [0.0, 1.0]]]]
+    pooled = [[[sum(values[2 * i + di][2 * j + dj] for di in (0, 1) for dj in (0, 1)) / 4 for j in range(2)]
+               for i in range(2)]]
+    assert at_loss(tensor(small), tensor(big)).item() == pytest.approx(hand_at_loss(small, [pooled]), rel=1e-5)
 
 
 @pytest.mark.parametrize("student, teacher, p, message", [
@@ -217,15 +226,19 @@ def test_hint_loss_by_hand():
         hint_loss(s, t[:, :, :1])
 
 
-def test_hint_regressor_maps_channels_and_resizes():
-    reg = HintRegressor(3, 5)
-    assert reg.conv.kernel_size == (1, 1) and reg.conv.bias is None
-    assert isinstance(reg.bn, torch.nn.BatchNorm2d) and reg.bn.num_features == 5
+def test_hint_regressor_is_repdistillers_convreg_and_conv1x1_is_a_setting():
+    reg = HintRegressor((2, 3, 4, 4), (2, 5, 4, 4))                  # same size: ConvReg's (1, 1) kernel
+    assert isinstance(reg, ConvReg) and reg.conv.kernel_size == (1, 1) and reg.conv.bias is not None
+    assert isinstance(reg.bn, torch.nn.BatchNorm2d) and reg.bn.num_features == 5 and reg.use_relu
     x = torch.randn(2, 3, 4, 4)
-    assert reg(x, (4, 4)).shape == (2, 5, 4, 4)
-    assert reg(x, (2, 3)).shape == (2, 5, 2, 3)
-    with pytest.raises(ValueError, match="student_channels must be a positive int"):
-        HintRegressor(0, 5)
+    assert reg(x).shape == (2, 5, 4, 4) and bool((reg(x) >= 0).all())   # ends with a ReLU
+    other = HintRegressor((2, 3, 4, 4), (2, 5, 2, 3), "conv1x1")       # any size ratio
+    assert other.conv.kernel_size == (1, 1) and other.conv.bias is None
+    assert other(x).shape == (2, 5, 2, 3)
+    with pytest.raises(ValueError, match="cannot be regressed"):
+        HintRegressor((2, 3, 2, 2), (2, 5, 3, 3))                     # smaller and not half: unsupported
+    with pytest.raises(ValueError, match="unknown FitNet regressor"):
+        HintRegressor((2, 3, 2, 2), (2, 5, 2, 2), "mlp")
 
 
 # ---------------------------------------------------------------------------- KD4MTL
@@ -242,9 +255,10 @@ def test_kd4mtl_loss_by_hand():
 
 
 def test_kd4mtl_loss_ignores_positive_scaling():
+    # Up to the official eps (x / sqrt(sum x^2 + 1e-6)): exact enough for norms >> 1e-3.
     base = kd4mtl_loss(tensor(KS), tensor(KT)).item()
     assert kd4mtl_loss(tensor(KS) * 7.5, tensor(KT)).item() == pytest.approx(base, rel=1e-5)
-    assert kd4mtl_loss(tensor(KS), tensor(KT) * 0.01).item() == pytest.approx(base, rel=1e-5)
+    assert kd4mtl_loss(tensor(KS), tensor(KT) * 10.0).item() == pytest.approx(base, rel=1e-5)
     with pytest.raises(ValueError, match="shapes must match"):
         kd4mtl_loss(tensor(KS), tensor(KT)[:, :1])
 
@@ -382,8 +396,9 @@ def test_gradient_reaches_regressor_and_adaptor_parameters():
     x = torch.randn(2, 3, 4, 4, generator=gen, requires_grad=True)
     with torch.no_grad():
         teacher = torch.randn(2, 5, 2, 2, generator=gen)
-    reg, adaptor = HintRegressor(3, 5), TaskAdaptor(3, 5)
-    loss = hint_loss(reg(x, teacher.shape[-2:]), teacher) + kd4mtl_loss(adaptor(x, teacher.shape[-2:]), teacher)
+    reg, adaptor = HintRegressor(tuple(x.shape), tuple(teacher.shape)), TaskAdaptor(3, 5)   # 4x4 -> 2x2: 3x3/2
+    assert reg.conv.stride == (2, 2)
+    loss = hint_loss(reg(x), teacher) + kd4mtl_loss(adaptor(x, teacher.shape[-2:]), teacher)
     loss.backward()
     for param in [*reg.parameters(), *adaptor.parameters()]:
         assert param.grad is not None and torch.isfinite(param.grad).all()

@@ -1,5 +1,8 @@
-"""`at`: attention transfer (Zagoruyko & Komodakis, 2017) on named (student, teacher) feature
-pairs: the weight is the paper's beta; one term per pair, `at/<student module path>`."""
+"""`at`: attention transfer (Zagoruyko & Komodakis, ICLR 2017) as RepDistiller's `Attention`
+(distiller_zoo/AT.py; helper/loops.py sums it over feat[1:-1], every stage output after the
+stem): one term per (student, teacher) feature pair, `at/<student feature>`, each weighted by
+`loss.at.weight` = beta (RepDistiller scripts/run_cifar_distill.sh `-b 1000`, mdistiller
+AT.LOSS.FEAT_WEIGHT 1000). Maps of different sizes: the larger is average-pooled to the smaller."""
 
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ class AttentionTransfer(FeaturePairMethod):
     name = "at"
 
     def setup(self, student_features, teacher_features):
-        self.checked_pairs(student_features, teacher_features)  # attention maps need no learned part
+        self.checked_terms(student_features, teacher_features)  # attention maps need no learned part
 
     def __call__(self, student_out, teacher_out, batch, progress):
-        return {f"at/{s}": at_loss(student_out["features"][s], teacher_out["features"][t], float(self.cfg.p))
-                for s, t in self.pairs}
+        s_feats, t_feats = student_out["features"], teacher_out["features"]
+        return {term.name: at_loss(s_feats[term.student], t_feats[term.teacher], float(self.cfg.p))
+                for term in self.terms}

@@ -1,11 +1,26 @@
-"""`dkd`: Decoupled KD (Zhao et al., CVPR 2022) on classification and, per pixel, segmentation
-tasks: (alpha * TCKD + beta * NCKD) * T^2, its weight ramped linearly over `warmup_epochs`."""
+"""`dkd`: Decoupled KD (Zhao et al., CVPR 2022) as mdistiller's `DKD` (mdistiller/distillers/DKD.py)
+on classification and, per pixel, segmentation tasks: (alpha * TCKD + beta * NCKD) * T^2, times
+the warm-up factor. mdistiller: `min(kwargs["epoch"] / self.warmup, 1.0)` with its trainer's
+epoch counted from 1 (mdistiller/engine/trainer.py), so the factor is 1/W in the first epoch
+and constant within an epoch: `loss.dkd.warmup_schedule=epoch` (default). `linear` (kdmtl's own)
+ramps continuously from 0 with the fractional epochs done."""
 
 from __future__ import annotations
 
 from kdmtl_cli.distill import KD_METHODS, LabelTaskMethod
 from kdmtl_cli.distill.functional import dkd_loss
 from kdmtl_cli.errors import KdmtlError
+
+WARMUP_SCHEDULES = ("epoch", "linear")
+
+
+def dkd_warmup(epochs_done: float, warmup_epochs: float, schedule: str = "epoch") -> float:
+    """The DKD weight factor after `epochs_done` (fractional) epochs of training."""
+    if warmup_epochs == 0:
+        return 1.0
+    if schedule == "epoch":          # mdistiller: the current epoch number, 1-based
+        return min((int(epochs_done) + 1) / warmup_epochs, 1.0)
+    return min(epochs_done / warmup_epochs, 1.0)
 
 
 @KD_METHODS.register("dkd")
@@ -16,10 +31,12 @@ class DecoupledKD(LabelTaskMethod):
         super().__init__(cfg, tasks, teacher_tasks)
         if cfg.temperature <= 0 or cfg.warmup_epochs < 0:
             raise KdmtlError("loss.dkd.temperature must be > 0 and loss.dkd.warmup_epochs >= 0")
+        if cfg.warmup_schedule not in WARMUP_SCHEDULES:
+            raise KdmtlError(f"loss.dkd.warmup_schedule must be one of {', '.join(WARMUP_SCHEDULES)} "
+                             f"(got '{cfg.warmup_schedule}')")
 
     def weight(self, term, progress):
-        warmup = float(self.cfg.warmup_epochs)
-        ramp = 1.0 if warmup == 0 else min(progress["epoch"] / warmup, 1.0)
+        ramp = dkd_warmup(progress["epoch"], float(self.cfg.warmup_epochs), self.cfg.warmup_schedule)
         return self._weights[term] * ramp
 
     def __call__(self, student_out, teacher_out, batch, progress):

@@ -3,22 +3,27 @@
 Each function takes tensors and returns a scalar loss; weights that a method multiplies
 its term by (DKD warm-up, AT's beta, ...) are left to the caller. Teacher tensors are used
 as given: pass ``teacher.detach()`` (or outputs produced under ``torch.no_grad()``) so
-that no gradient reaches the teacher. Inputs are cast to float32 so that the losses are
-computed in full precision under autocast, like ``kl_with_temperature``.
+that no gradient reaches the teacher. Losses are computed in the inputs' dtype, except that
+float16/bfloat16 inputs (autocast) are upcast to float32 (``compute_dtype``); float64 inputs
+stay float64, which is how tests/test_official_distill.py checks each loss against its
+official implementation to 1e-9.
 
 Methods and papers:
 
 - DKD: B. Zhao, Q. Cui, R. Song, Y. Qiu, J. Liang, "Decoupled Knowledge Distillation",
-  CVPR 2022 (reference code: megvii-research/mdistiller);
+  CVPR 2022 (reference: megvii-research/mdistiller, mdistiller/distillers/DKD.py ``dkd_loss``);
 - AT: S. Zagoruyko, N. Komodakis, "Paying More Attention to Attention: Improving the
   Performance of Convolutional Neural Networks via Attention Transfer", ICLR 2017
-  (reference code: szagoruyko/attention-transfer);
+  (reference: HobbitLong/RepDistiller, distiller_zoo/AT.py ``Attention``);
 - FitNet: A. Romero, N. Ballas, S. E. Kahou, A. Chassang, C. Gatta, Y. Bengio,
-  "FitNets: Hints for Thin Deep Nets", ICLR 2015;
+  "FitNets: Hints for Thin Deep Nets", ICLR 2015 (reference: HobbitLong/RepDistiller,
+  distiller_zoo/FitNet.py ``HintLoss`` and models/util.py ``ConvReg``);
 - KD4MTL: W.-H. Li, H. Bilen, "Knowledge Distillation for Multi-task Learning",
-  ECCV 2020 Workshops (reference code: VICO-UoE/KD4MTL);
+  ECCV 2020 Workshops (reference: VICO-UoE/KD4MTL, model_segnet_kdmtl.py);
 - BAM teacher annealing: K. Clark, M.-T. Luong, U. Khandelwal, C. D. Manning, Q. V. Le,
-  "BAM! Born-Again Multi-Task Networks for Natural Language Understanding", ACL 2019.
+  "BAM! Born-Again Multi-Task Networks for Natural Language Understanding", ACL 2019
+  (reference: google-research/google-research, bam/task_specific/classification/
+  classification_tasks.py ``ClassificationTask.get_prediction_module``).
 
 Targets and ignored pixels: class dimension is 1. For dense logits ``[N, C, H, W]`` the
 target is ``[N, H, W]`` and pixels whose target equals ``ignore_index`` (255, the
@@ -36,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdmtl_cli.distill.logit import kl_with_temperature
+from kdmtl_cli.distill.logit import compute_dtype, kl_with_temperature
 
 IGNORE_INDEX = 255
 
@@ -51,6 +56,8 @@ __all__ = [
     "at_loss",
     "hint_loss",
     "HintRegressor",
+    "ConvReg",
+    "REGRESSORS",
     "kd4mtl_loss",
     "TaskAdaptor",
     "bam_targets",
@@ -131,7 +138,7 @@ def _rows(x: Tensor) -> Tensor:
 def _zero_loss(*tensors: Tensor) -> Tensor:
     # A zero that stays connected to the inputs, so that backward() works when every pixel
     # of the batch is ignored (the gradient is then zero, never nan from 0 / 0).
-    return sum(t.float().sum() * 0.0 for t in tensors)
+    return sum(t.to(compute_dtype(t)).sum() * 0.0 for t in tensors)
 
 
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -187,8 +194,9 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alp
     if not bool(valid.any()):
         return _zero_loss(student_logits, teacher_logits)
     # One row per sample/valid pixel, so that both KL terms average over valid rows only.
-    s = _rows(student_logits.float())[valid]
-    t = _rows(teacher_logits.float())[valid]
+    dtype = compute_dtype(student_logits)
+    s = _rows(student_logits.to(dtype))[valid]
+    t = _rows(teacher_logits.to(dtype))[valid]
     g = target.reshape(-1)[valid].long()
     gt_mask = F.one_hot(g, num_classes).bool()
     T = temperature
@@ -206,35 +214,34 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alp
     tckd = kl_with_temperature(binary_log_probs(s), binary_log_probs(t), 1.0) * (T * T)
     # kl_with_temperature divides by T, so subtracting 1000 * T here subtracts exactly 1000 from
     # the softened target logit, as the paper does; it already multiplies by T^2.
-    shift = gt_mask.float() * (_DKD_MASK * T)
+    shift = gt_mask.to(dtype) * (_DKD_MASK * T)
     nckd = kl_with_temperature(s - shift, t - shift, T)
     return alpha * tckd + beta * nckd
 
 
 # -------------------------------------------------------------------------------- AT
 def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
-    """Spatial attention map of Attention Transfer (Zagoruyko & Komodakis, ICLR 2017).
-
-    ``Q = mean_c |F_c|^p`` flattened to ``[N, H*W]`` and L2-normalised per sample:
-    ``Q / max(||Q||_2, 1e-12)`` (``F.normalize``). The reference code uses ``F.pow(p)``;
-    ``|F|^p`` is the paper's definition and the same for the usual even p.
-    """
+    """Spatial attention map of Attention Transfer, as RepDistiller's ``Attention.at``
+    (distiller_zoo/AT.py): ``F.normalize(f.pow(p).mean(1).view(N, -1))``, i.e. ``Q = mean_c F_c^p``
+    flattened to ``[N, H*W]`` and L2-normalised per sample (``Q / max(||Q||_2, 1e-12)``).
+    ``F.pow(p)`` as in the code (the paper writes ``|F|^p``; the same for even p)."""
     p = _check_positive("p", p)
     if feature.dim() < 3:
         raise ValueError(f"attention_map: feature must be [N, C, H, W] (got {tuple(feature.shape)})")
-    q = feature.float().abs().pow(p).mean(dim=1)
+    q = feature.to(compute_dtype(feature)).pow(p).mean(dim=1)
     return F.normalize(q.reshape(feature.shape[0], -1), p=2.0, dim=1)
 
 
 def at_loss(student_feature: Tensor, teacher_feature: Tensor, p: float = 2.0) -> Tensor:
-    """Attention-transfer loss, in the reference implementation's form.
+    """Attention-transfer loss of one feature pair, as RepDistiller's ``Attention.at_loss``.
 
-    ``loss = mean_{n, j} (Q_s[n, j] - Q_t[n, j])^2 = (1 / (N * H * W)) * sum_n ||Q_s - Q_t||_2^2``
-    with ``Q = attention_map(F, p)`` (normalised maps, squared L2 distance, mean over batch
-    AND positions; hence the caller's large weight, e.g. beta = 1000). Channel counts may
-    differ. When the spatial sizes differ, the student feature is resized to the teacher's
-    size before its attention map is computed: adaptive average pooling when the student is
-    at least as large in both dimensions, bilinear interpolation (align_corners=False) otherwise.
+    ``loss = mean_{n, j} (Q_s[n, j] - Q_t[n, j])^2`` with ``Q = attention_map(F, p)`` (mean over
+    batch AND positions; hence the caller's weight beta = 1000). Channel counts may differ.
+    When the spatial sizes differ, the LARGER map is adaptive-average-pooled to the smaller
+    one, student or teacher, as RepDistiller does. RepDistiller compares heights only and
+    pools to a square (t_H, t_H) / (s_H, s_H); here both sides are pooled to
+    (min(H_s, H_t), min(W_s, W_t)), which is the same for square maps and also works for
+    non-square ones.
     """
     p = _check_positive("p", p)
     if student_feature.dim() != 4 or teacher_feature.dim() != 4:
@@ -243,68 +250,135 @@ def at_loss(student_feature: Tensor, teacher_feature: Tensor, p: float = 2.0) ->
     if student_feature.shape[0] != teacher_feature.shape[0]:
         raise ValueError(f"at_loss: batch sizes must match (got {student_feature.shape[0]} "
                          f"and {teacher_feature.shape[0]})")
-    size = tuple(teacher_feature.shape[-2:])
-    s = student_feature.float()
+    dtype = compute_dtype(student_feature)
+    s, t = student_feature.to(dtype), teacher_feature.to(dtype)
+    size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
     if tuple(s.shape[-2:]) != size:
-        if s.shape[-2] >= size[0] and s.shape[-1] >= size[1]:
-            s = F.adaptive_avg_pool2d(s, size)
-        else:
-            s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
-    return (attention_map(s, p) - attention_map(teacher_feature, p)).pow(2).mean()
+        s = F.adaptive_avg_pool2d(s, size)
+    if tuple(t.shape[-2:]) != size:
+        t = F.adaptive_avg_pool2d(t, size)
+    return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
 
 
 # ---------------------------------------------------------------------------- FitNet
 def hint_loss(regressed_student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
-    """FitNet hint loss (Romero et al., ICLR 2015): ``mean((r(F_s) - F_t)^2)`` over all elements.
-
-    The student feature must already be regressed to the teacher's shape (``HintRegressor``).
-    """
+    """FitNet hint loss, RepDistiller's ``HintLoss`` (``nn.MSELoss()``): ``mean((r(F_s) - F_t)^2)``
+    over all elements. The student feature must already be regressed to the teacher's shape
+    (``HintRegressor``)."""
     _check_same_shape("hint_loss: regressed student feature and teacher feature",
                       regressed_student_feature, teacher_feature)
-    return F.mse_loss(regressed_student_feature.float(), teacher_feature.float(), reduction="mean")
+    dtype = compute_dtype(regressed_student_feature)
+    return F.mse_loss(regressed_student_feature.to(dtype), teacher_feature.to(dtype), reduction="mean")
 
 
-class HintRegressor(nn.Module):
-    """FitNet regressor: 1x1 conv + BatchNorm from student to teacher channels;
-    ``forward(x, size)`` then resizes bilinearly (align_corners=False) to ``size`` if needed."""
+def _shape4(what: str, shape) -> Tuple[int, int, int, int]:
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 4 or min(shape[1:]) <= 0:
+        raise ValueError(f"{what}: shapes must be [N, C, H, W] (got {shape})")
+    return shape
 
-    def __init__(self, student_channels: int, teacher_channels: int):
+
+class ConvReg(nn.Module):
+    """FitNet's regressor exactly as RepDistiller's ``ConvReg`` (models/util.py; the same class
+    is mdistiller's distillers/_common.py ``ConvReg``), from the student and teacher feature
+    shapes [N, C, H, W]:
+
+    - ``s_H == 2 * t_H``: Conv2d(s_C, t_C, 3, stride 2, padding 1);
+    - ``s_H * 2 == t_H``: ConvTranspose2d(s_C, t_C, 4, stride 2, padding 1);
+    - ``s_H >= t_H``: Conv2d(s_C, t_C, kernel (1 + s_H - t_H, 1 + s_W - t_W));
+    - otherwise: not supported (RepDistiller raises).
+
+    Every conv has a bias (PyTorch's default); then BatchNorm2d(t_C) and, with ``use_relu``
+    (RepDistiller's default, used by its FitNet), ReLU. PyTorch's default initialisation.
+    """
+
+    def __init__(self, student_shape, teacher_shape, use_relu: bool = True):
         super().__init__()
-        _check_channels("HintRegressor", student_channels, teacher_channels)
-        # No conv bias: the BatchNorm's shift makes it redundant.
-        self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(teacher_channels)
+        _, s_C, s_H, s_W = _shape4("ConvReg", student_shape)
+        _, t_C, t_H, t_W = _shape4("ConvReg", teacher_shape)
+        self.use_relu = bool(use_relu)
+        if s_H == 2 * t_H:
+            self.conv = nn.Conv2d(s_C, t_C, kernel_size=3, stride=2, padding=1)
+        elif s_H * 2 == t_H:
+            self.conv = nn.ConvTranspose2d(s_C, t_C, kernel_size=4, stride=2, padding=1)
+        elif s_H >= t_H and s_W >= t_W:
+            self.conv = nn.Conv2d(s_C, t_C, kernel_size=(1 + s_H - t_H, 1 + s_W - t_W))
+        else:
+            raise ValueError(f"ConvReg: student size {s_H}x{s_W} cannot be regressed to teacher size "
+                             f"{t_H}x{t_W} (RepDistiller supports s_H = 2 t_H, 2 s_H = t_H or s >= t)")
+        self.bn = nn.BatchNorm2d(t_C)
+        self.relu = nn.ReLU()
 
-    def forward(self, x: Tensor, size) -> Tensor:
-        size = _check_size("HintRegressor", size)
-        return _resize(self.bn(self.conv(x)), size)
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn(self.conv(x))
+        return self.relu(x) if self.use_relu else x
+
+
+class Conv1x1Regressor(nn.Module):
+    """`loss.fitnet.regressor=conv1x1` (not RepDistiller's): 1x1 conv (no bias) + BatchNorm from
+    student to teacher channels, then a bilinear resize (align_corners=False) to the teacher's
+    size. Works for any size ratio, where ``ConvReg`` does not."""
+
+    def __init__(self, student_shape, teacher_shape):
+        super().__init__()
+        _, s_C, _, _ = _shape4("Conv1x1Regressor", student_shape)
+        _, t_C, t_H, t_W = _shape4("Conv1x1Regressor", teacher_shape)
+        self.size = (t_H, t_W)
+        self.conv = nn.Conv2d(s_C, t_C, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(t_C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _resize(self.bn(self.conv(x)), self.size)
+
+
+REGRESSORS = ("convreg", "conv1x1")
+
+
+def HintRegressor(student_shape, teacher_shape, regressor: str = "convreg") -> nn.Module:
+    """The FitNet regressor for these feature shapes: ``convreg`` (default, RepDistiller's
+    ``ConvReg``; only its size cases) or ``conv1x1`` (any sizes; kdmtl's own)."""
+    if regressor == "convreg":
+        return ConvReg(student_shape, teacher_shape, use_relu=True)
+    if regressor == "conv1x1":
+        return Conv1x1Regressor(student_shape, teacher_shape)
+    raise ValueError(f"unknown FitNet regressor '{regressor}'; choose one of {', '.join(REGRESSORS)}")
 
 
 # ---------------------------------------------------------------------------- KD4MTL
-def kd4mtl_loss(adapted_student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
-    """Feature loss of Li & Bilen, "Knowledge Distillation for Multi-task Learning" (ECCV-W 2020).
+KD4MTL_EPS = 1e-6   # VICO-UoE/KD4MTL model_segnet_kdmtl.py: x / (x.pow(2).sum(1) + 1e-6).sqrt()
 
-    ``loss = mean_{n, h, w} sum_c (A(F_s)/||A(F_s)|| - F_t/||F_t||)^2`` where both features are
-    L2-normalised over channels at every pixel (``F.normalize(dim=1)``, eps 1e-12), so the loss
-    is invariant to a positive rescaling of either feature and lies in [0, 4].
-    """
+
+def kd4mtl_normalize(feature: Tensor) -> Tensor:
+    """KD4MTL's per-pixel channel normalisation: ``x / sqrt(sum_c x_c^2 + 1e-6)``."""
+    return feature / (feature.pow(2).sum(1, keepdim=True) + KD4MTL_EPS).sqrt()
+
+
+def kd4mtl_loss(adapted_student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+    """Feature loss of Li & Bilen, "Knowledge Distillation for Multi-task Learning" (ECCV-W 2020),
+    as VICO-UoE/KD4MTL model_segnet_kdmtl.py (``dist_0``): both features normalised over channels
+    at every pixel (``kd4mtl_normalize``), then ``(s - t).pow(2).sum(1).mean()`` (squared L2 over
+    channels, mean over batch and pixels). One feature pair; a task's term sums its pairs."""
     _check_same_shape("kd4mtl_loss: adapted student feature and teacher feature",
                       adapted_student_feature, teacher_feature)
     if adapted_student_feature.dim() < 2:
         raise ValueError(f"kd4mtl_loss: features must be [N, C, H, W] (got {tuple(teacher_feature.shape)})")
-    s = F.normalize(adapted_student_feature.float(), p=2.0, dim=1)
-    t = F.normalize(teacher_feature.float(), p=2.0, dim=1)
+    dtype = compute_dtype(adapted_student_feature)
+    s = kd4mtl_normalize(adapted_student_feature.to(dtype))
+    t = kd4mtl_normalize(teacher_feature.to(dtype))
     return (s - t).pow(2).sum(dim=1).mean()
 
 
 class TaskAdaptor(nn.Module):
-    """KD4MTL task-specific adaptor: a 1x1 conv without bias (a linear map of channels, as in the
-    paper) from student to teacher channels; ``forward(x, size)`` resizes bilinearly if needed."""
+    """KD4MTL task-specific adaptor, as the official ``transformer`` (model_segnet_kdmtl.py):
+    a 1x1 conv without bias from student to teacher channels, ``nn.init.xavier_normal_``
+    weights. ``forward(x, size)`` resizes bilinearly to ``size`` if needed (kdmtl's extension
+    for pairs of different sizes; the official pairs always have equal sizes)."""
 
     def __init__(self, student_channels: int, teacher_channels: int):
         super().__init__()
         _check_channels("TaskAdaptor", student_channels, teacher_channels)
         self.conv = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
+        nn.init.xavier_normal_(self.conv.weight)
 
     def forward(self, x: Tensor, size) -> Tensor:
         size = _check_size("TaskAdaptor", size)
@@ -314,31 +388,33 @@ class TaskAdaptor(nn.Module):
 # ------------------------------------------------------------------------------- BAM
 def bam_targets(teacher_logits: Tensor, target: Tensor, progress: float,
                 ignore_index: Optional[int] = IGNORE_INDEX) -> Tensor:
-    """Teacher-annealed soft targets of BAM! (Clark et al., ACL 2019).
+    """Teacher-annealed soft targets of BAM! (Clark et al., ACL 2019), as the official
+    ``ClassificationTask.get_prediction_module`` with ``teacher_annealing=True``:
 
-    ``y = progress * onehot(target) + (1 - progress) * softmax(teacher_logits)`` over dim 1
-    (T = 1), with ``progress`` in [0, 1] the fraction of training done: pure teacher at the
-    start, pure ground truth at the end. Same shape as ``teacher_logits`` (float32); at
-    ignored pixels (dense inputs, target == ignore_index) every class gets 0.
+    ``y = progress * onehot(target) + (1 - progress) * softmax(teacher_logits / 1.0)`` over dim 1,
+    with ``progress`` in [0, 1] (official: ``percent_done = global_step / num_train_steps``):
+    pure teacher at the start, pure ground truth at the end. Same shape as ``teacher_logits``;
+    at ignored pixels (dense inputs, target == ignore_index) every class gets 0.
     """
     progress = _check_progress(progress)
     _check_logits_and_target("bam_targets", teacher_logits, target, ignore_index)
     num_classes = teacher_logits.shape[1]
+    dtype = compute_dtype(teacher_logits)
     valid = _valid_mask(teacher_logits, target, ignore_index)
     # Ignored pixels get a placeholder class for one_hot, then their whole row is zeroed.
     safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
-    one_hot = F.one_hot(safe_target, num_classes).movedim(-1, 1).float()
-    soft = progress * one_hot + (1.0 - progress) * F.softmax(teacher_logits.float(), dim=1)
-    return soft * valid.unsqueeze(1).float()
+    one_hot = F.one_hot(safe_target, num_classes).movedim(-1, 1).to(dtype)
+    soft = progress * one_hot + (1.0 - progress) * F.softmax(teacher_logits.to(dtype), dim=1)
+    return soft * valid.unsqueeze(1).to(dtype)
 
 
 def bam_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, progress: float,
              ignore_index: Optional[int] = IGNORE_INDEX) -> Tensor:
-    """Cross-entropy with the teacher-annealed targets of ``bam_targets``.
-
-    ``loss = -sum_c y_c * log_softmax(student)_c``, mean over samples ([N, C]) or over the
-    non-ignored pixels of the batch ([N, C, H, W]); 0 (still in the graph) if all are ignored.
-    At progress = 1 this is the ordinary cross-entropy with the labels.
+    """Cross-entropy with the teacher-annealed targets of ``bam_targets`` (official:
+    ``-tf.reduce_sum(labels * log_probs, axis=-1)`` per example), MEAN over samples ([N, C]) or
+    over the non-ignored pixels of the batch ([N, C, H, W]) where the official code SUMS over the
+    batch (kdmtl's task losses are means; the two differ by the batch size only). 0 (still in the
+    graph) if all are ignored. At progress = 1 this is the ordinary cross-entropy.
     """
     _check_same_shape("bam_loss: student_logits and teacher_logits", student_logits, teacher_logits)
     soft = bam_targets(teacher_logits, target, progress, ignore_index)
@@ -346,6 +422,6 @@ def bam_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, pro
     count = int(valid.sum())
     if count == 0:
         return _zero_loss(student_logits, teacher_logits)
-    per_row = -(soft * F.log_softmax(student_logits.float(), dim=1)).sum(dim=1)
+    per_row = -(soft * F.log_softmax(student_logits.to(soft.dtype), dim=1)).sum(dim=1)
     # Ignored rows have all-zero targets, so they add 0 to the sum; divide by valid rows only.
     return per_row.sum() / count

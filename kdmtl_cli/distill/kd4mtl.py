@@ -1,17 +1,31 @@
-"""`kd4mtl`: Li & Bilen, "Knowledge Distillation for Multi-task Learning" (ECCV-W 2020).
+"""`kd4mtl`: Li & Bilen, "Knowledge Distillation for Multi-task Learning" (ECCV-W 2020), as the
+official VICO-UoE/KD4MTL model_segnet_kdmtl.py:
 
-One 1x1 adaptor (no bias) per task on the student's shared feature; the adapted student
-feature and the task's teacher feature are L2-normalised over channels at every pixel; the
-term is the squared L2 distance summed over channels, mean over batch and pixels, weighted
-by the task's lambda. With `teacher=per_task` each task's adaptor targets its own teacher
-(`<task>:<module path>`); with one multi-task teacher all target its shared feature. The
-adaptors are optimised with their own learning rate (`adaptor_lr`)."""
+- several shared student features (official: two, the SegNet's pooled encoder bottleneck
+  `feat[0]` and last decoder output `feat[1]`; kdmtl default `[trunk/-1, trunk/0]`: the trunk's
+  coarsest and finest returned features, which for `segnet` are exactly those two), each paired
+  with the same feature of each task's teacher;
+- per task and feature a 1x1 adaptor without bias (`transformer`, xavier_normal_ init);
+- adapted student and teacher features normalised over channels per pixel,
+  x / sqrt(sum_c x^2 + 1e-6); squared L2 summed over channels, mean over batch and pixels;
+- the task's term `kd4mtl/<task>` is the sum over its features, weighted by the task's
+  lambda (`loss.kd4mtl.weight`; official lambda_ = [1, 1, 2] for semantic, depth, normal);
+- adaptors trained with lr `adaptor_lr` (official `--alr` 0.1) and weight decay
+  `adaptor_weight_decay` (official 5e-4), in their own Adam in the official code, here as a
+  param group of the student's optimiser (so also under its schedule).
+With `teacher=per_task` each task's adaptors target its own teacher; with one multi-task
+teacher every task targets the shared teacher feature."""
 
 from __future__ import annotations
 
 from kdmtl_cli.distill import KD_METHODS, Method
 from kdmtl_cli.distill.functional import TaskAdaptor, kd4mtl_loss
-from kdmtl_cli.distill.pairs import check_pair_shapes, require_feature
+from kdmtl_cli.distill.pairs import check_pair_shapes, feature_pairs, require_feature, split_name
+from kdmtl_cli.errors import KdmtlError
+
+
+def _key(task: str, index: int) -> str:
+    return f"{task}__{index}"
 
 
 @KD_METHODS.register("kd4mtl")
@@ -21,28 +35,39 @@ class KD4MTL(Method):
     def __init__(self, cfg, tasks, teacher_tasks):
         super().__init__(cfg, tasks, teacher_tasks)
         self._weights = self.per_task_term_weights(teacher_tasks)
-        self.student_features = [cfg.student]
-        self.teacher_features = [cfg.teacher]
+        self.pairs = feature_pairs(cfg, "loss.kd4mtl")
+        for _, t in self.pairs:
+            if split_name(t)[0] is not None:
+                raise KdmtlError(f"loss.kd4mtl.teacher: '{t}' has a task prefix; name the module path only "
+                                 "(each task's adaptor targets its own teacher's feature)")
+        self.student_features = [s for s, _ in self.pairs]
+        self.teacher_features = [t for _, t in self.pairs]
 
-    def teacher_feature_name(self, task: str, teacher_features) -> str:
-        per_task = f"{task}:{self.cfg.teacher}"
-        return per_task if per_task in teacher_features else self.cfg.teacher
+    def teacher_feature_name(self, task: str, name: str, teacher_features) -> str:
+        per_task = f"{task}:{name}"
+        return per_task if per_task in teacher_features else name
 
     def setup(self, student_features, teacher_features):
-        shared = require_feature(student_features, self.cfg.student, "loss.kd4mtl", "student")
-        for task in self.teacher_tasks:
-            target = require_feature(teacher_features, self.teacher_feature_name(task, teacher_features),
-                                     "loss.kd4mtl", "teacher")
-            check_pair_shapes(f"loss.kd4mtl {self.cfg.student} -> {task}", shared, target)
-            self.modules[task] = TaskAdaptor(shared.shape[1], target.shape[1])
+        for i, (s, t) in enumerate(self.pairs):
+            shared = require_feature(student_features, s, "loss.kd4mtl.student", "student")
+            for task in self.teacher_tasks:
+                target = require_feature(teacher_features, self.teacher_feature_name(task, t, teacher_features),
+                                         "loss.kd4mtl.teacher", "teacher")
+                check_pair_shapes(f"loss.kd4mtl {s} -> {task}", shared, target)
+                self.modules[_key(task, i)] = TaskAdaptor(shared.shape[1], target.shape[1])
 
     def param_groups(self, base_lr):
-        return [{"params": list(self.modules.parameters()), "lr": float(self.cfg.adaptor_lr)}]
+        return [{"params": list(self.modules.parameters()), "lr": float(self.cfg.adaptor_lr),
+                 "weight_decay": float(self.cfg.adaptor_weight_decay)}]
 
     def __call__(self, student_out, teacher_out, batch, progress):
-        shared = student_out["features"][self.cfg.student]
+        s_feats, t_feats = student_out["features"], teacher_out["features"]
         terms = {}
         for task in self.teacher_tasks:
-            target = teacher_out["features"][self.teacher_feature_name(task, teacher_out["features"])]
-            terms[f"kd4mtl/{task}"] = kd4mtl_loss(self.modules[task](shared, target.shape[-2:]), target)
+            total = None
+            for i, (s, t) in enumerate(self.pairs):
+                target = t_feats[self.teacher_feature_name(task, t, t_feats)]
+                term = kd4mtl_loss(self.modules[_key(task, i)](s_feats[s], target.shape[-2:]), target)
+                total = term if total is None else total + term
+            terms[f"kd4mtl/{task}"] = total
         return terms

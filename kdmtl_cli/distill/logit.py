@@ -10,10 +10,16 @@ method only asks each task the teacher covers for it, at `loss.kd.temperature` a
 - depth, regression: L1 (or L2) between student and teacher predictions, mean over elements;
 - normals: 1 - cos(student, teacher) per pixel, mean over pixels.
 The T^2 factor keeps the gradient scale of the soft term independent of T.
+The KL is mdistiller's ``kd_loss`` (mdistiller/distillers/KD.py) and RepDistiller's ``DistillKL``
+(distiller_zoo/KD.py): summed over classes, mean over the batch (over batch and pixels for
+dense logits), times T^2. The official KD recipe weighs it 0.9 against cross-entropy 0.1
+(mdistiller cfg.py KD.LOSS.KD_WEIGHT / CE_WEIGHT; RepDistiller scripts/run_cifar_distill.sh
+``-r 0.1 -a 0.9``): `loss.task_weight=0.1 loss.kd.weight=0.9`, as the cifar100_*_kd experiments set.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -21,18 +27,29 @@ from kdmtl_cli.distill import KD_METHODS, Method
 from kdmtl_cli.errors import KdmtlError
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a loss is computed in: float16/bfloat16 (autocast) are upcast to float32;
+    float32 and float64 stay as they are (integer tensors: float32)."""
+    if x.dtype in (torch.float16, torch.bfloat16) or not x.dtype.is_floating_point:
+        return torch.float32
+    return x.dtype
+
+
 def kl_with_temperature(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """KL(teacher || student) of temperature-softened distributions over dim 1, times T^2."""
+    """KL(teacher || student) of temperature-softened distributions over dim 1, times T^2
+    (sum over classes, mean over the other positions), in ``compute_dtype``."""
     t = temperature
-    log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+    dtype = compute_dtype(student_logits)
+    log_p_student = F.log_softmax(student_logits.to(dtype) / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.to(dtype) / t, dim=1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
     return kl.mean() * t * t
 
 
 def dense_regression_kd(student: Tensor, teacher: Tensor, norm: str) -> Tensor:
     """Mean |s - t| (norm l1) or mean (s - t)^2 (norm l2) over all elements."""
-    diff = student.float() - teacher.float()
+    dtype = compute_dtype(student)
+    diff = student.to(dtype) - teacher.to(dtype)
     return diff.abs().mean() if norm == "l1" else diff.pow(2).mean()
 
 

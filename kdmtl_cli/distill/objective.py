@@ -22,8 +22,60 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from kdmtl_cli.distill.pairs import module_path, split_name
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.errors import KdmtlError
+
+
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under wrappers that only pass the input on (Renormalize, DDP, torch.compile)."""
+    for attr in ("teacher", "module", "_orig_mod"):
+        if not hasattr(model, "_captured") and not hasattr(model, "teachers") and hasattr(model, attr):
+            return _inner(getattr(model, attr))
+    return model
+
+
+def capture(model: torch.nn.Module, names, side: str = "student") -> None:
+    """Record these features (pairs.py names: `[task:]path[/i]`) on every forward of `model`, in
+    its `features` output under the name as given. Per-task teachers (TaskTeachers) route a
+    `task:` name to that task's teacher and an unprefixed name to every teacher (captured there
+    as `<task>:<name>`). Fails, listing what exists, when a module path or task does not."""
+    from kdmtl_cli.models.multitask import check_module_names
+
+    names = sorted(set(names))
+    model = _inner(model)
+    teachers = getattr(model, "teachers", None)
+    if teachers is not None:
+        unknown = [n for n in names if split_name(n)[0] is not None and split_name(n)[0] not in teachers]
+        if unknown:
+            raise KdmtlError(f"teacher feature '{unknown[0]}' names no per-task teacher; "
+                             f"teachers: {', '.join(teachers)}")
+        for task, teacher in teachers.items():
+            mine = [n.split(":", 1)[1] for n in names if split_name(n)[0] == task]
+            mine += [n for n in names if split_name(n)[0] is None]
+            capture(teacher, mine, side)
+        return
+    for name in names:
+        if split_name(name)[0] is not None:
+            raise KdmtlError(f"{side} feature '{name}' has a task prefix, but the {side} is one multi-task "
+                             "model; drop the prefix (prefixes name per-task teachers, teacher=per_task)")
+    if not hasattr(model, "_captured"):          # a model with its own capture (no /i selectors)
+        model.capture_features([module_path(n) for n in names])
+        return
+    check_module_names(model, [module_path(n) for n in names])
+    modules = dict(model.named_modules())
+    for name in names:
+        _, path, index = split_name(name)
+
+        def hook(_module, _inputs, out, name=name, index=index, model=model):
+            if index is not None:
+                try:
+                    out = out[index]
+                except (TypeError, IndexError):
+                    raise KdmtlError(f"feature '{name}': the module's output has no element {index}") from None
+            model._captured[name] = out
+
+        model._hooks.append(modules[path].register_forward_hook(hook))
 
 
 def check_student_modules(methods, student: torch.nn.Module) -> None:
@@ -32,9 +84,35 @@ def check_student_modules(methods, student: torch.nn.Module) -> None:
 
     for method in methods:
         try:
-            check_module_names(student, method.student_features)
+            check_module_names(student, [module_path(n) for n in method.student_features])
         except KdmtlError as err:
             raise KdmtlError(f"student feature for loss.{method.name}: {err}") from None
+
+
+def preflight(methods, student: torch.nn.Module, teacher: torch.nn.Module, batch: dict) -> None:
+    """Dry-run the methods' set-up on untrained models of the run's architectures (`teacher`:
+    teachers.teacher_skeleton), before any teacher is trained: a bad feature name, a pair that
+    is not two maps or a size a regressor cannot bridge fails here, in one line. The methods'
+    learned parts built here are rebuilt by Objective.setup."""
+    if not methods:
+        return
+    with torch.random.fork_rng(devices=[]):
+        names = {"student": sorted({n for m in methods for n in m.student_features}),
+                 "teacher": sorted({n for m in methods for n in m.teacher_features})}
+        for model, side in ((student, "student"), (teacher, "teacher")):
+            model.eval()
+            try:
+                if names[side]:
+                    capture(model, names[side], side)
+            except KdmtlError as err:
+                raise KdmtlError(f"{side} feature for loss.{'/'.join(m.name for m in methods)}: {err}") from None
+        image = batch["image"][:2].cpu().float()
+        with torch.no_grad():
+            s_feats = student.cpu().float()(image)["features"]
+            t_feats = teacher.cpu().float()(image)["features"]
+        for method in methods:
+            method.setup(s_feats, t_feats)
+            method.modules = torch.nn.ModuleDict()
 
 
 class Objective:
@@ -64,7 +142,7 @@ class Objective:
         for model, names, side in ((student, student_names, "student"), (self.teacher, teacher_names, "teacher")):
             try:
                 if names:
-                    model.capture_features(names)
+                    capture(model, names, side)
             except KdmtlError as err:  # say which model and which config keys name features
                 raise KdmtlError(f"{side} feature for loss.{'/'.join(m.name for m in self.methods)}: {err}") from None
         with torch.no_grad():
@@ -75,10 +153,7 @@ class Objective:
             student.train(was_training)
         for method in self.methods:
             method.setup(s_feats, t_feats)  # each method checks the features it names
-            for name in method.teacher_features:  # a safety net for methods that do not
-                if name not in t_feats and not any(k.endswith(":" + name) for k in t_feats):
-                    raise KdmtlError(f"loss.{method.name}: the teacher has no feature '{name}'; "
-                                     f"captured: {', '.join(sorted(t_feats))}")
+        self.modules = torch.nn.ModuleDict({m.name: m.modules for m in self.methods})
         self.modules.to(device)
 
     def param_groups(self, base_lr: float) -> List[dict]:
