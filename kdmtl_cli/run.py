@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdmtl_cli.build import make_loader, model_meta
 from kdmtl_cli.data import build_data
 from kdmtl_cli.distill import build_methods, method_names
-from kdmtl_cli.distill.objective import Objective, check_student_modules
+from kdmtl_cli.distill.objective import Objective, check_student_modules, preflight
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
 import torch
@@ -27,14 +27,14 @@ from kdmtl_cli.engine.hardware import setup_hardware
 from kdmtl_cli.engine.logging import MetricsLog, NullLog, say
 from kdmtl_cli.engine.optim import build_optimizer, build_scheduler, check_optimizer
 from kdmtl_cli.engine.seeding import seed_everything
-from kdmtl_cli.engine.trainer import Trainer, check_monitor, evaluate
+from kdmtl_cli.engine.trainer import Trainer, average_tests, check_monitor, effective_monitor, evaluate
 from kdmtl_cli.errors import KdmtlError, Preempted
 from kdmtl_cli.models import build_model
 from kdmtl_cli.report import baselines
 from kdmtl_cli.report.delta_m import CONVENTIONS, delta_m_of_run
 from kdmtl_cli.summary import comparison_rows, markdown, print_table
 from kdmtl_cli.tasks import build_tasks, task_signature
-from kdmtl_cli.teachers import prepare_teacher, teacher_task_names
+from kdmtl_cli.teachers import prepare_teacher, teacher_skeleton, teacher_task_names
 from kdmtl_cli.weighting import build_weighting
 
 
@@ -185,7 +185,9 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     teacher_tasks = teacher_task_names(cfg, tasks)
     methods = build_methods(cfg.loss, tasks, teacher_tasks)  # checks each method's settings
     per_task_weights(cfg.loss.task_weight, tasks, "loss.task_weight")  # checked before any training
-    check_monitor(cfg.checkpoint.monitor, tasks)
+    has_val = data.size("val") > 0        # data.val_size=0: the whole training split, no selection on val
+    check_monitor(cfg.checkpoint.monitor, tasks, has_val)
+    monitor = effective_monitor(cfg.checkpoint.monitor, has_val)
     weighting = build_weighting(cfg.weighting, list(tasks), seed=cfg.seed).to(hardware.device)
     baseline = _check_delta_m(cfg.delta_m, tasks)
     teacher_outputs.check_settings(cfg.teacher)
@@ -197,16 +199,29 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
     check_student_modules(methods, student)
     train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
     train_loader.shard = (ranks.rank, ranks.world)
-    val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
+    val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches) \
+        if has_val else None
     test_loader = make_loader(data, "test", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
+    # Sizes the methods' learned parts (and the TensorBoard panel's images): the first validation
+    # batch, or without a validation split the first training batch without augmentation (never test data).
+    probe = next(iter(val_loader if has_val else make_loader(data, "train", tasks, cfg, hardware, train=False,
+                                                              limit=1)))
+    if not has_val:
+        _say(cfg)(f"no validation split (data.val_size=0): training on all {data.size('train')} training "
+                  f"images; " + ("the last epoch is kept (best = last)" if monitor == "last" else
+                                 f"best epoch by {monitor}") + ("; a teacher trained here keeps its last epoch"
+                                                                 if methods else ""))
 
+    if methods:   # feature names and shapes, on untrained models: fails before any teacher is trained
+        preflight(methods, build_model(OmegaConf.merge(cfg.student, {"weights": None}), tasks),
+                  teacher_skeleton(cfg, tasks), probe)
     teacher, teacher_info = None, {}
     if methods:
         teacher, teacher_info = _main_first(ranks, lambda: prepare_teacher(cfg, tasks, data, hardware, run_dir))
     # Reseed: training continues the same whether the teacher was trained here or loaded.
     seed_everything(cfg.seed)
     objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
-    first_val = next(iter(val_loader))     # sizes the methods' learned parts; the TensorBoard panel's images
+    first_val = probe
     objective.setup(student, first_val, hardware.device)
     if teacher is not None and cfg.teacher.cache != "off":
         objective.cache = _main_first(ranks, lambda: _teacher_output_cache(cfg, teacher, train_loader, hardware,
@@ -223,11 +238,12 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
                       hardware=hardware, train_loader=train_loader, val_loader=val_loader,
                       epochs=cfg.optim.epochs, checkpoint_dir=run_dir / "checkpoints", log=log,
                       progress_mode=cfg.log.progress, label="student", monitor=cfg.checkpoint.monitor,
+                      test_loader=test_loader, test_last_epochs=cfg.test.average_last_epochs,
                       mode=cfg.checkpoint.mode, grad_clip_norm=cfg.optim.grad_clip_norm,
                       log_every_n_steps=cfg.log.every_n_steps, stop_after_epoch=cfg.stop_after_epoch,
                       checkpoint_extra={"model_meta": meta}, weighting=weighting,
                       grad_norms_every_n_steps=cfg.log.grad_norms_every_n_steps, ranks=ranks,
-                      panel=_panel(cfg, first_val, tasks, data, teacher) if ranks.is_main else None)
+                      panel=_panel(cfg, first_val, tasks, data, teacher) if ranks.is_main and has_val else None)
     if resume:
         checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
         trainer.restore(checkpoint)
@@ -249,7 +265,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
         distributed.shutdown(ranks)
         return state.best_value
 
-    # Test once, with the checkpoint chosen on validation.
+    # Test once, with the selected checkpoint (best on validation, by training loss, or the last epoch).
     student.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
     test_metrics = evaluate(student, test_loader, tasks, hardware, "test")
     teacher_metrics, teacher_cost, student_cost = None, None, None
@@ -259,10 +275,13 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
         sample = next(iter(test_loader))["image"]
         student_cost = measure(student, sample, hardware)
         teacher_cost = measure(teacher, sample, hardware) if teacher is not None else None
+    # test.average_last_epochs=N: the mean of the tests after each of the last N epochs (MTAN / Nash-MTL / CAGrad)
+    mean_tests = average_tests(state.test_history, cfg.test.average_last_epochs, state.epoch)
     results = {
         "type": "final", "epoch": state.epoch, "best_epoch": state.best_epoch,
-        "monitor": cfg.checkpoint.monitor, "best_value": state.best_value,
+        "monitor": monitor, "best_value": state.best_value,
         **{k: v for k, v in state.best_metrics.items()}, **test_metrics,
+        **mean_tests, **delta_m_of_run(baseline, data, tasks, mean_tests, f"test_mean_last{cfg.test.average_last_epochs}"),
         **({f"teacher/{k}": v for k, v in teacher_metrics.items()} if teacher_metrics else {}),
         **({f"student/{k}": v for k, v in student_cost.items()} if student_cost else {}),
         **({f"teacher/{k}": v for k, v in teacher_cost.items()} if teacher_cost else {}),
@@ -271,7 +290,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
         "wall_time_s": time.perf_counter() - started,
     }
     log.write(results)
-    log.scalars({k: v for k, v in results.items() if k.startswith(("test/", "teacher/test/"))}, state.global_step)
+    log.scalars({k: v for k, v in results.items() if k.startswith(("test/", "teacher/test/", "test_mean_last"))},
+                state.global_step)
     log.hparams(_hparams(cfg), {k: v for k, v in results.items() if k.startswith("test/")})
     log.close()
     # Machine-readable for sweep aggregation: what this job changed, and its best / last / final metrics.
@@ -285,7 +305,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
                           "student": f"{cfg.student.arch} width {cfg.student.width} depth {cfg.student.depth}"})
     rows = comparison_rows(tasks, "test", test_metrics, teacher_metrics, student_cost, teacher_cost,
                            delta=_delta_rows(results, cfg.delta_m.convention))
-    title = f"kdmtl train: {'+'.join(method_names(cfg.loss)) or 'no distillation'} | test split | best epoch {state.best_epoch} by {cfg.checkpoint.monitor}"
+    title = f"kdmtl train: {'+'.join(method_names(cfg.loss)) or 'no distillation'} | test split | " + (f"last epoch ({state.epoch})" if monitor == "last" else f"best epoch {state.best_epoch} by {monitor}")
     header = [f"- run dir: `{run_dir}`", f"- teacher: {teacher_info.get('source', 'none')}",
               f"- student: {cfg.student.arch} width {cfg.student.width} depth {cfg.student.depth}",
               f"- data: {cfg.data.name} ({data.size('train')} train / {data.size('val')} val / "
@@ -294,6 +314,9 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
               f"- Δm baseline: {results.get('delta_m/baseline') or 'none (set delta_m.baseline=FILE)'}"
               + (f" — not computed: {results['delta_m/skipped']}" if results.get('delta_m/skipped') else ""),
               f"- wall time: {results['wall_time_s']:.1f} s"]
+    if mean_tests:
+        header.append(f"- test, mean of the last {cfg.test.average_last_epochs} epochs: " + ", ".join(
+            f"{k.split('/', 1)[1]} {v:.4f}" for k, v in mean_tests.items() if k.split("/")[1] not in ("task", "loss")))
     atomic_write_text(markdown(title, rows, header), run_dir / "summary.md")
     if cfg.log.progress != "none":
         print_table(title, rows)

@@ -96,48 +96,60 @@ class TeacherConfig(ModelConfig):
     cache_views: int = 4                  # K, for cache=views
     cache_topk: Optional[int] = None      # keep only the k largest classification logits (+ log-sum-exp)
     cache_dtype: str = "float16"          # float16 | float32
+    keep: str = "best"                    # a teacher trained here: best (by val/loss/task) | last epoch (RepDistiller)
 
 
 @dataclass
 class KDConfig:
-    """Logit KD (Hinton et al., 2015) for every task the teacher covers."""
-    weight: Any = 0.5                     # a number, or {task: number}
+    """Logit KD (Hinton et al., 2015) for every task the teacher covers (conf/loss/kd.yaml)."""
+    weight: Any = 0.5                     # a number, or {task: number}; official recipe 0.9 with task_weight 0.1
     temperature: float = 4.0              # T; the KL terms are scaled by T^2
     dense: str = "l1"                     # depth/regression tasks: l1 | l2 to the teacher's prediction
 
 
 @dataclass
 class DKDConfig:
-    """Decoupled KD (Zhao et al., CVPR 2022) on classification and segmentation tasks."""
+    """Decoupled KD (Zhao et al., CVPR 2022), as mdistiller (conf/loss/dkd.yaml)."""
     weight: Any = 1.0                     # a number, or {task: number}
     alpha: float = 1.0                    # target-class term (TCKD)
     beta: float = 8.0                     # non-target-class term (NCKD)
     temperature: float = 4.0
-    warmup_epochs: float = 1.0            # weight ramps linearly from 0 over these epochs
+    warmup_epochs: float = 20.0           # weight factor min(epoch / warmup_epochs, 1)
+    warmup_schedule: str = "epoch"        # epoch: mdistiller's (1-based epoch, per epoch) | linear: continuous from 0
 
 
 @dataclass
 class FeaturePairsConfig:
-    """Student/teacher module paths (forward hooks), paired by position."""
+    """Student/teacher features (forward hooks; `[task:]path[/i]`), paired by position."""
     weight: float = 1.0
-    student: List[str] = field(default_factory=lambda: ["trunk.stages.2"])
-    teacher: List[str] = field(default_factory=lambda: ["trunk.stages.2"])
+    student: List[str] = field(default_factory=lambda: ["trunk.stages.1"])
+    teacher: List[str] = field(default_factory=lambda: ["trunk.stages.1"])
+
+
+@dataclass
+class FitNetConfig(FeaturePairsConfig):
+    """FitNet hints as RepDistiller (conf/loss/fitnet.yaml)."""
+    weight: float = 100.0
+    regressor: str = "convreg"            # convreg: RepDistiller's ConvReg | conv1x1: 1x1 conv + BN + resize (any sizes)
 
 
 @dataclass
 class ATConfig(FeaturePairsConfig):
-    """Attention transfer (Zagoruyko & Komodakis, 2017); weight is the paper's beta."""
+    """Attention transfer as RepDistiller (conf/loss/at.yaml); weight is the paper's beta."""
     weight: float = 1000.0
     p: float = 2.0
+    student: List[str] = field(default_factory=lambda: ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"])
+    teacher: List[str] = field(default_factory=lambda: ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"])
 
 
 @dataclass
 class KD4MTLConfig:
-    """Li & Bilen (ECCV-W 2020): per-task 1x1 adaptors on the student's shared feature."""
+    """Li & Bilen (ECCV-W 2020), as VICO-UoE/KD4MTL (conf/loss/kd4mtl.yaml)."""
     weight: Any = 1.0                     # lambda: a number, or {task: number}
-    student: str = "trunk.stages.2"       # the student's shared feature
-    teacher: str = "trunk.stages.2"       # the (per-task) teacher's feature
-    adaptor_lr: float = 0.01              # the adaptors' own learning rate
+    student: Any = field(default_factory=lambda: ["trunk/-1", "trunk/0"])   # shared features (a name or a list)
+    teacher: Any = field(default_factory=lambda: ["trunk/-1", "trunk/0"])   # each task teacher's features
+    adaptor_lr: float = 0.1               # the adaptors' learning rate (official --alr)
+    adaptor_weight_decay: float = 5e-4    # the adaptors' weight decay (official transformer_optimizer)
 
 
 @dataclass
@@ -152,7 +164,7 @@ class LossConfig:
     task_weight: Any = 1.0                # weight of each task loss: a number, or {task: number}
     kd: Optional[KDConfig] = None
     dkd: Optional[DKDConfig] = None
-    fitnet: Optional[FeaturePairsConfig] = None
+    fitnet: Optional[FitNetConfig] = None
     at: Optional[ATConfig] = None
     kd4mtl: Optional[KD4MTLConfig] = None
     bam: Optional[BAMConfig] = None
@@ -166,9 +178,10 @@ class WeightingConfig:
     weights: Any = 1.0                    # fixed: a number, or {task: number}
     temperature: float = 2.0              # dwa: T of the softmax over loss-descent rates
     alpha: float = 1.5                    # gradnorm: restoring-force strength
-    lr: float = 0.025                     # gradnorm, famo: learning rate of the task-weight parameters
+    lr: float = 0.025                     # famo: learning rate of its task logits (gradnorm's follow optim.lr)
     c: float = 0.4                        # cagrad: radius of the ball around the mean gradient
-    gamma: float = 0.001                  # famo: weight decay of its logits
+    gamma: float = 0.01                   # famo: weight decay of its logits
+    max_norm: float = 1.0                 # famo: clip the trunk gradient's norm to this after backward (0 = off)
 
 
 @dataclass
@@ -192,8 +205,18 @@ class HardwareConfig:
 
 
 @dataclass
+class TestConfig:
+    # also test after each of the last N epochs and record each metric's mean as
+    # test_mean_lastN/... (MTAN / Nash-MTL / CAGrad); 0 = off. The selected checkpoint is tested as usual.
+    average_last_epochs: int = 0
+
+
+@dataclass
 class CheckpointConfig:
-    monitor: str = "val/loss/task"        # validation metric that selects `best` (never a test metric)
+    # selects `best` (never a test metric): a validation metric | train/loss/task, train/task/<t>
+    # (epoch-mean training loss, KD4MTL) | last (the last epoch); with data.val_size=0 the
+    # default val/loss/task stands for last
+    monitor: str = "val/loss/task"
     mode: str = "auto"                    # min | max | auto (from the metric's direction)
 
 
@@ -221,7 +244,7 @@ class PublishedResult:
     metric: str = MISSING                 # kdmtl's key, e.g. test/cls/accuracy
     value: float = MISSING                # in kdmtl's units (accuracy as a fraction: 73.33% -> 0.7333)
     model: str = "student"                # student | teacher
-    epoch: str = "last"                   # last | best: which epoch the paper reports
+    epoch: str = "last"                   # last | best | mean_lastN (mean of the last N epochs' tests, test.average_last_epochs=N)
     source: str = ""                      # paper and table
 
 
@@ -243,6 +266,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    test: TestConfig = field(default_factory=TestConfig)
     log: LogConfig = field(default_factory=LogConfig)
     debug: Optional[DebugConfig] = None
     published: List[PublishedResult] = field(default_factory=list)  # set by experiments

@@ -231,11 +231,41 @@ def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
     return hardware.prepare_model(TaskTeachers(teachers)), {"source": sources, "per_task": info}
 
 
+def teacher_skeleton(cfg, tasks: Dict[str, Task]):
+    """An untrained teacher of the run's architecture(s), for checks before any teacher is
+    trained (feature names and shapes): per-task teachers as TaskTeachers; a teacher from a
+    checkpoint built from the architecture recorded in it."""
+    def one(wanted, checkpoint):
+        if checkpoint:
+            meta, _ = read_teacher_file(Path(checkpoint))
+            return build_model(OmegaConf.create({**meta["model"], "weights": None}),
+                               _tasks_from_signature(meta["tasks"]))
+        return build_model(OmegaConf.merge(cfg.teacher, {"weights": None}), {n: tasks[n] for n in wanted})
+
+    wanted = teacher_task_names(cfg, tasks)
+    if cfg.teacher.mode == "per_task":
+        return TaskTeachers({task: one([task], cfg.teacher.checkpoints.get(task)) for task in wanted})
+    return one(wanted, cfg.teacher.checkpoint)
+
+
+TEACHER_KEEP = ("best", "last")
+
+
+def kept_teacher_monitor(cfg, data) -> str:
+    """teacher.keep=best: the epoch with the lowest val/loss/task; last (RepDistiller's
+    ckpt_epoch_240.pth), or no validation split (data.val_size=0): the last epoch."""
+    keep = cfg.teacher.get("keep", "best")
+    if keep not in TEACHER_KEEP:
+        raise KdmtlError(f"teacher.keep must be best or last (got '{keep}')")
+    return "val/loss/task" if keep == "best" and data.size("val") else "last"
+
+
 def train_teacher(cfg, tasks: Dict[str, Task], data, hardware, teacher_run_dir: Path, label: str = "teacher"):
     seed_everything(cfg.seed)
     model = hardware.prepare_model(build_model(cfg.teacher, tasks))
     train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
-    val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
+    val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches) \
+        if data.size("val") else None      # data.val_size=0: no validation split, the last epoch is kept
     optimizer = build_optimizer(model.parameters(), cfg.teacher.optim)
     scheduler = build_scheduler(optimizer, cfg.teacher.optim, len(train_loader))
     objective = Objective(tasks, 1.0)
@@ -243,12 +273,12 @@ def train_teacher(cfg, tasks: Dict[str, Task], data, hardware, teacher_run_dir: 
     trainer = Trainer(model=model, objective=objective, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
                       hardware=hardware, train_loader=train_loader, val_loader=val_loader,
                       epochs=cfg.teacher.optim.epochs, checkpoint_dir=teacher_run_dir / "checkpoints", log=log,
-                      progress_mode=cfg.log.progress, label=label, monitor="val/loss/task",
+                      progress_mode=cfg.log.progress, label=label, monitor=kept_teacher_monitor(cfg, data),
                       grad_clip_norm=cfg.teacher.optim.grad_clip_norm, log_every_n_steps=cfg.log.every_n_steps,
                       checkpoint_extra={"model_meta": model_meta(cfg.teacher, task_signature(tasks), data)})
     trainer.fit()
     log.close()
-    # The teacher kept is the best by validation task loss, not the last epoch.
+    # The teacher kept (teacher.keep): best.pt is the best by validation task loss, or the last epoch.
     model.load_state_dict(load_checkpoint(teacher_run_dir / "checkpoints" / "best.pt")["model"])
     model.eval()
     return model
