@@ -96,7 +96,9 @@ class TeacherConfig(ModelConfig):
     cache_views: int = 4                  # K, for cache=views
     cache_topk: Optional[int] = None      # keep only the k largest classification logits (+ log-sum-exp)
     cache_dtype: str = "float16"          # float16 | float32
-    keep: str = "best"                    # a teacher trained here: best (by val/loss/task) | last epoch (RepDistiller)
+    # a teacher trained here keeps: best (by val/loss/task; the last epoch when data.val_size=0) |
+    # last (RepDistiller) | train_loss (lowest epoch-mean training task loss, KD4MTL); in the cache key unless best
+    keep: str = "best"
 
 
 @dataclass

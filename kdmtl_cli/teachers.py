@@ -248,15 +248,18 @@ def teacher_skeleton(cfg, tasks: Dict[str, Task]):
     return one(wanted, cfg.teacher.checkpoint)
 
 
-TEACHER_KEEP = ("best", "last")
+TEACHER_KEEP = ("best", "last", "train_loss")
 
 
 def kept_teacher_monitor(cfg, data) -> str:
     """teacher.keep=best: the epoch with the lowest val/loss/task; last (RepDistiller's
-    ckpt_epoch_240.pth), or no validation split (data.val_size=0): the last epoch."""
+    ckpt_epoch_240.pth), or best without a validation split (data.val_size=0): the last epoch;
+    train_loss: the lowest epoch-mean training task loss (KD4MTL's model_best)."""
     keep = cfg.teacher.get("keep", "best")
     if keep not in TEACHER_KEEP:
-        raise KdmtlError(f"teacher.keep must be best or last (got '{keep}')")
+        raise KdmtlError(f"teacher.keep must be best, last or train_loss (got '{keep}')")
+    if keep == "train_loss":
+        return "train/loss/task"
     return "val/loss/task" if keep == "best" and data.size("val") else "last"
 
 

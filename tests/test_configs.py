@@ -144,7 +144,10 @@ def test_published_numbers_name_real_metrics(name, hydra_compose):
         split, task, metric = entry.metric.split("/")
         assert split == "test" and task in cfg.tasks
         assert metric in TASK_KINDS.get(cfg.tasks[task].kind).higher_is_better
-        assert entry.model in ("student", "teacher") and entry.epoch in ("last", "best") and entry.source
+        assert entry.model in ("student", "teacher") and entry.source
+        assert entry.epoch in ("last", "best") or re.fullmatch(r"mean_last[1-9][0-9]*", entry.epoch)
+        if entry.epoch.startswith("mean_last"):     # compared with test_mean_lastN/...: the run must record it
+            assert cfg.test.average_last_epochs == int(entry.epoch[len("mean_last"):])
         fraction = metric in ("accuracy", "f1", "recall", "miou", "pixel_acc", "map") or metric.startswith("within_")
         assert (0 < entry.value < 1) if fraction else entry.value > 0  # accuracies are fractions in kdmtl
     if "/optim@teacher.optim" in (CONF / "experiment" / f"{name}.yaml").read_text():
@@ -369,7 +372,12 @@ CIFAR100_SOLVER = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False
 # RepDistiller dataset/cifar100.py L53-62 (= mdistiller dataset/cifar100.py L117-134); batch
 # train_student.py L44 / SOLVER.BATCH_SIZE 64.
 CIFAR100_DATA = {"name": "cifar100", "batch_size": 64, "hflip": True, "crop_padding": 4,
-                 "mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}
+                 "mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761],
+                 "val_size": 0}   # the whole training set: the papers have no validation split
+# The protocol (docs/recipes/README.md): RepDistiller distils from the teacher's last epoch
+# (ckpt_epoch_240.pth) and CRD reports the student's last epoch (RepDistiller issue #16); DKD's
+# best TEST epoch is refused (selection on test): kdmtl tests the last epoch.
+CIFAR100_PROTOCOL = {"checkpoint.monitor": "last", "teacher.keep": "last", "test.average_last_epochs": 0}
 # (teacher, student, DKD beta): beta from mdistiller configs/cifar100/dkd/<file> DKD.BETA, or
 # engine/cfg.py L165 (8.0) where the file has no DKD block.
 CIFAR100_PAIRS = {
@@ -416,6 +424,7 @@ def test_cifar100_experiment_is_the_official_recipe(name, hydra_compose):
     wrong = [f"optim.{m}" for m in _differences(cfg["optim"], CIFAR100_SOLVER)]
     wrong += [f"teacher.optim.{m}" for m in _differences(cfg["teacher"]["optim"], CIFAR100_SOLVER)]
     wrong += [f"data.{m}" for m in _differences(cfg["data"], CIFAR100_DATA)]
+    wrong += _differences(cfg, CIFAR100_PROTOCOL)
     expected_loss = dict(CIFAR100_LOSS[method], **({"dkd.beta": beta} if method == "dkd" else {}))
     wrong += [f"loss.{m}" for m in _differences(cfg["loss"], expected_loss)]
     methods = sorted(k for k, v in cfg["loss"].items() if k != "task_weight" and v is not None)
@@ -436,13 +445,21 @@ def test_cifar100_experiment_is_the_official_recipe(name, hydra_compose):
 # no weight decay, StepLR(100, 0.5), 200 epochs; no input normalisation in any of them.
 MTAN_SOLVER = {"name": "adam", "lr": 1e-4, "weight_decay": 0.0, "epochs": 200, "scheduler": "step",
                "step_epochs": 100, "gamma": 0.5, "warmup_epochs": 0.0, "grad_clip_norm": None}
-NO_NORMALISATION = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "crop_padding": 0}
+NO_NORMALISATION = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "crop_padding": 0,
+                    "val_size": 0}   # the whole training set: the papers have no validation split
+# Nash-MTL experiments/nyuv2/README.md L11-12, MTAN README.md L53 (CAGrad the same): the mean of the
+# last 10 epochs' test metrics, no selection. KD4MTL model_segnet_kdmtl.py L203-204, L243-245, L252-258:
+# the student's epoch of lowest training task loss; model_segnet_single.py L154-160, L216-223: the same
+# for each teacher.
+MEAN_LAST_10 = {"checkpoint.monitor": "last", "test.average_last_epochs": 10}
+KD4MTL_SELECTION = {"checkpoint.monitor": "train/loss/task", "teacher.keep": "train_loss",
+                    "test.average_last_epochs": 0}
 DENSE_RECIPES = {
     # Nash-MTL trainer.py L251 (batch 2), L260-261 (augmentation on: kdmtl's part of it is the flip).
     "nyuv2_segnet": {"data": {"name": "nyuv2", "batch_size": 2, "hflip": True}, "student": "segnet",
-                     "tasks": ["depth", "normal", "seg"], "loss": {"task_weight": 1.0}},
+                     "tasks": ["depth", "normal", "seg"], "loss": {"task_weight": 1.0}, "protocol": MEAN_LAST_10},
     "nyuv2_mtan": {"data": {"name": "nyuv2", "batch_size": 2, "hflip": True}, "student": "segnet_mtan",
-                   "tasks": ["depth", "normal", "seg"], "loss": {"task_weight": 1.0}},
+                   "tasks": ["depth", "normal", "seg"], "loss": {"task_weight": 1.0}, "protocol": MEAN_LAST_10},
     # KD4MTL model_segnet_kdmtl.py L100-108 (batch 2, no augmentation), L149-150 (task weights 1),
     # L168 (lambda 1, 1, 2), L87 + README --alr 1e-1 (adaptor Adam lr 0.1, wd 5e-4), L155-165 with
     # model/segnet.py L102, L113 (pooled bottleneck + last decoder stage).
@@ -452,12 +469,12 @@ DENSE_RECIPES = {
                                      "kd4mtl.weight.normal": 2.0, "kd4mtl.adaptor_lr": 0.1,
                                      "kd4mtl.adaptor_weight_decay": 5e-4,
                                      "kd4mtl.student": ["trunk/-1", "trunk/0"],
-                                     "kd4mtl.teacher": ["trunk/-1", "trunk/0"]}},
+                                     "kd4mtl.teacher": ["trunk/-1", "trunk/0"]}, "protocol": KD4MTL_SELECTION},
     # CAGrad cityscapes/model_segnet_mtan.py L205 (batch 8), run.sh (--apply_augmentation).
     "cityscapes_segnet": {"data": {"name": "cityscapes", "batch_size": 8, "hflip": True}, "student": "segnet",
-                          "tasks": ["depth", "seg"], "loss": {"task_weight": 1.0}},
+                          "tasks": ["depth", "seg"], "loss": {"task_weight": 1.0}, "protocol": MEAN_LAST_10},
     "cityscapes_mtan": {"data": {"name": "cityscapes", "batch_size": 8, "hflip": True}, "student": "segnet_mtan",
-                        "tasks": ["depth", "seg"], "loss": {"task_weight": 1.0}},
+                        "tasks": ["depth", "seg"], "loss": {"task_weight": 1.0}, "protocol": MEAN_LAST_10},
 }
 
 
@@ -469,6 +486,7 @@ def test_dense_experiment_is_the_official_recipe(name, hydra_compose):
     wrong += [f"data.{m}" for m in _differences(cfg["data"], dict(NO_NORMALISATION, **recipe["data"]))]
     loss = {k: v for k, v in cfg["loss"].items() if v is not None}
     wrong += [f"loss.{m}" for m in _differences(loss, recipe["loss"])]
+    wrong += _differences(cfg, recipe["protocol"])
     if name.endswith("kd4mtl"):   # per-task teachers trained with the same recipe (model_segnet_single.py L48-49, L72, L86)
         wrong += [f"teacher.optim.{m}" for m in _differences(cfg["teacher"]["optim"], MTAN_SOLVER)]
         wrong += [] if cfg["teacher"]["mode"] == "per_task" and cfg["teacher"]["arch"] == "segnet" else ["teacher"]

@@ -40,6 +40,8 @@ def _eval(raw: DictConfig) -> float:
         else run_dir / "checkpoints" / f"{cfg.checkpoint}.pt"
     state = load_checkpoint(checkpoint)
     hardware = setup_hardware(cfg.hardware)
+    if cfg.split == "val" and train_cfg.data.val_size == 0:
+        raise KdmtlError(f"{run_dir} was trained without a validation split (data.val_size=0); use split=test")
     data = build_data(train_cfg.data)
     tasks = build_tasks(train_cfg.tasks, data.targets)
     model = build_model(train_cfg.student, tasks)

@@ -30,10 +30,38 @@ def apply_debug(cfg: DictConfig, overrides=()) -> DictConfig:
     shrink = {"optim.epochs": d.epochs, "teacher.optim.epochs": d.epochs,
               "limit_train_batches": d.max_batches, "limit_eval_batches": d.max_batches,
               "data.train_size": d.train_size, "data.val_size": d.val_size, "data.test_size": d.test_size}
+    if cfg.data.val_size == 0:                     # no validation split stays none
+        shrink.pop("data.val_size")
+    if cfg.test.average_last_epochs:               # the mean over at most the epochs run
+        shrink["test.average_last_epochs"] = min(int(cfg.test.average_last_epochs), d.epochs)
     for key, value in shrink.items():
         if key not in explicit:
             OmegaConf.update(cfg, key, value)
     return cfg
+
+
+def check_protocol(cfg: DictConfig) -> None:
+    """Settings of the evaluation protocol that cannot work together, refused before any work."""
+    import re
+
+    from kdmtl_cli.data import check_val_size
+    from kdmtl_cli.engine.trainer import DEFAULT_MONITOR
+
+    check_val_size(cfg.data)
+    if cfg.teacher.keep not in ("best", "last", "train_loss"):
+        raise KdmtlError(f"teacher.keep must be best, last or train_loss (got '{cfg.teacher.keep}')")
+    n = cfg.test.average_last_epochs
+    if n < 0 or n > cfg.optim.epochs:
+        raise KdmtlError(f"test.average_last_epochs must be between 0 (off) and optim.epochs={cfg.optim.epochs} "
+                         f"(got {n})")
+    monitor = cfg.checkpoint.monitor
+    if cfg.data.val_size == 0 and monitor.startswith("val/") and monitor != DEFAULT_MONITOR:
+        raise KdmtlError(f"checkpoint.monitor={monitor} selects on the validation split, but data.val_size=0 "
+                         "leaves none; set checkpoint.monitor=last (or train/loss/task), or data.val_size >= 1")
+    for i, pub in enumerate(cfg.published):
+        if not re.fullmatch(r"last|best|mean_last[1-9][0-9]*", str(pub.epoch)):
+            raise KdmtlError(f"published[{i}].epoch must be last, best or mean_lastN (the mean of the last N "
+                             f"epochs' tests, with test.average_last_epochs=N); got '{pub.epoch}'")
 
 
 def effective_config(raw: DictConfig, overrides) -> DictConfig:
@@ -46,6 +74,7 @@ def effective_config(raw: DictConfig, overrides) -> DictConfig:
             raise KdmtlError(f"cannot resume: {saved_path} is missing; was this directory made by kdmtl train?")
         saved = validate(OmegaConf.load(saved_path), TrainConfig)
         cfg = validate(merge_for_resume(cfg, saved, overrides), TrainConfig)
+    check_protocol(cfg)
     return cfg
 
 

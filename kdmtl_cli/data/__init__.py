@@ -89,8 +89,25 @@ def generated_splits(folder, sizes: Dict[str, int], keys, make, *, name: str, it
     return splits
 
 
+# Data sets that can train on their whole training split (`data.val_size=0`: no validation
+# split, as the papers of the shipped experiments); generated sets always have one.
+NO_VALIDATION_OK = ("cifar10", "cifar100", "nyuv2", "cityscapes")
+
+
+def check_val_size(data_cfg) -> None:
+    """`data.val_size=0` only where the builder supports it; never negative."""
+    from kdmtl_cli.errors import KdmtlError
+
+    if data_cfg.val_size < 0:
+        raise KdmtlError(f"data.val_size must be >= 0 (got {data_cfg.val_size}); 0 = no validation split")
+    if data_cfg.val_size == 0 and data_cfg.name not in NO_VALIDATION_OK:
+        raise KdmtlError(f"data.val_size=0 (no validation split) is supported for {', '.join(NO_VALIDATION_OK)}, "
+                         f"not data={data_cfg.name}; set data.val_size >= 1")
+
+
 def build_data(data_cfg) -> DataBundle:
     # Import the modules so that they register themselves.
     from kdmtl_cli.data import cifar, cifar_mosaic, digits, nyuv2, shapes  # noqa: F401
 
+    check_val_size(data_cfg)
     return DATASETS.get(data_cfg.name)(data_cfg)

@@ -12,7 +12,8 @@ which unpickles the same layout (``data`` uint8 [N,3072] = R, G, B planes of 32x
 own data.root, so only use files you trust there.
 
 Splits: ``val`` = the LAST ``data.val_size`` images of the official training set (in file
-order), ``train`` = the first ``data.train_size`` of the images before them, ``test`` = the
+order; ``data.val_size=0``: no validation split, as in the papers), ``train`` = the first
+``data.train_size`` of the images before them, ``test`` = the
 first ``data.test_size`` images of the official test set (sizes are upper limits: a larger
 value takes all there is). Target ``cls`` (classification; 10 or 100 fine classes, names from
 the meta file when present). Images stay uint8 [N,3,32,32]; the loader normalises.
@@ -130,8 +131,8 @@ def _build(which: str, cfg) -> DataBundle:
     train_x, train_y = arrays["train"]
     test_x, test_y = arrays["test"]
     total = int(train_x.shape[0])
-    if cfg.val_size < 1 or cfg.val_size >= total:
-        raise KdmtlError(f"data.val_size must be between 1 and {total - 1} for {which} "
+    if cfg.val_size < 0 or cfg.val_size >= total:
+        raise KdmtlError(f"data.val_size must be between 0 (no validation split) and {total - 1} for {which} "
                          f"(the last val_size training images; got {cfg.val_size})")
     if cfg.train_size < 1 or cfg.test_size < 1:
         raise KdmtlError(f"data.train_size and data.test_size must be at least 1 (got {cfg.train_size}, "

@@ -18,7 +18,7 @@ are over the valid pixels of our train split); ``normal`` float16 [N,3,H,W] (nyu
 
 Splits: the release has only ``train`` and ``val``, and the papers report on ``val``. Here
 ``val`` = the LAST ``data.val_size`` files of the release's ``train`` folder (by index, so it is
-deterministic), ``train`` = the first ``data.train_size`` files before them, and ``test`` = the
+deterministic; ``data.val_size=0``: no validation split, as in the papers), ``train`` = the first ``data.train_size`` files before them, and ``test`` = the
 first ``data.test_size`` files of the release's ``val`` folder (sizes are upper limits).
 """
 
@@ -152,8 +152,8 @@ def build_dense(which: str, cfg) -> DataBundle:
     train_ids = _indices(folders["train"] / "image")
     test_ids = _indices(folders["val"] / "image")
     total = len(train_ids)
-    if cfg.val_size < 1 or cfg.val_size >= total:
-        raise KdmtlError(f"data.val_size must be between 1 and {total - 1} for {which} "
+    if cfg.val_size < 0 or cfg.val_size >= total:
+        raise KdmtlError(f"data.val_size must be between 0 (no validation split) and {total - 1} for {which} "
                          f"(the last val_size files of {folders['train']}; got {cfg.val_size})")
     if cfg.train_size < 1 or cfg.test_size < 1:
         raise KdmtlError(f"data.train_size and data.test_size must be at least 1 (got {cfg.train_size}, "
@@ -161,9 +161,10 @@ def build_dense(which: str, cfg) -> DataBundle:
     if not test_ids:
         raise _missing(which, root, f"no .npy files in {folders['val'] / 'image'}")
     cut = total - cfg.val_size
-    splits = {"train": _read(which, root, folders["train"], train_ids[:min(cfg.train_size, cut)]),
-              "val": _read(which, root, folders["train"], train_ids[cut:]),
-              "test": _read(which, root, folders["val"], test_ids[:cfg.test_size])}
+    splits = {"train": _read(which, root, folders["train"], train_ids[:min(cfg.train_size, cut)])}
+    splits["val"] = _read(which, root, folders["train"], train_ids[cut:]) if cfg.val_size \
+        else {name: t[:0].clone() for name, t in splits["train"].items()}     # no validation split
+    splits["test"] = _read(which, root, folders["val"], test_ids[:cfg.test_size])
     classes = LAYOUT[which]["classes"]
     mean, std = _valid_stats(splits["train"]["depth"])
     targets = {"seg": TargetSpec("segmentation", len(classes), list(classes)),

@@ -1,7 +1,8 @@
 """Teachers trained once: a trained teacher is stored under
 ``<cache_dir>/teachers/<key>/teacher.safetensors`` (with teacher.json beside it), where the key hashes everything that
 determines it (architecture, tasks and their classes, data, teacher optimiser, seed,
-precision, batch limits). Every later run or sweep point with the same key reuses it.
+precision, batch limits, and `teacher.keep` when it is not the default `best`). Every later
+run or sweep point with the same key reuses it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ CACHE_FORMAT_VERSION = 1
 # (which tasks a teacher covers is in the key through the task signature, so a per-task
 # teacher for `seg` and a multitask teacher with tasks=[seg] share one cache entry).
 # The output-cache settings say how a trained teacher is used, not how it is trained.
-_NOT_IN_KEY = ("checkpoint", "checkpoints", "mode", "tasks", "cache", "cache_views", "cache_topk", "cache_dtype")
+# `keep` is added below only when it is not the default (keys of teachers kept at `best` are
+# those of before the setting existed).
+_NOT_IN_KEY = ("checkpoint", "checkpoints", "mode", "tasks", "cache", "cache_views", "cache_topk", "cache_dtype",
+               "keep")
 
 
 def teacher_key(teacher_cfg, task_signature: Dict, data_cfg, data_fingerprint: str, seed: int,
@@ -29,6 +33,12 @@ def teacher_key(teacher_cfg, task_signature: Dict, data_cfg, data_fingerprint: s
     content = {"version": CACHE_FORMAT_VERSION, "teacher": teacher, "tasks": task_signature,
                "data": data, "data_fingerprint": data_fingerprint, "seed": seed,
                "precision": str(precision), "limit_train_batches": limit_train_batches}
+    # Which epoch is kept: without a validation split (data.val_size=0) `best` is the last epoch.
+    keep = str(teacher_cfg.get("keep", "best"))
+    if keep == "best" and int(content["data"].get("val_size", 1) or 0) == 0:
+        keep = "last"
+    if keep != "best":
+        content["keep"] = keep
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

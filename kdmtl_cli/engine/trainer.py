@@ -1,5 +1,11 @@
 """The training loop: batch -> outputs -> named loss terms -> step; validate every
-epoch; checkpoint `last` and `best` (by a validation metric) atomically; resume exactly.
+epoch; checkpoint `last` and `best` (by a validation metric, the epoch's mean training loss,
+or simply the last epoch) atomically; resume exactly.
+
+Without a validation split (`val_loader=None`, data.val_size=0) nothing is validated and
+`best` is the last epoch. `test_loader` with `test_last_epochs=N`: the test split is also
+evaluated after each of the last N epochs (written as `epoch_test/...` in the epoch record and
+kept in the checkpoint, so a resumed run still has them); nothing is selected on them.
 
 One loop trains teachers and students alike; what is optimised lives in the
 `objective` (kdmtl_cli/distill/objective.py), so this file never knows about KD.
@@ -39,12 +45,46 @@ def validation_metric_names(tasks) -> list:
     return sorted(names)
 
 
-def check_monitor(monitor: str, tasks) -> None:
-    """Fail at start, not after an epoch, when the selection metric does not exist."""
-    valid = validation_metric_names(tasks)
+DEFAULT_MONITOR = "val/loss/task"
+LAST = "last"            # checkpoint.monitor=last: keep the last epoch
+EPOCH_TEST = "epoch_test/"   # per-epoch test metrics of the last N epochs (test.average_last_epochs)
+
+
+def training_metric_names(tasks) -> list:
+    """Epoch-mean training losses a checkpoint can be selected by (KD4MTL: lowest training loss)."""
+    return ["train/loss/task"] + [f"train/task/{t}" for t in tasks]
+
+
+def check_monitor(monitor: str, tasks, has_val: bool = True) -> None:
+    """Fail at start, not after an epoch, when the selection metric does not exist, or needs
+    a validation split the run does not have (the default val/loss/task then means `last`)."""
+    valid = validation_metric_names(tasks) + training_metric_names(tasks) + [LAST]
     if monitor not in valid:
         raise KdmtlError(f"checkpoint.monitor '{monitor}' is not a validation metric; "
                          f"choose one of: {', '.join(valid)}")
+    if not has_val and monitor.startswith("val/") and monitor != DEFAULT_MONITOR:
+        raise KdmtlError(f"checkpoint.monitor={monitor} selects on the validation split, but data.val_size=0 "
+                         "leaves none; set checkpoint.monitor=last (or train/loss/task), or data.val_size >= 1")
+
+
+def effective_monitor(monitor: str, has_val: bool) -> str:
+    """The monitor a run uses: without a validation split, the default val/loss/task is `last`."""
+    return LAST if not has_val and monitor.startswith("val/") else monitor
+
+
+def average_tests(test_history: Dict[int, Dict[str, float]], n: int, last_epoch: int) -> Dict[str, float]:
+    """`test_mean_last<n>/<task>/<metric>`: each test metric's mean over epochs last_epoch-n+1 ..
+    last_epoch (MTAN / Nash-MTL / CAGrad report this); {} when n is 0."""
+    if not n:
+        return {}
+    epochs = [e for e in range(last_epoch - n + 1, last_epoch + 1) if e >= 1]
+    missing = [e for e in epochs if e not in test_history]
+    if missing:
+        raise KdmtlError(f"test.average_last_epochs={n}: no test metrics recorded for epoch(s) "
+                         f"{', '.join(map(str, missing))} (was the run resumed with another setting?)")
+    keys = test_history[epochs[-1]].keys()
+    return {f"test_mean_last{n}/" + key.split("/", 1)[1]: sum(test_history[e][key] for e in epochs) / len(epochs)
+            for key in keys}
 
 
 class NonFiniteLoss(KdmtlError):
@@ -107,6 +147,7 @@ class TrainState:
     best_epoch: Optional[int] = None
     best_metrics: Dict[str, float] = field(default_factory=dict)
     last_metrics: Dict[str, float] = field(default_factory=dict)   # validation metrics of the last epoch
+    test_history: Dict[int, Dict[str, float]] = field(default_factory=dict)   # epoch -> test metrics (last N)
 
 
 class Trainer:
@@ -115,7 +156,8 @@ class Trainer:
                  progress_mode: str, label: str, monitor: str, mode: str = "auto",
                  grad_clip_norm: Optional[float] = None, log_every_n_steps: int = 25,
                  stop_after_epoch: Optional[int] = None, checkpoint_extra: Optional[Dict[str, Any]] = None,
-                 weighting=None, grad_norms_every_n_steps: int = 0, ranks=None, panel=None):
+                 weighting=None, grad_norms_every_n_steps: int = 0, ranks=None, panel=None,
+                 test_loader=None, test_last_epochs: int = 0):
         self.model, self.objective, self.tasks = model, objective, tasks
         self.ranks = ranks or Ranks()          # data-parallel ranks (kdmtl_cli/engine/distributed.py)
         # How the per-task losses become a step; teachers are trained with equal weights.
@@ -133,8 +175,9 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.epochs, self.checkpoint_dir, self.log = epochs, Path(checkpoint_dir), log
         self.progress_mode, self.label = progress_mode, label
-        check_monitor(monitor, tasks)
-        self.monitor = monitor
+        check_monitor(monitor, tasks, has_val=val_loader is not None)
+        self.monitor = effective_monitor(monitor, val_loader is not None)
+        self.test_loader, self.test_last_epochs = test_loader, max(0, int(test_last_epochs or 0))
         self.mode = metric_direction(monitor, tasks) if mode == "auto" else mode
         if self.mode not in ("min", "max"):
             raise KdmtlError(f"checkpoint.mode must be min, max or auto (got '{mode}')")
@@ -163,6 +206,7 @@ class Trainer:
             "epoch": self.state.epoch, "global_step": self.state.global_step,
             "best_value": self.state.best_value, "best_epoch": self.state.best_epoch,
             "best_metrics": self.state.best_metrics, "monitor": self.monitor,
+            "test_history": self.state.test_history,
             "rng": rng_state(), **self.checkpoint_extra,
         }
 
@@ -177,13 +221,20 @@ class Trainer:
             self.hw.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState(epoch=checkpoint["epoch"], global_step=checkpoint["global_step"],
                                 best_value=checkpoint["best_value"], best_epoch=checkpoint["best_epoch"],
-                                best_metrics=dict(checkpoint.get("best_metrics") or {}))
+                                best_metrics=dict(checkpoint.get("best_metrics") or {}),
+                                test_history={int(e): dict(m) for e, m in
+                                              (checkpoint.get("test_history") or {}).items()})
         set_rng_state(checkpoint["rng"])
         self._position = checkpoint.get("position")
 
-    def _improved(self, value: float) -> bool:
+    def _improved(self, value: Optional[float]) -> bool:
+        if self.monitor == LAST:
+            return True
         best = self.state.best_value
         return best is None or (value < best if self.mode == "min" else value > best)
+
+    def tests_this_epoch(self, epoch: int) -> bool:
+        return self.test_loader is not None and epoch > self.epochs - self.test_last_epochs
 
     # ---- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -191,19 +242,27 @@ class Trainer:
             while self.state.epoch < self.epochs:
                 epoch = self.state.epoch + 1
                 train_metrics = self._train_epoch(epoch, progress)
-                val_metrics = evaluate(self.model, self.val_loader, self.tasks, self.hw, "val")
-                value = val_metrics[self.monitor]
+                val_metrics = evaluate(self.model, self.val_loader, self.tasks, self.hw, "val") \
+                    if self.val_loader is not None else {}
+                value = None if self.monitor == LAST else {**train_metrics, **val_metrics}[self.monitor]
                 self.state.epoch = epoch
                 improved = self._improved(value)
                 self.state.last_metrics = dict(val_metrics)
                 if improved:
                     self.state.best_value, self.state.best_epoch = value, epoch
                     self.state.best_metrics = dict(val_metrics)
+                    if self.monitor.startswith("train/"):
+                        self.state.best_metrics[self.monitor] = value
+                tested = {}
+                if self.tests_this_epoch(epoch):   # averaged at the end, never used to select
+                    test = evaluate(self.model, self.test_loader, self.tasks, self.hw, "test")
+                    self.state.test_history[epoch] = dict(test)
+                    tested = {EPOCH_TEST + k.split("/", 1)[1]: v for k, v in test.items()}
                 lr = self.optimizer.param_groups[0]["lr"]
                 record = {"type": "epoch", "epoch": epoch, "step": self.state.global_step, "lr": lr,
-                          **train_metrics, **val_metrics, "best_epoch": self.state.best_epoch}
+                          **train_metrics, **val_metrics, **tested, "best_epoch": self.state.best_epoch}
                 self.log.write(record)
-                self.log.scalars({**train_metrics, **val_metrics, "lr": lr}, self.state.global_step)
+                self.log.scalars({**train_metrics, **val_metrics, **tested, "lr": lr}, self.state.global_step)
                 if self.panel is not None and self.ranks.is_main:
                     for task, image in self.panel.render(self.model).items():
                         self.log.image(f"val_panel/{task}", image, self.state.global_step)
@@ -211,8 +270,9 @@ class Trainer:
                 self._save(state, self.checkpoint_dir / "last.pt")
                 if improved:
                     self._save(state, self.checkpoint_dir / "best.pt")
-                progress.end_epoch(epoch, f"train {train_metrics['train/loss/total']:.4f}  "
-                                          f"{self.monitor} {value:.4f}{'  *best' if improved else ''}  "
+                shown = f"{self.monitor} {value:.4f}{'  *best' if improved else ''}" if value is not None \
+                    else "keeping the last epoch"
+                progress.end_epoch(epoch, f"train {train_metrics['train/loss/total']:.4f}  {shown}  "
                                           f"{train_metrics['train/samples_per_s']:,.0f} samples/s")
                 if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < self.epochs:
                     progress.message(f"[{self.label}] stopping after epoch {epoch} (stop_after_epoch); "

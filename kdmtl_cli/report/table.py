@@ -1,6 +1,10 @@
 """The report table: one row per (group, metric) with mean ± std over seeds of the test metric
 (checkpoint selected on validation), the validation metric at that best epoch and at the last
-epoch, and the published value with the difference when the experiment stores one."""
+epoch, and the published value with the difference when the experiment stores one.
+
+A published number of `epoch: mean_lastN` (MTAN / Nash-MTL / CAGrad: the mean of the last N
+epochs' test metrics) is compared with the runs' `test_mean_lastN/...` (test.average_last_epochs=N),
+and `last` / `best` with the test of the selected checkpoint."""
 
 from __future__ import annotations
 
@@ -47,6 +51,13 @@ def _metrics(group: Group) -> List[str]:
     return sorted(keys, key=lambda k: (k.startswith("teacher/"), "/delta_m/" in k, k))
 
 
+def _epoch_text(pub: dict) -> str:
+    epoch = str(pub.get("epoch", "last"))
+    if epoch.startswith("mean_last"):
+        return f"mean of the last {epoch[len('mean_last'):]} epochs' tests; compared with test_{epoch}"
+    return f"{epoch} epoch"
+
+
 def rows(groups: List[Group]) -> List[dict]:
     out = []
     for group in groups:
@@ -59,14 +70,18 @@ def rows(groups: List[Group]) -> List[dict]:
             best = mean_std([r.best[val_key] for r in group.runs if not teacher and val_key in r.best])
             last = mean_std([r.last[val_key] for r in group.runs if not teacher and val_key in r.last])
             pub = published.get(("teacher" if teacher else "student", plain))
+            compared = test[0]
+            if pub and str(pub.get("epoch", "last")).startswith("mean_last") and not teacher:
+                mean_key = f"test_{pub['epoch']}/" + plain.split("/", 1)[1]
+                compared = mean_std([r.results[mean_key] for r in group.runs if mean_key in r.results])[0]
             out.append({
                 "group": group.label, "seeds": ",".join(map(str, group.seeds)), "n": test[2],
                 "metric": f"{metric} {_direction(plain, group.runs[0].config)}",
                 "test mean": test[0], "test std": test[1], "val best mean": best[0], "val best std": best[1],
                 "val last mean": last[0], "val last std": last[1],
                 "published": pub["value"] if pub else None,
-                "Δ vs published": (test[0] - pub["value"]) if pub else None,
-                "source": f"{pub.get('source', '')} ({pub.get('epoch', 'last')} epoch)" if pub else "",
+                "Δ vs published": (compared - pub["value"]) if pub and not math.isnan(compared) else None,
+                "source": f"{pub.get('source', '')} ({_epoch_text(pub)})" if pub else "",
             })
     return out
 
