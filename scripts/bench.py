@@ -33,10 +33,7 @@
   python scripts/bench.py hardware [--steps 10]
       ms per training step for channels_last x precision x torch.compile (defaults by measurement).
 
-  python scripts/bench.py default-run [--seeds 0,1,2]
-      Times the default `kdmtl train` (teacher trained from scratch + student + test)
-      with a fresh cache, then the vanilla student (`loss=none`, same seed), and
-      compares their test metrics, per seed. Goals: < 90 s; KD student beats vanilla.
+  The default run against the vanilla student (time and per-seed wins): scripts/default_run.py.
 """
 
 from __future__ import annotations
@@ -46,7 +43,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -643,40 +639,6 @@ def perf(args) -> None:
     data_path(args)   # the data-path ratios, in the same process
 
 
-def default_run(args) -> None:
-    seeds = [int(s) for s in str(args.seeds).split(",")]
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "KDMTL_CACHE": str(Path(tmp) / "cache")}
-        for seed in seeds:
-            for name, extra in (("kd", []), ("vanilla", ["loss=none"])):
-                run_dir = Path(tmp) / f"{name}-{seed}"
-                seed_arg = [f"seed={seed}"] if seed != 0 else []  # seed 0: the plain default command
-                start = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "kdmtl_cli", "train", f"hydra.run.dir={run_dir}",
-                                "log.progress=plain", *seed_arg, *extra], env=env, check=True, stdout=subprocess.DEVNULL)
-                seconds = time.perf_counter() - start
-                final = json.loads((run_dir / "results.json").read_text())["results"]
-                results[name, seed] = (seconds, final)
-    keys = [k for k in results["kd", seeds[0]][1] if k.startswith("test/") and "/task/" not in k]
-    for seed in seeds:
-        kd, vanilla = results["kd", seed], results["vanilla", seed]
-        print(f"seed {seed}: `kdmtl train` (teacher trained + student + test) {kd[0]:.1f} s (goal < 90 s); "
-              f"`loss=none` {vanilla[0]:.1f} s")
-        print(f"  {'test metric':24s} {'KD':>8s} {'vanilla':>8s} {'teacher':>8s}  KD better?")
-        for key in keys:
-            higher = key.split("/")[-1] in ("accuracy", "f1", "recall", "miou", "pixel_acc")
-            better = kd[1][key] > vanilla[1][key] if higher else kd[1][key] < vanilla[1][key]
-            print(f"  {key:24s} {kd[1][key]:8.4f} {vanilla[1][key]:8.4f} "
-                  f"{kd[1].get('teacher/' + key, float('nan')):8.4f}  {'yes' if better else 'no'}")
-    if len(seeds) > 1:
-        print(f"mean over seeds {seeds}:")
-        for key in keys:
-            kd_mean = statistics.mean(results["kd", s][1][key] for s in seeds)
-            vanilla_mean = statistics.mean(results["vanilla", s][1][key] for s in seeds)
-            print(f"  {key:24s} {kd_mean:8.4f} {vanilla_mean:8.4f}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -694,8 +656,6 @@ def main() -> None:
     dp = sub.add_parser("data-path")
     dp.add_argument("--repeats", type=int, default=3, help="data epochs per path (median)")
     dp.add_argument("--steps", type=int, default=30, help="timed training steps per student")
-    d = sub.add_parser("default-run")
-    d.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p = sub.add_parser("perf")
     p.add_argument("--pairs", default="resnet56:resnet20,resnet110:resnet32", help="teacher:student,...")
     p.add_argument("--samples", type=int, default=2048, help="CIFAR-sized training images")
@@ -712,7 +672,7 @@ def main() -> None:
     h.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
     args = parser.parse_args()
     {"throughput": throughput, "hardware": hardware_knobs, "methods": methods, "weighting": weighting,
-     "epoch-cost": epoch_cost, "default-run": default_run, "data-path": data_path, "perf": perf}[args.command](args)
+     "epoch-cost": epoch_cost, "data-path": data_path, "perf": perf}[args.command](args)
 
 
 if __name__ == "__main__":

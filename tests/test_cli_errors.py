@@ -400,7 +400,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(runs):
 
 def test_unknown_feature_module_fails_before_any_teacher_is_trained(workdir, tmp_path):
     cache = tmp_path / "fresh"
-    proc = run_kdmtl(["train", "debug=fast", "loss=at", "loss.at.student=[trunk.nope,trunk.stages.2]"], workdir, cache)
+    proc = run_kdmtl(["train", "debug=fast", "loss=at", "loss.at.student=[trunk.stages.0,trunk.nope,trunk.stages.2]"], workdir, cache)
     line = assert_one_line_error(proc, "loss.at", "trunk.nope", "available", "trunk.stages.2")
     assert not (cache / "teachers").exists(), line  # no teacher was trained for a run that cannot start
     pair = run_kdmtl(["train", "debug=fast", "loss=fitnet", "loss.fitnet.student=[heads.cls]"], workdir, cache)
