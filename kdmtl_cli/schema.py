@@ -25,8 +25,8 @@ class DataConfig:
     generate: bool = True                 # create a missing generated data set (like torchvision's download)
     image_size: int = 32                  # pixels per side
     train_size: int = 4000                # images per split
-    val_size: int = 500
-    test_size: int = 500
+    val_size: int = 1000
+    test_size: int = 2000
     seed: int = 0                         # data generation seed, independent of the training seed
     min_objects: int = 2                  # objects per generated scene
     max_objects: int = 4
@@ -60,7 +60,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9                 # sgd only
     nesterov: bool = False                # sgd only
-    epochs: int = 4
+    epochs: int = 6
     scheduler: str = "cosine"             # cosine | step | multistep | constant (stepped every batch)
     warmup_epochs: float = 0.0            # linear warm-up, may be fractional
     step_epochs: int = 30                 # step scheduler: decay every this many epochs

@@ -37,10 +37,12 @@ def test_train_writes_checkpoints_metrics_tensorboard_summary(workdir, shared_ca
     for term in ("train/task/cls", "train/task/seg", "train/task/depth", "train/kd/cls", "train/kd/seg",
                  "train/kd/depth", "train/loss/total", "val/cls/accuracy", "val/seg/miou", "val/depth/abs_err"):
         assert term in epoch, term
-    # the optimised total is the weighted sum of its named terms (task_weight 1, kd_weight 0.5 by default)
+    # the optimised total is the weighted sum of its named terms (by default task_weight 1, kd weight 0.5,
+    # and the FitNet hint on trunk.stages.1 with weight 100, a term tied to no task)
     saved_loss = yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]
-    assert (saved_loss["task_weight"], saved_loss["kd"]["weight"]) == (1.0, 0.5)
+    assert (saved_loss["task_weight"], saved_loss["kd"]["weight"], saved_loss["fitnet"]["weight"]) == (1.0, 0.5, 100.0)
     parts = sum(epoch[f"train/task/{t}"] + 0.5 * epoch[f"train/kd/{t}"] for t in ("cls", "seg", "depth"))
+    parts += 100.0 * epoch["train/fitnet/trunk.stages.1"]
     assert abs(epoch["train/loss/total"] - parts) < 1e-4 * max(1.0, abs(parts))
     for key in ("test/cls/accuracy", "test/cls/f1", "test/cls/recall", "test/seg/miou", "test/seg/pixel_acc",
                 "test/depth/abs_err", "test/depth/rel_err", "teacher/test/cls/accuracy",

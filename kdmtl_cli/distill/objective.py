@@ -151,6 +151,12 @@ class Objective:
             s_feats = student(batch["image"])["features"]
             t_feats = self.teacher(batch["image"])["features"]
             student.train(was_training)
+        for feats, names, side in ((s_feats, student_names, "student"), (t_feats, teacher_names, "teacher")):
+            # a name is captured as given, or (per-task teachers) as `<task>:<name>` in every task's teacher
+            missing = [n for n in names if n not in feats and not any(k.endswith(":" + n) for k in feats)]
+            if missing:
+                raise KdmtlError(f"{side} feature for loss.{'/'.join(m.name for m in self.methods)}: "
+                                 f"'{missing[0]}' was not captured; captured: {', '.join(sorted(feats)) or 'none'}")
         for method in self.methods:
             method.setup(s_feats, t_feats)  # each method checks the features it names
         self.modules = torch.nn.ModuleDict({m.name: m.modules for m in self.methods})
