@@ -267,8 +267,8 @@ def make_loader_for(data, tasks, cfg, hardware, train: bool):
 def epoch_cost(args) -> None:
     """Seconds per CIFAR-100 epoch of each RepDistiller pair on this machine, from a few timed
     steps (batch 64, 32x32, fp32): the teacher's training step and the student's KD step
-    (teacher forward under no_grad + student forward/backward + SGD), times 704 steps (45000
-    training images after the 5000-image validation split)."""
+    (teacher forward under no_grad + student forward/backward + SGD), times 782 steps (all 50000
+    training images, as the cifar100_* experiments train: data.val_size=0, the last batch partial)."""
 
     from kdmtl_cli.data import TargetSpec
     from kdmtl_cli.models import build_model, count_parameters
@@ -280,7 +280,7 @@ def epoch_cost(args) -> None:
     _load_kinds()
     tasks = {"cls": Task("cls", TASK_KINDS.get("classification")(), TargetSpec("classification", 100), "cls")}
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 100, (64,))
-    steps_per_epoch = 45000 // 64
+    steps_per_epoch = -(-50000 // 64)
 
     def step_ms(model, teacher=None) -> float:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
