@@ -20,7 +20,7 @@ from typing import List
 import torch.nn as nn
 
 from kdmtl_cli.models import TRUNKS
-from kdmtl_cli.models.trunk import StagedTrunk, check_init, fan_out_normal_init, init_linear_normal
+from kdmtl_cli.models.trunk import ReferenceInit, StagedTrunk, fan_out_normal_init, init_linear_normal
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True):
@@ -42,7 +42,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-class MobileNetV2Trunk(StagedTrunk):
+class MobileNetV2Trunk(ReferenceInit, StagedTrunk):
     # t, c, n, s per group (t = T where given as None)
     SETTING = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
                (None, 96, 3, 1), (None, 160, 3, 2), (None, 320, 1, 1)]
@@ -71,13 +71,7 @@ class MobileNetV2Trunk(StagedTrunk):
             self.channels.append(last if i == len(self.STAGE_GROUPS) - 1
                                  else int(self.SETTING[members[-1]][1] * width_mult))
         self.reductions: List[int] = [2, 4, 8, 16]
-        self.official_init = check_init(init)
-        if self.official_init:
-            fan_out_normal_init(self)
-
-    def init_head(self, head: nn.Module) -> None:
-        if self.official_init:
-            init_linear_normal(head)
+        self.init_reference(init, fan_out_normal_init, init_linear_normal)
 
 
 TRUNKS.register("mobilenetv2")(lambda cfg: MobileNetV2Trunk(expand=6, width_mult=0.5))

@@ -21,7 +21,7 @@ from typing import List
 import torch.nn as nn
 
 from kdmtl_cli.models import TRUNKS
-from kdmtl_cli.models.trunk import check_init, fan_out_normal_init, init_linear_normal
+from kdmtl_cli.models.trunk import ReferenceInit, fan_out_normal_init, init_linear_normal
 
 _CONFIGS = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -57,7 +57,7 @@ class VGGStage(nn.Module):
         return self.block(x)
 
 
-class VGGTrunk(nn.Module):
+class VGGTrunk(ReferenceInit, nn.Module):
     def __init__(self, config: List[List[int]], init: str = "official"):
         super().__init__()
         self.stages = nn.ModuleList()
@@ -67,13 +67,7 @@ class VGGTrunk(nn.Module):
             c_in = widths[-1]
         self.channels: List[int] = [w[-1] for w in config]
         self.reductions: List[int] = [1, 2, 4, 8, 8]
-        self.official_init = check_init(init)
-        if self.official_init:
-            fan_out_normal_init(self)
-
-    def init_head(self, head: nn.Module) -> None:
-        if self.official_init:
-            init_linear_normal(head)
+        self.init_reference(init, fan_out_normal_init, init_linear_normal)
 
     def forward(self, x):
         pool_last = x.shape[-2] == 64          # RepDistiller: `if h == 64: x = self.pool3(x)`

@@ -20,7 +20,7 @@ from typing import List
 import torch.nn as nn
 
 from kdmtl_cli.models import TRUNKS
-from kdmtl_cli.models.trunk import StagedTrunk, check_init, fan_out_normal_init
+from kdmtl_cli.models.trunk import ReferenceInit, StagedTrunk, fan_out_normal_init, zero_linear_bias
 
 
 class WideBasicBlock(nn.Module):
@@ -44,7 +44,7 @@ class WideBasicBlock(nn.Module):
         return out + identity
 
 
-class WideResNetTrunk(StagedTrunk):
+class WideResNetTrunk(ReferenceInit, StagedTrunk):
     def __init__(self, depth: int, widen: int, init: str = "official"):
         super().__init__()
         if (depth - 4) % 6:
@@ -63,15 +63,7 @@ class WideResNetTrunk(StagedTrunk):
         self.stages = nn.ModuleList(groups)
         self.channels: List[int] = widths[1:]
         self.reductions: List[int] = [1, 2, 4]
-        self.official_init = check_init(init)
-        if self.official_init:
-            fan_out_normal_init(self)
-
-    def init_head(self, head: nn.Module) -> None:
-        if self.official_init:
-            for m in head.modules():
-                if isinstance(m, nn.Linear):
-                    m.bias.data.zero_()
+        self.init_reference(init, fan_out_normal_init, zero_linear_bias)
 
 
 for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from kdmtl_cli.models import TRUNKS
 from kdmtl_cli.models.heads import TrunkFeatures
-from kdmtl_cli.models.trunk import StagedTrunk, check_init
+from kdmtl_cli.models.trunk import ReferenceInit, StagedTrunk
 
 ENCODER_CONVS = (2, 2, 3, 3, 3)
 DECODER_CONVS = (3, 3, 3, 2, 2)
@@ -89,7 +89,7 @@ def _block(c_in: int, c_out: int, n: int) -> nn.Sequential:
     return TappedBlock(*[conv_layer(c_in if k == 0 else c_out, c_out) for k in range(n)])
 
 
-class SegNetTrunk(StagedTrunk):
+class SegNetTrunk(ReferenceInit, StagedTrunk):
     def __init__(self, width: int = 64, in_channels: int = 3, attention: bool = False, init: str = "official"):
         super().__init__()
         if width < 1:
@@ -113,13 +113,7 @@ class SegNetTrunk(StagedTrunk):
         if attention:
             from kdmtl_cli.models.mtan import SharedAttentionBlocks
             self.attention = SharedAttentionBlocks(c)
-        self.official_init = check_init(init)
-        if self.official_init:
-            xavier_init(self)
-
-    def init_head(self, head: nn.Module) -> None:
-        if self.official_init:
-            xavier_init(head)
+        self.init_reference(init, xavier_init, xavier_init)
 
     def build_head(self, task) -> nn.Module | None:
         """MTAN: each task gets its own attention branch; plain SegNet uses the standard heads."""

@@ -21,6 +21,22 @@ class StagedTrunk(nn.Module):
         return features
 
 
+class ReferenceInit:
+    """For trunks whose reference model has its own initialisation: `init_reference(init, body,
+    head)` at the end of `__init__` applies `body` to the trunk when `init` is "official", and
+    `init_head` then applies `head` to every task head MultiTaskModel builds."""
+
+    def init_reference(self, init: str, body, head=None) -> None:
+        self.official_init = check_init(init)
+        self._head_init = head
+        if self.official_init:
+            body(self)
+
+    def init_head(self, head: nn.Module) -> None:
+        if self.official_init and self._head_init is not None:
+            self._head_init(head)
+
+
 def check_init(init: str) -> bool:
     """True for the reference models' own initialisation ("official"), False for PyTorch's
     default ("pytorch")."""
@@ -49,4 +65,11 @@ def init_linear_normal(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
             m.weight.data.normal_(0, 0.01)
+            m.bias.data.zero_()
+
+
+def zero_linear_bias(module: nn.Module) -> None:
+    """RepDistiller's classifier init in wrn.py: Linear bias 0 (weight left at PyTorch's default)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
             m.bias.data.zero_()
