@@ -27,6 +27,7 @@ def make_loader(data: DataBundle, split: str, tasks, cfg, hardware: Hardware, *,
     # (segmentation 255 = ignored; depth and normals 0 = invalid; others 0).
     pad_values = {t.target: 255 if t.kind.name == "segmentation" else 0 for t in tasks.values()}
     crop_padding = int(cfg.data.get("crop_padding", 0) or 0) if train else 0
+    scale_crop = cfg.data.get("scale_crop", None) if train else None   # checked by data.check_scale_crop
     tensors = data.splits[split]
     # .get: configs built by hand (tests, scripts) may predate these fields
     choice = str(cfg.data.get("loader", "auto"))
@@ -43,7 +44,9 @@ def make_loader(data: DataBundle, split: str, tasks, cfg, hardware: Hardware, *,
     common = dict(batch_size=cfg.data.batch_size if train else cfg.data.eval_batch_size,
                   mean=data.mean, std=data.std, device=hardware.device, shuffle=train,
                   hflip=train and cfg.data.hflip, seed=cfg.seed, limit_batches=limit,
-                  crop_padding=crop_padding, pad_values=pad_values, views=views)
+                  crop_padding=crop_padding, pad_values=pad_values, views=views,
+                  scale_crop=list(scale_crop) if scale_crop else None,
+                  target_kinds={t.target: t.kind.name for t in tasks.values()})
     if choice == "dataloader":
         return DataLoaderPath(tensors, flips, num_workers=num_workers, **common)
     return TensorLoader(tensors, flips, **common)

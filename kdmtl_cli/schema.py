@@ -37,6 +37,9 @@ class DataConfig:
     std: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     download: bool = True                 # cifar*: let torchvision download missing files (needs network)
     crop_padding: int = 0                 # random crop (train only): zero-pad by this many pixels, crop back; 0 = off
+    # random scale-crop (train only; nyuv2, cityscapes): per sample a scale s from this list, a random
+    # (H/s, W/s) window resized back, depth / s (Nash-MTL/CAGrad RandomScaleCrop: [1.0, 1.2, 1.5]); null = off
+    scale_crop: Optional[List[float]] = None
     min_tiles: int = 2                    # cifar_cls_seg: CIFAR tiles pasted per mosaic
     max_tiles: int = 4
     min_tile_size: int = 16               # cifar_cls_seg: tile side in pixels (resized from 32x32)
@@ -211,6 +214,10 @@ class TestConfig:
     # also test after each of the last N epochs and record each metric's mean as
     # test_mean_lastN/... (MTAN / Nash-MTL / CAGrad); 0 = off. The selected checkpoint is tested as usual.
     average_last_epochs: int = 0
+    # depth and normals metrics in every evaluation (val and test): split = over every valid pixel
+    # of the split; batch_mean = per evaluation batch, averaged over the batches with equal weight
+    # (MTAN / Nash-MTL / CAGrad / KD4MTL; depends on data.eval_batch_size). Other kinds: over the split.
+    metric_reduction: str = "split"
 
 
 @dataclass

@@ -445,25 +445,33 @@ def test_cifar100_experiment_is_the_official_recipe(name, hydra_compose):
 # no weight decay, StepLR(100, 0.5), 200 epochs; no input normalisation in any of them.
 MTAN_SOLVER = {"name": "adam", "lr": 1e-4, "weight_decay": 0.0, "epochs": 200, "scheduler": "step",
                "step_epochs": 100, "gamma": 0.5, "warmup_epochs": 0.0, "grad_clip_norm": None}
+# RandomScaleCrop scales: nash-mtl@cce1840 experiments/nyuv2/data.py, CAGrad@dc3d481
+# cityscapes/create_dataset.py (their --apply_augmentation runs); KD4MTL uses no augmentation.
+SCALE_CROP = [1.0, 1.2, 1.5]
 NO_NORMALISATION = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "crop_padding": 0,
                     "val_size": 0}   # the whole training set: the papers have no validation split
 # Nash-MTL experiments/nyuv2/README.md L11-12, MTAN README.md L53 (CAGrad the same): the mean of the
 # last 10 epochs' test metrics, no selection. KD4MTL model_segnet_kdmtl.py L203-204, L243-245, L252-258:
 # the student's epoch of lowest training task loss; model_segnet_single.py L154-160, L216-223: the same
 # for each teacher.
-MEAN_LAST_10 = {"checkpoint.monitor": "last", "test.average_last_epochs": 10}
+# Depth/normal metrics per test batch, averaged over the batches, at the official test batch size
+# (nash-mtl experiments/nyuv2/utils.py L26-59, trainer.py L76-78, L166-191; KD4MTL
+# model_segnet_kdmtl.py L110-113, L210-226; CAGrad cityscapes/utils.py L117-125, L199-213,
+# model_segnet_mtan.py L211-214).
+MEAN_LAST_10 = {"checkpoint.monitor": "last", "test.average_last_epochs": 10, "test.metric_reduction": "batch_mean"}
 KD4MTL_SELECTION = {"checkpoint.monitor": "train/loss/task", "teacher.keep": "train_loss",
-                    "test.average_last_epochs": 0}
+                    "test.average_last_epochs": 0, "test.metric_reduction": "batch_mean"}
+OFFICIAL_EVAL_BATCH = {"nyuv2": 2, "cityscapes": 8}
 DENSE_RECIPES = {
     # Nash-MTL trainer.py L251 (batch 2), L260-261 (augmentation on: kdmtl's part of it is the flip).
-    "nyuv2_segnet": {"data": {"name": "nyuv2", "batch_size": 2, "hflip": True}, "student": "segnet",
+    "nyuv2_segnet": {"data": {"name": "nyuv2", "batch_size": 2, "hflip": True, "scale_crop": SCALE_CROP}, "student": "segnet",
                      "tasks": ["depth", "normal", "seg"], "loss": {"task_weight": 1.0}, "protocol": MEAN_LAST_10},
-    "nyuv2_mtan": {"data": {"name": "nyuv2", "batch_size": 2, "hflip": True}, "student": "segnet_mtan",
+    "nyuv2_mtan": {"data": {"name": "nyuv2", "batch_size": 2, "hflip": True, "scale_crop": SCALE_CROP}, "student": "segnet_mtan",
                    "tasks": ["depth", "normal", "seg"], "loss": {"task_weight": 1.0}, "protocol": MEAN_LAST_10},
     # KD4MTL model_segnet_kdmtl.py L100-108 (batch 2, no augmentation), L149-150 (task weights 1),
     # L168 (lambda 1, 1, 2), L87 + README --alr 1e-1 (adaptor Adam lr 0.1, wd 5e-4), L155-165 with
     # model/segnet.py L102, L113 (pooled bottleneck + last decoder stage).
-    "nyuv2_segnet_kd4mtl": {"data": {"name": "nyuv2", "batch_size": 2, "hflip": False}, "student": "segnet",
+    "nyuv2_segnet_kd4mtl": {"data": {"name": "nyuv2", "batch_size": 2, "hflip": False, "scale_crop": None}, "student": "segnet",
                             "tasks": ["depth", "normal", "seg"],
                             "loss": {"task_weight": 1.0, "kd4mtl.weight.seg": 1.0, "kd4mtl.weight.depth": 1.0,
                                      "kd4mtl.weight.normal": 2.0, "kd4mtl.adaptor_lr": 0.1,
@@ -471,9 +479,9 @@ DENSE_RECIPES = {
                                      "kd4mtl.student": ["trunk/-1", "trunk/0"],
                                      "kd4mtl.teacher": ["trunk/-1", "trunk/0"]}, "protocol": KD4MTL_SELECTION},
     # CAGrad cityscapes/model_segnet_mtan.py L205 (batch 8), run.sh (--apply_augmentation).
-    "cityscapes_segnet": {"data": {"name": "cityscapes", "batch_size": 8, "hflip": True}, "student": "segnet",
+    "cityscapes_segnet": {"data": {"name": "cityscapes", "batch_size": 8, "hflip": True, "scale_crop": SCALE_CROP}, "student": "segnet",
                           "tasks": ["depth", "seg"], "loss": {"task_weight": 1.0}, "protocol": MEAN_LAST_10},
-    "cityscapes_mtan": {"data": {"name": "cityscapes", "batch_size": 8, "hflip": True}, "student": "segnet_mtan",
+    "cityscapes_mtan": {"data": {"name": "cityscapes", "batch_size": 8, "hflip": True, "scale_crop": SCALE_CROP}, "student": "segnet_mtan",
                         "tasks": ["depth", "seg"], "loss": {"task_weight": 1.0}, "protocol": MEAN_LAST_10},
 }
 
@@ -487,6 +495,7 @@ def test_dense_experiment_is_the_official_recipe(name, hydra_compose):
     loss = {k: v for k, v in cfg["loss"].items() if v is not None}
     wrong += [f"loss.{m}" for m in _differences(loss, recipe["loss"])]
     wrong += _differences(cfg, recipe["protocol"])
+    wrong += _differences(cfg, {"data.eval_batch_size": OFFICIAL_EVAL_BATCH[recipe["data"]["name"]]})
     if name.endswith("kd4mtl"):   # per-task teachers trained with the same recipe (model_segnet_single.py L48-49, L72, L86)
         wrong += [f"teacher.optim.{m}" for m in _differences(cfg["teacher"]["optim"], MTAN_SOLVER)]
         wrong += [] if cfg["teacher"]["mode"] == "per_task" and cfg["teacher"]["arch"] == "segnet" else ["teacher"]

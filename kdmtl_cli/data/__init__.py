@@ -105,9 +105,40 @@ def check_val_size(data_cfg) -> None:
                          f"not data={data_cfg.name}; set data.val_size >= 1")
 
 
+# Data sets whose training may use the random scale-crop (`data.scale_crop`): the dense
+# benchmarks whose official code (CAGrad, Nash-MTL) has it.
+SCALE_CROP_OK = ("nyuv2", "cityscapes")
+
+
+def check_scale_crop(data_cfg) -> None:
+    """`data.scale_crop`: null (off) or a non-empty list of scales >= 1, for SCALE_CROP_OK only,
+    without data.crop_padding. One line naming the key."""
+    import math
+
+    from kdmtl_cli.errors import KdmtlError
+
+    value = data_cfg.get("scale_crop", None)
+    if value is None:
+        return
+    hint = "expected null (off) or a list of scales >= 1 such as [1.0, 1.2, 1.5]"
+    try:
+        scales = [float(x) for x in value] if not isinstance(value, (str, bytes)) else None
+    except (TypeError, ValueError):
+        scales = None
+    if not scales or any(not math.isfinite(x) or x < 1.0 for x in scales) \
+            or any(isinstance(x, bool) for x in value):
+        raise KdmtlError(f"data.scale_crop={value}: {hint}")
+    if data_cfg.name not in SCALE_CROP_OK:
+        raise KdmtlError(f"data.scale_crop is supported for {', '.join(SCALE_CROP_OK)} (dense targets), "
+                         f"not data={data_cfg.name}; set data.scale_crop=null")
+    if int(data_cfg.get("crop_padding", 0) or 0) > 0:
+        raise KdmtlError("data.scale_crop and data.crop_padding cannot be combined; set one of them off")
+
+
 def build_data(data_cfg) -> DataBundle:
     # Import the modules so that they register themselves.
     from kdmtl_cli.data import cifar, cifar_mosaic, digits, nyuv2, shapes  # noqa: F401
 
     check_val_size(data_cfg)
+    check_scale_crop(data_cfg)
     return DATASETS.get(data_cfg.name)(data_cfg)

@@ -4,7 +4,7 @@ sample, for splits too large to keep on the device (or on request: `data.loader=
 It yields batches bitwise identical to `TensorLoader`'s for the same seed and epoch, so a run
 can resume, and a teacher-output cache can be looked up, whichever path produced the data:
 
-- the epoch's order, flips, crop offsets and stored views come from the very same
+- the epoch's order, flips, crop offsets (or scale-crop scales and offsets) and stored views come from the very same
   `TensorLoader.epoch_plan` / `batch_indices` (run in the main process);
 - each sample is computed by `TensorLoader.make_batch` on a batch of one, on the CPU, and the
   collate function concatenates them: gather, crop, normalisation and flips are per-sample
@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 
 
 class _Samples(Dataset):
-    """Item = (sample index, flip, (dy, dx) or None), as planned by the main process: the
+    """Item = (sample index, flip, (dy, dx) / (scale index, top, left) or None), as planned by the main process: the
     workers hold no randomness, so which worker builds a sample never changes it."""
 
     def __init__(self, loader: "DataLoaderPath"):
@@ -94,14 +94,16 @@ class DataLoaderPath(TensorLoader):
                  batch_size: int, mean, std, device: torch.device, shuffle: bool = False,
                  hflip: bool = False, seed: int = 0, limit_batches: int | None = None,
                  drop_last: bool = False, crop_padding: int = 0, pad_values: dict | None = None,
-                 views: ViewTable | None = None, num_workers: int = 0):
+                 views: ViewTable | None = None, num_workers: int = 0, scale_crop=None,
+                 target_kinds: dict | None = None):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (got {num_workers})")
         # Built on the CPU: the split and the normalisation constants stay in host memory, where
         # the workers compute; only finished batches go to `device`.
         super().__init__(split, target_flips, batch_size=batch_size, mean=mean, std=std, device=CPU,
                          shuffle=shuffle, hflip=hflip, seed=seed, limit_batches=limit_batches,
-                         drop_last=drop_last, crop_padding=crop_padding, pad_values=pad_values, views=views)
+                         drop_last=drop_last, crop_padding=crop_padding, pad_values=pad_values, views=views,
+                         scale_crop=scale_crop, target_kinds=target_kinds)
         self.device = torch.device(device)
         self.num_workers = int(num_workers)
         self._sampler = _PlannedBatches()

@@ -16,6 +16,18 @@ before) and stored in the batch as `crop` (int64 [N,2]). Dense targets (whose la
 are the image's H, W) get the same crop, padded with `pad_values[name]` (default 0; build.py
 passes 255 = ignore for segmentation, 0 = invalid for depth and normals).
 
+Random scale-crop (`scale_crop=[s...]`, the NYUv2 / Cityscapes augmentation of MTAN issue #34 as
+used by CAGrad and Nash-MTL: `RandomScaleCrop`, scales [1.0, 1.2, 1.5]): per sample a scale s is
+drawn uniformly from the list and a window of h, w = int(H / s), int(W / s) pixels at a random
+offset (i, j), i in [0, H - h], j in [0, W - w], is cropped and resized back to H x W: the image
+(after the uint8 -> [0, 1] conversion, before normalisation) and `normals` targets bilinearly with
+align_corners=True (normals are not renormalised), every other dense target (segmentation, depth)
+with nearest; `depth` targets are divided by s. It comes before the flip, as in the official code.
+Which rule a target gets is its task kind (`target_kinds[name]`; build.py passes them). The scale
+index and offsets are drawn from the epoch's generator after the flips and crops (so the setting
+off leaves every epoch plan as before) and stored in the batch as `scale_crop` (int64 [N,3]:
+scale index, i, j); `crop_padding` and `scale_crop` are exclusive.
+
 Stored views (`views=ViewTable`, the teacher-output cache's FKD scheme): each sample has K
 fixed augmentations (flip, crop offsets); every epoch draws one of them per sample, so the
 student sees exactly a view whose teacher outputs were stored. The batch then carries `view`
@@ -83,15 +95,39 @@ def crop_batch(t: torch.Tensor, offsets: torch.Tensor, padding: int, fill=0) -> 
     return out.permute(0, 3, 1, 2).reshape(t.shape).contiguous()
 
 
+def scale_crop_sizes(height: int, width: int, scales) -> list[tuple[int, int]]:
+    """The crop size (h, w) of each scale, as the official RandomScaleCrop computes it."""
+    return [(int(height / s), int(width / s)) for s in scales]
+
+
+def scale_crop_sample(t: torch.Tensor, scale: float, top: int, left: int, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """One sample `t` [..., H, W]: the window of `size` at (top, left), resized back to H x W with
+    `mode` ("bilinear": align_corners=True; "nearest"), in at least float32, returned in t's dtype
+    (integer targets are exact: float64 holds them). Depth's division by the scale is the caller's."""
+    height, width = t.shape[-2:]
+    h, w = size
+    work = torch.float64 if not t.is_floating_point() else torch.promote_types(t.dtype, torch.float32)
+    window = t[..., top:top + h, left:left + w].to(work)
+    lead = window.shape[:-2]
+    window = window.reshape(1, -1, h, w)
+    if mode == "bilinear":
+        out = F.interpolate(window, size=(height, width), mode="bilinear", align_corners=True)
+    else:
+        out = F.interpolate(window, size=(height, width), mode="nearest")
+    out = out.reshape(*lead, height, width)
+    return out.to(t.dtype) if t.is_floating_point() else out.round().to(t.dtype)
+
+
 class TensorLoader:
     def __init__(self, split: dict[str, torch.Tensor], target_flips: dict[str, FlipFn | str | None], *,
                  batch_size: int, mean, std, device: torch.device, shuffle: bool = False,
                  hflip: bool = False, seed: int = 0, limit_batches: int | None = None,
                  drop_last: bool = False, crop_padding: int = 0, pad_values: dict | None = None,
-                 views: ViewTable | None = None):
+                 views: ViewTable | None = None, scale_crop=None, target_kinds: dict | None = None):
         """`target_flips`: the targets to load, each with its flip (a callable such as
         `kind.flip_target`, a task kind name, or None for a target a flip leaves alone).
-        `crop_padding`, `pad_values`: random crop (module docstring); 0 = off."""
+        `crop_padding`, `pad_values`: random crop (module docstring); 0 = off.
+        `scale_crop`, `target_kinds`: random scale-crop (module docstring); None = off."""
         self.device = device
         self.images = split["image"].to(device)
         self.targets = {name: split[name].to(device) for name in target_flips}
@@ -107,6 +143,11 @@ class TensorLoader:
         self.crop_padding = int(crop_padding)
         self.pad_values = dict(pad_values or {})
         self.views = views
+        self.scale_crop = [float(x) for x in scale_crop] if scale_crop else None
+        if self.scale_crop is not None and (self.crop_padding > 0 or any(x < 1.0 for x in self.scale_crop)):
+            raise ValueError(f"scale_crop needs scales >= 1 and crop_padding=0 (got {scale_crop}, {crop_padding})")
+        self.target_kinds = {name: (spec if isinstance(spec, str) else None) for name, spec in target_flips.items()}
+        self.target_kinds.update(target_kinds or {})
         self.skip_batches = 0
         self.shard = (0, 1)             # (rank, world) under data-parallel training
         if views is not None and views.flips.shape[0] != self.num_samples:
@@ -125,7 +166,8 @@ class TensorLoader:
         return min(batches, self.limit_batches) if self.limit_batches else batches
 
     def epoch_plan(self):
-        """(order, flips, crops or None, views or None) of the current epoch, per sample."""
+        """(order, flips, crops or None, views or None) of the current epoch, per sample; with
+        scale-crop, `crops` is int64 [N,3] (scale index, top, left)."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator) if self.shuffle \
             else torch.arange(self.num_samples)
@@ -138,7 +180,20 @@ class TensorLoader:
             else torch.zeros(self.num_samples, dtype=torch.bool)
         crops = torch.randint(0, 2 * self.crop_padding + 1, (self.num_samples, 2), generator=generator) \
             if self.crop_padding > 0 else None
+        if self.scale_crop is not None:
+            crops = self._draw_scale_crops(generator)
         return order, flips, crops, None
+
+    def _draw_scale_crops(self, generator: torch.Generator) -> torch.Tensor:
+        n = self.num_samples
+        height, width = self.images.shape[-2:]
+        sizes = torch.tensor(scale_crop_sizes(height, width, self.scale_crop), dtype=torch.long)
+        which = torch.randint(0, len(self.scale_crop), (n,), generator=generator)
+        # offsets uniform in [0, H - h] x [0, W - w] for each sample's own window size
+        room = torch.tensor([height, width], dtype=torch.long) - sizes[which] + 1      # [N,2], >= 1
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        offsets = torch.minimum((u * room).floor().long(), room - 1)
+        return torch.cat([which[:, None], offsets], 1)
 
     def batch_indices(self, order: torch.Tensor) -> Iterator[torch.Tensor]:
         # `skip_batches` (set when resuming mid-epoch) skips the batches already trained, once.
@@ -172,6 +227,9 @@ class TensorLoader:
                 if t.dim() >= 3 and t.shape[-2:] == size:  # dense target: same window
                     targets[name] = crop_batch(t, crop, self.crop_padding, self.pad_values.get(name, 0))
         image = raw.float().div_(255.0)
+        scaled = crop is not None and self.scale_crop is not None and crop.shape[-1] == 3
+        if scaled:
+            image = self._scale_crop(image, targets, crop)
         image = (image - self.mean) / self.std
         if bool(flip.any()):
             image = torch.where(flip.view(-1, 1, 1, 1), image.flip(-1), image)
@@ -183,4 +241,25 @@ class TensorLoader:
         batch = {"image": image, "targets": targets, "index": index, "flip": flip}
         if crop is not None and self.crop_padding > 0:
             batch["crop"] = crop
+        if scaled:
+            batch["scale_crop"] = crop
         return batch
+
+    def _scale_crop(self, image: torch.Tensor, targets: dict, plan: torch.Tensor) -> torch.Tensor:
+        """Random scale-crop (module docstring), sample by sample, so a batch of one (the
+        DataLoader path) gives exactly that sample's row; `targets` is updated in place."""
+        height, width = image.shape[-2:]
+        sizes = scale_crop_sizes(height, width, self.scale_crop)
+        dense = [name for name, t in targets.items() if t.dim() >= 3 and t.shape[-2:] == image.shape[-2:]]
+        images, outs = [], {name: [] for name in dense}
+        for b, (k, top, left) in enumerate(plan.tolist()):
+            scale, size = self.scale_crop[k], sizes[k]
+            images.append(scale_crop_sample(image[b], scale, top, left, size, "bilinear"))
+            for name in dense:
+                kind = self.target_kinds.get(name)
+                out = scale_crop_sample(targets[name][b], scale, top, left, size,
+                                        "bilinear" if kind == "normals" else "nearest")
+                outs[name].append(out / scale if kind == "depth" else out)
+        for name in dense:
+            targets[name] = torch.stack(outs[name])
+        return torch.stack(images)

@@ -87,6 +87,10 @@ def check_settings(teacher_cfg) -> None:
     mode = str(teacher_cfg.cache)
     if mode not in MODES:
         raise KdmtlError(f"unknown teacher.cache '{mode}'; choose off, views or deterministic")
+    root = teacher_cfg._get_root() if hasattr(teacher_cfg, "_get_root") else None
+    data_cfg = root.get("data", None) if root is not None and root is not teacher_cfg else None
+    if mode == "views" and data_cfg is not None and data_cfg.get("scale_crop", None):
+        raise KdmtlError(SCALE_CROP_VIEWS)
     if int(teacher_cfg.cache_views) < 1:
         raise KdmtlError(f"teacher.cache_views must be at least 1 (got {teacher_cfg.cache_views})")
     if teacher_cfg.cache_topk is not None and int(teacher_cfg.cache_topk) < 1:
@@ -94,6 +98,11 @@ def check_settings(teacher_cfg) -> None:
                          f"{teacher_cfg.cache_topk})")
     if str(teacher_cfg.cache_dtype) not in DTYPES:
         raise KdmtlError(f"unknown teacher.cache_dtype '{teacher_cfg.cache_dtype}'; choose float16 or float32")
+
+
+SCALE_CROP_VIEWS = (
+    "teacher.cache=views does not store random scale-crop views; set data.scale_crop=null, or "
+    "teacher.cache=deterministic (unaugmented views) or teacher.cache=off")
 
 
 def plan_views(mode: str, num_views: int, num_samples: int, *, hflip: bool, crop_padding: int, seed: int,
@@ -200,6 +209,8 @@ def open_or_build(*, cache_dir: str, teacher, loader, hardware, teacher_cfg, dat
     """Open the cache entry for this teacher, data and views, building it first if needed.
     `task_kinds` ({task: kind name}) says which outputs are classification logits (top-k)."""
     mode, topk = str(teacher_cfg.cache), teacher_cfg.cache_topk
+    if mode == "views" and getattr(loader, "scale_crop", None):   # check_settings refuses it first
+        raise KdmtlError(SCALE_CROP_VIEWS)
     dtype_name = str(teacher_cfg.cache_dtype)
     n = loader.num_samples
     probe_index = torch.arange(min(n, loader.batch_size))

@@ -105,9 +105,10 @@ def _no_dist() -> bool:
 
 @torch.no_grad()
 def evaluate(model, loader, tasks, hardware: Hardware, split: str) -> Dict[str, float]:
-    """Task losses and every task metric over a whole split, as {split/...: float}."""
+    """Task losses and every task metric over a whole split, as {split/...: float} (a task with
+    metric_reduction=batch_mean averages its metrics' per-batch values over the batches)."""
     model.eval()
-    metrics = {name: {m: metric.to(hardware.device) for m, metric in task.kind.metrics(task.spec).items()}
+    metrics = {name: {m: metric.to(hardware.device) for m, metric in task.metrics().items()}
                for name, task in tasks.items()}
     for per_task in metrics.values():
         for metric in per_task.values():

@@ -4,7 +4,9 @@ normals, regression). A kind says everything the rest of the program needs about
 - its head: ``dense`` (decoder at input resolution) or pooled linear, ``out_channels``, and
   ``scaled_output`` (the head predicts in target units through the train-split mean/std);
 - its ``loss``, its torchmetrics ``metrics`` (fed by ``prepare_for_metrics``) and, for every
-  metric it reports, whether higher is better (``higher_is_better``);
+  metric it reports, whether higher is better (``higher_is_better``); ``batch_metrics``: the
+  same metrics computed per evaluation batch and averaged over batches
+  (``test.metric_reduction=batch_mean``, the official NYUv2/Cityscapes code's way);
 - how its target changes when the image is flipped left-right (``flip_target``);
 - its logit-distillation rule (``distill``, the `kd` method's term) and whether its outputs are
   class logits with a softmax over dim 1 (``softmax_labels``, what label-only methods need);
@@ -17,15 +19,46 @@ twice, and two tasks may read the same target).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar, Optional
 
 import torch
+import torchmetrics
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from kdmtl_cli.data import TargetSpec
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.registry import Registry
+
+METRIC_REDUCTIONS = ("split", "batch_mean")   # test.metric_reduction
+
+
+class BatchMean(torchmetrics.Metric):
+    """A metric computed on each update() call's batch alone, then averaged over the batches
+    with equal weight (float64 sums), as the official NYUv2/Cityscapes test loops do
+    (``avg_cost[...] += cost / test_batch``). ``fn(pred, target)`` gives the batch's value, or
+    None when the batch holds no valid pixel: such a batch is skipped (the official code would
+    divide by zero there and turn the average into NaN)."""
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Optional[Tensor]], **kwargs):
+        super().__init__(**kwargs)
+        self.fn = fn
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("batches", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        value = self.fn(pred, target)
+        if value is not None:
+            self.total += value.detach().double()
+            self.batches += 1
+
+    def compute(self) -> Tensor:
+        return self.total / self.batches if self.batches > 0 else torch.tensor(math.nan, dtype=torch.float64)
 
 
 class TaskKind:
@@ -46,6 +79,11 @@ class TaskKind:
 
     def metrics(self, spec: TargetSpec) -> dict[str, torch.nn.Module]:
         raise NotImplementedError
+
+    def batch_metrics(self, spec: TargetSpec) -> dict[str, torch.nn.Module] | None:
+        """The same metrics as `metrics`, computed per evaluation batch and averaged over
+        batches (`BatchMean`); None where the kind has no such rule."""
+        return None
 
     def prepare_for_metrics(self, output: Tensor, target: Tensor):
         return output, target
@@ -85,10 +123,17 @@ class Task:
     spec: TargetSpec
     target: str              # key of the data set target feeding this task
     auxiliary: bool = False  # trained (and distilled) like any task, left out of `loss/task`
+    metric_reduction: str = "split"  # split: over every pixel of the split; batch_mean: per batch, averaged
 
     @property
     def out_channels(self) -> int:
         return self.kind.out_channels(self.spec)
+
+    def metrics(self) -> dict[str, torch.nn.Module]:
+        """Fresh metric objects for one evaluation, by `metric_reduction`."""
+        if self.metric_reduction == "batch_mean":
+            return self.kind.batch_metrics(self.spec)
+        return self.kind.metrics(self.spec)
 
 
 def _load_kinds() -> None:
@@ -102,10 +147,27 @@ def _load_kinds() -> None:
     )
 
 
+def check_metric_reduction(value) -> str:
+    """`test.metric_reduction`, checked: split | batch_mean."""
+    value = "split" if value is None else str(value)
+    if value not in METRIC_REDUCTIONS:
+        raise KdmtlError(f"test.metric_reduction must be one of {', '.join(METRIC_REDUCTIONS)} (got '{value}')")
+    return value
+
+
+def metric_reduction(tasks_cfg) -> str:
+    """The run's `test.metric_reduction`, read from the config `tasks_cfg` belongs to (split
+    when there is none, e.g. a run saved before the key existed)."""
+    root = tasks_cfg._get_root() if isinstance(tasks_cfg, DictConfig) else None
+    value = OmegaConf.select(root, "test.metric_reduction", default=None) if root is not None else None
+    return check_metric_reduction(value)
+
+
 def build_tasks(tasks_cfg, data_targets: dict[str, TargetSpec]) -> dict[str, Task]:
     _load_kinds()
     if not tasks_cfg:
         raise KdmtlError("no tasks configured; choose a tasks group option, e.g. tasks=cls_seg_depth")
+    reduction = metric_reduction(tasks_cfg)
     tasks = {}
     for name, task_cfg in tasks_cfg.items():
         kind = TASK_KINDS.get(task_cfg.kind)()
@@ -120,8 +182,10 @@ def build_tasks(tasks_cfg, data_targets: dict[str, TargetSpec]) -> dict[str, Tas
         if kind.needs_classes and not spec.num_classes:
             raise KdmtlError(f"target '{target}' of task '{name}' gives no class count, which a "
                              f"{kind.name} task needs")
+        # test.metric_reduction=batch_mean applies to the kinds with per-batch metrics (depth, normals)
+        own = reduction if kind.batch_metrics(spec) is not None else "split"
         tasks[name] = Task(name=name, kind=kind, spec=spec, target=target,
-                           auxiliary=bool(task_cfg.get("auxiliary", False)))
+                           auxiliary=bool(task_cfg.get("auxiliary", False)), metric_reduction=own)
     return tasks
 
 

@@ -3,7 +3,9 @@
 - head: dense decoder with one channel, in target units (`scaled_output`: train mean/std);
 - loss: L1 over valid pixels (target > 0);
 - metrics on valid pixels: `abs_err` (mean absolute error) and `rel_err` (mean |p - t| / t),
-  both lower-is-better;
+  both lower-is-better; by default over every valid pixel of the split, with
+  `test.metric_reduction=batch_mean` per evaluation batch (sum over the batch's valid
+  pixels / their count), then averaged over batches, as the official NYUv2/Cityscapes code;
 - flip: the map is mirrored;
 - kd: L1 or L2 (`loss.kd.dense`) to the teacher's prediction, mean over pixels;
 - shown as an image: `DEPTH_RAMP` colours, near = bright yellow .. far = dark blue, normalised
@@ -17,10 +19,21 @@ from typing import ClassVar
 import torch
 from torchmetrics.regression import MeanAbsoluteError, MeanAbsolutePercentageError
 
-from kdmtl_cli.tasks import TASK_KINDS, TaskKind
+from kdmtl_cli.tasks import TASK_KINDS, BatchMean, TaskKind
 
 # Colour ramp from near (0) to far (1), RGB in [0, 1], evenly spaced stops, linear in between.
 DEPTH_RAMP = ((1.0, 1.0, 0.6), (1.0, 0.65, 0.1), (0.85, 0.2, 0.3), (0.45, 0.1, 0.55), (0.1, 0.05, 0.35))
+
+
+def batch_abs_err(pred, target):
+    """One batch's mean |p - t| over its valid pixels (1-D tensors from prepare_for_metrics);
+    None for a batch without valid pixels."""
+    return (pred - target).abs().sum() / pred.numel() if pred.numel() else None
+
+
+def batch_rel_err(pred, target):
+    """One batch's mean |p - t| / t over its valid pixels; None for a batch without them."""
+    return ((pred - target).abs() / target).sum() / pred.numel() if pred.numel() else None
 
 
 def colour_ramp(t: torch.Tensor, ramp=DEPTH_RAMP) -> torch.Tensor:
@@ -52,9 +65,14 @@ class Depth(TaskKind):
         # MAPE is |p - t| / |t| averaged over pixels: the relative error of depth papers.
         return {"abs_err": MeanAbsoluteError(), "rel_err": MeanAbsolutePercentageError()}
 
+    def batch_metrics(self, spec):
+        return {"abs_err": BatchMean(batch_abs_err), "rel_err": BatchMean(batch_rel_err)}
+
     def prepare_for_metrics(self, output, target):
         valid = target > 0
-        return output.float().squeeze(1)[valid], target[valid]
+        # float32 at least (half-precision outputs are upcast; float64 stays float64)
+        output = output if output.dtype == torch.float64 else output.float()
+        return output.squeeze(1)[valid], target[valid]
 
     def show(self, output, spec):
         """A prediction [N,1,H,W] or a target [N,H,W] as colours; near is bright."""

@@ -6,7 +6,9 @@ components in dim 1), an all-zero vector marks an invalid pixel.
 - metrics on valid pixels, from the angle in degrees between the normalised prediction and the
   target (cosine clamped to [-1, 1] before acos): `mean_angle` and `median_angle` (lower is
   better), `within_11_25`, `within_22_5`, `within_30` (fraction of valid pixels with an angle
-  below that many degrees, higher is better);
+  below that many degrees, higher is better); by default over every valid pixel of the split,
+  with `test.metric_reduction=batch_mean` each computed on one evaluation batch's valid
+  pixels and then averaged over batches, as the official NYUv2 code;
 - flip: the map is mirrored and its x component negated (x points right in the image);
 - kd: mean over the pixels where the teacher predicts a non-zero vector of 1 - cos(student,
   teacher) (no target is at hand there);
@@ -24,7 +26,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from kdmtl_cli.tasks import TASK_KINDS, TaskKind
+from kdmtl_cli.tasks import TASK_KINDS, BatchMean, TaskKind
 
 _EPS = 1e-12
 
@@ -48,10 +50,39 @@ def mean_one_minus_cos(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
     return ((1.0 - cos) * valid).sum() / valid.sum().clamp_min(1)
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def angles_deg(pred: Tensor, target: Tensor) -> Tensor:
-    """Angle in degrees between rows of two [M,3] tensors (both normalised first)."""
-    cos = (F.normalize(pred.float(), dim=1, eps=_EPS) * F.normalize(target.float(), dim=1, eps=_EPS)).sum(1)
+    """Angle in degrees between rows of two [M,3] tensors (both normalised first; float32, or
+    float64 for float64 input)."""
+    cos = (F.normalize(_at_least_float32(pred), dim=1, eps=_EPS)
+           * F.normalize(_at_least_float32(target), dim=1, eps=_EPS)).sum(1)
     return torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
+
+
+def median(values: Tensor) -> Tensor:
+    """The median of a 1-D tensor, the mean of the two middle values for an even count (as
+    np.median)."""
+    n = values.numel()
+    ordered = values.sort().values
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def batch_angle_stat(stat):
+    """One batch's statistic of its valid pixels' angles: "mean", "median" or a threshold in
+    degrees (fraction of angles below it); None for a batch without valid pixels."""
+    def fn(pred: Tensor, target: Tensor):
+        if pred.shape[0] == 0:
+            return None
+        angles = angles_deg(pred, target).double()
+        if stat == "mean":
+            return angles.mean()
+        if stat == "median":
+            return median(angles)
+        return (angles < stat).double().mean()
+    return fn
 
 
 class AngleStat(Metric):
@@ -94,11 +125,9 @@ class MedianAngle(Metric):
 
     def compute(self) -> Tensor:
         angles = dim_zero_cat(self.angles) if len(self.angles) else torch.zeros(0)
-        n = angles.numel()
-        if n == 0:
+        if angles.numel() == 0:
             return torch.tensor(math.nan)
-        ordered = angles.sort().values
-        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        return median(angles)
 
 
 @TASK_KINDS.register("normals")
@@ -119,10 +148,18 @@ class Normals(TaskKind):
         return {"mean_angle": AngleStat(), "median_angle": MedianAngle(),
                 "within_11_25": AngleStat(11.25), "within_22_5": AngleStat(22.5), "within_30": AngleStat(30.0)}
 
+    def batch_metrics(self, spec):
+        return {"mean_angle": BatchMean(batch_angle_stat("mean")),
+                "median_angle": BatchMean(batch_angle_stat("median")),
+                "within_11_25": BatchMean(batch_angle_stat(11.25)), "within_22_5": BatchMean(batch_angle_stat(22.5)),
+                "within_30": BatchMean(batch_angle_stat(30.0))}
+
     def prepare_for_metrics(self, output, target):
-        """[N,3,H,W] maps -> (prediction, target) as [M,3] rows of the M valid pixels."""
+        """[N,3,H,W] maps -> (prediction, target) as [M,3] rows of the M valid pixels (float32 at
+        least: half-precision outputs are upcast, float64 stays float64)."""
         valid = valid_pixels(target)
-        return output.float().permute(0, 2, 3, 1)[valid], target.float().permute(0, 2, 3, 1)[valid]
+        return (_at_least_float32(output).permute(0, 2, 3, 1)[valid],
+                _at_least_float32(target).permute(0, 2, 3, 1)[valid])
 
     def flip_target(self, target):
         flipped = target.flip(-1)
