@@ -68,7 +68,7 @@ def _fits_resident(tensors: Dict[str, torch.Tensor], flips: Dict, tensor_max_mb:
 def model_meta(model_cfg, tasks_signature: Dict, data: DataBundle) -> Dict:
     """What rebuilds a model from its weights and feeds it correctly: architecture fields,
     task heads, and the input normalisation it was trained with."""
-    arch_keys = ("arch", "width", "depth", "stages", "stem_stride", "decoder_width", "small_input")
+    arch_keys = ("arch", "width", "depth", "stages", "stem_stride", "decoder_width", "small_input", "head")
     container = OmegaConf.to_container(model_cfg, resolve=True)
     return {"model": {k: container[k] for k in arch_keys}, "tasks": tasks_signature,
             "input_norm": {"mean": list(data.mean), "std": list(data.std)}}

@@ -82,6 +82,9 @@ class ModelConfig:
     stages: int = 3                       # convnet: stages (each after the first halves the resolution)
     stem_stride: int = 1                  # convnet: 2 halves the resolution of every stage (4x cheaper)
     decoder_width: int = 16               # channels of the dense-task decoders
+    # dense-task heads: auto (the trunk's own: kdmtl's DenseDecoder, or MTAN's attention heads for
+    # segnet_mtan) | mtan (segnet: MTAN's prediction layer, 3x3 conv + 1x1 conv on the decoder output)
+    head: str = "auto"
     weights: Optional[str] = None         # torchvision trunks: local weights file (nothing is downloaded)
     small_input: bool = True              # torchvision trunks: 3x3 stem without max-pool, for 32-64 px images
 
@@ -155,12 +158,14 @@ class KD4MTLConfig:
     teacher: Any = field(default_factory=lambda: ["trunk/-1", "trunk/0"])   # each task teacher's features
     adaptor_lr: float = 0.1               # the adaptors' learning rate (official --alr)
     adaptor_weight_decay: float = 5e-4    # the adaptors' weight decay (official transformer_optimizer)
+    adaptor_scheduled: bool = False       # official: the adaptors' optimiser has no schedule; true: the student's applies
 
 
 @dataclass
 class BAMConfig:
     """Teacher annealing (Clark et al., ACL 2019): target = p*one-hot + (1-p)*teacher softmax."""
     weight: Any = 1.0                     # a number, or {task: number}
+    reduction: str = "mean"               # mean over samples / pixels | sum (the official code sums over the batch)
 
 
 @dataclass

@@ -240,6 +240,18 @@ def test_multistep_decay_at_milestone_epochs():
     assert lrs[:16] == pytest.approx(expected)
 
 
+def test_an_unscheduled_param_group_keeps_its_lr():
+    """KD4MTL's adaptors ("scheduled": False) keep their lr while the student's group follows cosine."""
+    student, adaptor = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [student]}, {"params": [adaptor], "lr": 0.1, "scheduled": False}], lr=1.0)
+    cfg = OmegaConf.merge(OmegaConf.structured(OptimConfig), {"epochs": 2, "scheduler": "cosine"})
+    sched = build_scheduler(opt, cfg, 4)
+    for _ in range(8):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12) and opt.param_groups[1]["lr"] == 0.1
+
+
 @pytest.mark.parametrize("overrides, needle", [({"scheduler": "linear"}, "optim.scheduler"),
                                                ({"epochs": 0}, "optim.epochs"),
                                                ({"scheduler": "multistep"}, "optim.milestones")])
@@ -542,7 +554,9 @@ def test_trainer_resume_with_learned_distillation_parts(tmp_path):
     progress-dependent weights (DKD warm-up, BAM) continue where they were."""
     full, state, optimizer = _train(tmp_path / "full", distill=True)
     assert state.global_step == 6
-    assert [g["lr"] for g in optimizer.param_groups][1:] == [0.0, 0.0]   # fitnet, kd4mtl groups at the end of cosine
+    # at the end of cosine: the FitNet regressor follows the student's schedule to 0; KD4MTL's adaptors
+    # keep their own lr (0.1, unscheduled as in the official code)
+    assert [g["lr"] for g in optimizer.param_groups][1:] == [0.0, 0.1]
     learned = [k for k in full if k.startswith("objective.")]
     assert any(k.startswith("objective.fitnet.") for k in learned)
     assert {k.split(".")[2] for k in learned if k.startswith("objective.kd4mtl.")} == {"cls__0", "seg__0", "depth__0"}

@@ -475,7 +475,7 @@ DENSE_RECIPES = {
                             "tasks": ["depth", "normal", "seg"],
                             "loss": {"task_weight": 1.0, "kd4mtl.weight.seg": 1.0, "kd4mtl.weight.depth": 1.0,
                                      "kd4mtl.weight.normal": 2.0, "kd4mtl.adaptor_lr": 0.1,
-                                     "kd4mtl.adaptor_weight_decay": 5e-4,
+                                     "kd4mtl.adaptor_weight_decay": 5e-4, "kd4mtl.adaptor_scheduled": False,
                                      "kd4mtl.student": ["trunk/-1", "trunk/0"],
                                      "kd4mtl.teacher": ["trunk/-1", "trunk/0"]}, "protocol": KD4MTL_SELECTION},
     # CAGrad cityscapes/model_segnet_mtan.py L205 (batch 8), run.sh (--apply_augmentation).

@@ -134,7 +134,7 @@ def test_yaml_defaults_are_the_ones_these_tests_compute_with():
     # The schema's defaults are the YAML's.
     for name in SCHEMAS:
         assert OmegaConf.to_container(OmegaConf.structured(SCHEMAS[name])) == OmegaConf.to_container(_cfg(name)), name
-    assert dict(_cfg("bam")) == {"weight": 1.0}
+    assert dict(_cfg("bam")) == {"weight": 1.0, "reduction": "mean"}
 
 
 def test_build_methods_from_the_yaml_of_every_method():
@@ -271,6 +271,18 @@ def test_bam_tasks_weights_and_errors():
         TeacherAnnealing(_cfg("bam"), tasks, ["depth"])
     with pytest.raises(KdmtlError, match="loss.bam.weight"):
         TeacherAnnealing(_cfg("bam", weight={"cls": 1.0, "depth": 1.0}), tasks, ["cls", "depth"])
+
+
+def test_bam_reduction_sum_is_the_official_sum_over_the_batch():
+    tasks = _real_tasks()
+    s, te, batch = _label_outputs()
+    mean = TeacherAnnealing(_cfg("bam"), tasks, list(tasks))(s, te, batch, {"fraction": 0.3, "epoch": 0.0})
+    total = TeacherAnnealing(_cfg("bam", reduction="sum"), tasks, list(tasks))(s, te, batch,
+                                                                              {"fraction": 0.3, "epoch": 0.0})
+    assert float(total["bam/cls"]) == pytest.approx(2 * float(mean["bam/cls"]), rel=1e-6)   # 2 samples
+    assert float(total["bam/seg"]) == pytest.approx(3 * float(mean["bam/seg"]), rel=1e-6)   # 3 valid pixels
+    with pytest.raises(KdmtlError, match="loss.bam.reduction"):
+        TeacherAnnealing(_cfg("bam", reduction="max"), tasks, list(tasks))
 
 
 # ---------------------------------------------------------------- AT

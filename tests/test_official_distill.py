@@ -342,8 +342,10 @@ def test_bam_equals_official_teacher_annealing(percent_done):
     s, t = randn(32, 7, seed=52, scale=2.0), randn(32, 7, seed=53, scale=2.0)
     labels = torch.randint(0, 7, (32,), generator=torch.Generator().manual_seed(54))
     per_example = official_bam_losses(s, t, labels, percent_done)
-    # kdmtl averages over the batch where the official MultitaskModel sums (tf.reduce_sum).
+    # kdmtl averages over the batch by default; reduction="sum" is the official tf.reduce_sum.
     record("bam (google-research bam get_prediction_module)", bam_loss(s, t, labels, percent_done), per_example.mean())
+    record("bam, reduction=sum (official sum over the batch)",
+           bam_loss(s, t, labels, percent_done, reduction="sum"), per_example.sum())
 
 
 def test_dtypes_half_inputs_are_computed_in_float32():

@@ -77,6 +77,53 @@ def test_mtan_paper_size_parameter_count():
     assert count_parameters(model.trunk) - count_parameters(model.trunk.attention) == 24_943_296
 
 
+def test_segnet_mtan_head_parameter_count_is_mtans():
+    """`head: mtan`: each dense task gets MTAN's prediction layer (im2im_pred/model_segnet_split.py,
+    conv_layer(..., pred=True): 3x3 conv 64 -> 64, 1x1 conv 64 -> C, both with bias) on the
+    trunk's decoder output; MTAN's single-task SegNet is 24,981,069 = 24,943,296 + 36,928 + 845."""
+    model = build_model(OmegaConf.structured(ModelConfig(arch="segnet", width=64, head="mtan")), _nyuv2_tasks())
+    trunk = sum(_conv_bn(*c) for c in ENCODER + DECODER)
+    assert trunk == 24_943_296
+    pred = lambda c: (9 * 64 * 64 + 64) + (64 * c + c)   # noqa: E731
+    assert pred(13) == 36_928 + 845 and trunk + pred(13) == 24_981_069
+    assert count_parameters(model) == trunk + pred(13) + pred(1) + pred(3) == 25_055_185
+    for name, c in (("seg", 13), ("depth", 1), ("normal", 3)):
+        head = getattr(model.heads[name], "head", model.heads[name])   # depth: inside ScaledHead
+        assert [tuple(m.weight.shape) for m in head.modules() if isinstance(m, torch.nn.Conv2d)] == \
+            [(64, 64, 3, 3), (c, 64, 1, 1)]
+        assert all(m.bias is not None and not m.bias.any() for m in head.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_segnet_mtan_head_outputs_and_conventions():
+    """Small width: output shapes, depth in target units through ScaledHead, image-level tasks
+    keep the pooled linear head; the default head is unchanged (DenseDecoder)."""
+    from kdmtl_cli.errors import KdmtlError
+    from kdmtl_cli.models.heads import DenseDecoder, PooledLinearHead, ScaledHead
+    from kdmtl_cli.models.mtan import PredictionHead
+
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.structured(ModelConfig(arch="segnet", width=4, head="mtan")), _nyuv2_tasks())
+    assert isinstance(model.heads["seg"], PredictionHead) and isinstance(model.heads["depth"], ScaledHead)
+    assert isinstance(model.heads["depth"].head, PredictionHead)
+    model.eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        out = model(x)["outputs"]
+        raw = model.heads["depth"].head(model.trunk(x), x.shape[-2:])
+    assert {n: tuple(v.shape) for n, v in out.items()} == {
+        "seg": (2, 13, 32, 48), "depth": (2, 1, 32, 48), "normal": (2, 3, 32, 48)}
+    assert torch.allclose(out["depth"], raw * 1.0 + 2.0)
+    default = build_model(OmegaConf.structured(ModelConfig(arch="segnet", width=4, decoder_width=4)), _nyuv2_tasks())
+    assert all(isinstance(getattr(h, "head", h), DenseDecoder) for h in default.heads.values())
+    targets = {"label": TargetSpec("classification", 5)}
+    cls = build_tasks(OmegaConf.create({"label": {"kind": "classification"}}), targets)
+    model = build_model(OmegaConf.structured(ModelConfig(arch="segnet", width=4, head="mtan")), cls)
+    assert isinstance(model.heads["label"], PooledLinearHead)
+    import pytest
+    with pytest.raises(KdmtlError, match="head"):
+        build_model(OmegaConf.structured(ModelConfig(arch="convnet", head="mtan")), _nyuv2_tasks())
+
+
 def test_mtan_with_open_masks_predicts_from_the_trunk_output():
     """With every decoder mask forced to 1 (last BN: weight 0, bias 30, sigmoid -> 1) a dense task's
     branch output is exactly the trunk's last decoder stage, so the prediction is MTAN's

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 from kdmtl_cli.distill import KD_METHODS, LabelTaskMethod
 from kdmtl_cli.distill.functional import bam_loss
+from kdmtl_cli.errors import KdmtlError
 
 
 @KD_METHODS.register("bam")
 class TeacherAnnealing(LabelTaskMethod):
     name = "bam"
 
+    def __init__(self, cfg, tasks, teacher_tasks):
+        super().__init__(cfg, tasks, teacher_tasks)
+        self.reduction = str(getattr(cfg, "reduction", "mean"))
+        if self.reduction not in ("mean", "sum"):
+            raise KdmtlError(f"loss.bam.reduction must be mean or sum (got {self.reduction!r}); "
+                             f"sum is the official code's reduction over the batch")
+
     def __call__(self, student_out, teacher_out, batch, progress):
         p = min(max(progress["fraction"], 0.0), 1.0)
         return {f"bam/{name}": bam_loss(student_out["outputs"][name], teacher_out["outputs"][name],
-                                        batch["targets"][self.tasks[name].target], p)
+                                        batch["targets"][self.tasks[name].target], p, reduction=self.reduction)
                 for name in self.label_tasks}

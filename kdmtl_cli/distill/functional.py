@@ -409,13 +409,16 @@ def bam_targets(teacher_logits: Tensor, target: Tensor, progress: float,
 
 
 def bam_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, progress: float,
-             ignore_index: Optional[int] = IGNORE_INDEX) -> Tensor:
+             ignore_index: Optional[int] = IGNORE_INDEX, reduction: str = "mean") -> Tensor:
     """Cross-entropy with the teacher-annealed targets of ``bam_targets`` (official:
     ``-tf.reduce_sum(labels * log_probs, axis=-1)`` per example), MEAN over samples ([N, C]) or
-    over the non-ignored pixels of the batch ([N, C, H, W]) where the official code SUMS over the
-    batch (kdmtl's task losses are means; the two differ by the batch size only). 0 (still in the
-    graph) if all are ignored. At progress = 1 this is the ordinary cross-entropy.
+    over the non-ignored pixels of the batch ([N, C, H, W]); ``reduction="sum"`` SUMS over them,
+    as the official code does over the batch (kdmtl's task losses are means; the two differ by the
+    batch size only). 0 (still in the graph) if all are ignored. At progress = 1 with the mean this
+    is the ordinary cross-entropy.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"bam_loss: reduction must be 'mean' or 'sum' (got {reduction!r})")
     _check_same_shape("bam_loss: student_logits and teacher_logits", student_logits, teacher_logits)
     soft = bam_targets(teacher_logits, target, progress, ignore_index)
     valid = _valid_mask(student_logits, target, ignore_index)
@@ -424,4 +427,4 @@ def bam_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, pro
         return _zero_loss(student_logits, teacher_logits)
     per_row = -(soft * F.log_softmax(student_logits.to(soft.dtype), dim=1)).sum(dim=1)
     # Ignored rows have all-zero targets, so they add 0 to the sum; divide by valid rows only.
-    return per_row.sum() / count
+    return per_row.sum() / count if reduction == "mean" else per_row.sum()

@@ -58,7 +58,8 @@ class KD4MTL(Method):
 
     def param_groups(self, base_lr):
         return [{"params": list(self.modules.parameters()), "lr": float(self.cfg.adaptor_lr),
-                 "weight_decay": float(self.cfg.adaptor_weight_decay)}]
+                 "weight_decay": float(self.cfg.adaptor_weight_decay),
+                 "scheduled": bool(getattr(self.cfg, "adaptor_scheduled", False))}]
 
     def __call__(self, student_out, teacher_out, batch, progress):
         s_feats, t_feats = student_out["features"], teacher_out["features"]

@@ -59,4 +59,7 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_sche
             return cfg.gamma ** sum(step // steps_per_epoch >= m for m in milestones)
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # A param group with "scheduled": False keeps its own lr (KD4MTL's adaptors: the official code
+    # steps them with their own optimiser and no schedule).
+    factors = [factor if group.get("scheduled", True) else (lambda step: 1.0) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

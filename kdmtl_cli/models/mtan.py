@@ -41,6 +41,27 @@ def _conv(c_in: int, c_out: int) -> nn.Sequential:
     return conv_layer(c_in, c_out)
 
 
+def prediction_layer(c0: int, out_channels: int) -> nn.Sequential:
+    """MTAN's dense prediction layer (``conv_layer(..., pred=True)``, im2im_pred/model_segnet_*.py):
+    3x3 conv c0 -> c0, then 1x1 conv c0 -> outputs, both with bias, no BN / activation."""
+    return nn.Sequential(nn.Conv2d(c0, c0, 3, 1, 1), nn.Conv2d(c0, out_channels, 1))
+
+
+class PredictionHead(nn.Module):
+    """`head: mtan` on plain SegNet: MTAN's prediction layer on the trunk's finest feature (the
+    last decoder output), as in MTAN's single-task / split SegNet and KD4MTL's SegNet."""
+
+    def __init__(self, c0: int, out_channels: int):
+        super().__init__()
+        self.predict = prediction_layer(c0, out_channels)
+
+    def forward(self, features, image_size):
+        x = self.predict(features[0])
+        if tuple(x.shape[-2:]) != tuple(image_size):
+            x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
+        return x
+
+
 class SharedAttentionBlocks(nn.Module):
     """The convs every task's attention branch passes through (MTAN's encoder_block_att and
     decoder_block_att); `decoder[k]` serves the decoder stage at level k."""
@@ -65,7 +86,7 @@ class AttentionHead(nn.Module):
             self.decoder = nn.ModuleList([attention_layer(2 * c[0], c[0], c[0])]
                                          + [attention_layer(c[k] + c[k - 1], c[k - 1], c[k - 1])
                                             for k in range(1, 5)])
-            self.predict = nn.Sequential(nn.Conv2d(c[0], c[0], 3, 1, 1), nn.Conv2d(c[0], out_channels, 1))
+            self.predict = prediction_layer(c[0], out_channels)
         else:
             self.predict = nn.Linear(c[4], out_channels)
 

@@ -28,7 +28,10 @@ decoder stages (outputs at 1/16, 1/8, 1/4, 1/2, 1). ``stem`` is an identity.
 
 Returned features (finest first): [decoder output (w ch, 1/1), pooled bottleneck (8w ch, 1/32)].
 Dense heads (DenseDecoder) fuse the two top-down, so they read the full-resolution decoder
-output plus a projection of the bottleneck; image-level heads pool the bottleneck. Any input
+output plus a projection of the bottleneck; image-level heads pool the bottleneck. With
+``head: mtan`` (student.head / teacher.head) dense tasks instead get MTAN's prediction layer
+(3x3 conv w -> w, 1x1 conv w -> outputs; ``prediction_layer`` in mtan.py) on the decoder output
+alone, as MTAN's single-task / split SegNet and KD4MTL's SegNet do. Any input
 size works (unpooling restores each pre-pool size, odd ones included) as long as every side is
 at least 32 px; the papers' 288x384 and 128x256 divide by 32 exactly.
 
@@ -90,10 +93,14 @@ def _block(c_in: int, c_out: int, n: int) -> nn.Sequential:
 
 
 class SegNetTrunk(ReferenceInit, StagedTrunk):
-    def __init__(self, width: int = 64, in_channels: int = 3, attention: bool = False, init: str = "official"):
+    def __init__(self, width: int = 64, in_channels: int = 3, attention: bool = False, init: str = "official",
+                 head: str = "auto"):
         super().__init__()
         if width < 1:
             raise ValueError(f"segnet width must be positive (got {width})")
+        if head not in ("auto", "mtan"):
+            raise ValueError(f"segnet head must be 'auto' or 'mtan' (got {head!r})")
+        self.head = head
         c = [width, 2 * width, 4 * width, 8 * width, 8 * width]
         self.stem = nn.Identity()
         stages = [_block(in_channels if i == 0 else c[i - 1], c[i], n) for i, n in enumerate(ENCODER_CONVS)]
@@ -116,8 +123,13 @@ class SegNetTrunk(ReferenceInit, StagedTrunk):
         self.init_reference(init, xavier_init, xavier_init)
 
     def build_head(self, task) -> nn.Module | None:
-        """MTAN: each task gets its own attention branch; plain SegNet uses the standard heads."""
+        """MTAN: each task gets its own attention branch. Plain SegNet uses the standard heads, or
+        with ``head: mtan`` MTAN's prediction layer for dense tasks (image-level tasks keep the
+        pooled linear head)."""
         if self.attention is None:
+            if self.head == "mtan" and task.kind.dense:
+                from kdmtl_cli.models.mtan import PredictionHead
+                return PredictionHead(self.plan[0], task.out_channels)
             return None
         from kdmtl_cli.models.mtan import AttentionHead
         return AttentionHead(self.plan, task.out_channels, dense=task.kind.dense)
@@ -149,7 +161,7 @@ class SegNetTrunk(ReferenceInit, StagedTrunk):
 
 @TRUNKS.register("segnet")
 def build_segnet(cfg) -> SegNetTrunk:
-    return SegNetTrunk(int(cfg.width))
+    return SegNetTrunk(int(cfg.width), head=str(getattr(cfg, "head", None) or "auto"))
 
 
 @TRUNKS.register("segnet_mtan")
