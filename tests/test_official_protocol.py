@@ -120,6 +120,7 @@ def test_refusals_are_one_line_before_any_work(fake_cifar10, tmp_path, shared_ca
 @pytest.mark.parametrize("settings, words", [
     ({"data": {"name": "shapes", "val_size": 0}}, ["data.val_size=0", "shapes"]),
     ({"teacher": {"keep": "middle"}}, ["teacher.keep", "best, last or train_loss"]),
+    ({"test": {"metric_reduction": "per_batch"}}, ["test.metric_reduction", "batch_mean"]),
     ({"optim": {"epochs": 2}, "test": {"average_last_epochs": -1}}, ["test.average_last_epochs"]),
     ({"published": [{"metric": "test/cls/accuracy", "value": 0.5, "epoch": "mean10"}]},
      ["published[0].epoch", "mean_lastN"]),

@@ -46,8 +46,10 @@ def check_protocol(cfg: DictConfig) -> None:
 
     from kdmtl_cli.data import check_val_size
     from kdmtl_cli.engine.trainer import DEFAULT_MONITOR
+    from kdmtl_cli.tasks import check_metric_reduction
 
     check_val_size(cfg.data)
+    check_metric_reduction(cfg.test.metric_reduction)
     if cfg.teacher.keep not in ("best", "last", "train_loss"):
         raise KdmtlError(f"teacher.keep must be best, last or train_loss (got '{cfg.teacher.keep}')")
     n = cfg.test.average_last_epochs
