@@ -4,12 +4,13 @@ Files (https://www.cs.toronto.edu/~kriz/cifar.html, "python version", extracted 
 ``cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta`` and
 ``cifar-100-python/train, test, meta``.
 
-Reading: torchvision's ``datasets.CIFAR10/100`` is used when its MD5 check of the files passes
-(with ``data.download=true`` it also downloads missing files). When files are present but fail
-that check (a subset, or files written by tests), they are read by the small reader below,
-which unpickles the same layout (``data`` uint8 [N,3072] = R, G, B planes of 32x32, and
-``labels`` / ``fine_labels``). Those are the only files unpickled; they come from the user's
-own data.root, so only use files you trust there.
+Reading: every file (batches and meta) is read by kdmtl's own reader with a restricted
+unpickler (``_SafeUnpickler``): it rebuilds only what these files hold -- numpy arrays, lists,
+dicts, strings, numbers -- and refuses any other Python object (one error line naming the file)
+before it is created, so a replaced or poisoned file under data.root cannot run code. The layout:
+``data`` uint8 [N,3072] = R, G, B planes of 32x32, and ``labels`` / ``fine_labels``.
+torchvision is used only to download and extract the official archive when files are missing and
+``data.download=true`` (its MD5 check of the archive; downloading and extracting unpickle nothing).
 
 Splits: ``val`` = the LAST ``data.val_size`` images of the official training set (in file
 order; ``data.val_size=0``: no validation split, as in the papers), ``train`` = the first
@@ -21,7 +22,10 @@ the meta file when present). Images stay uint8 [N,3,32,32]; the loader normalise
 
 from __future__ import annotations
 
+import builtins
+import codecs
 import functools
+import importlib
 import pickle
 from pathlib import Path
 
@@ -48,12 +52,62 @@ def _missing_message(which: str, root: Path, why: str) -> str:
             f"in {root}, or set data.root to the directory that holds {lay['folder']}/")
 
 
+# What the CIFAR files (Python 2 cPickle, or files written by Python 3 such as tests/ and
+# scripts/fake_cifar.py) name besides plain containers: numpy's array/dtype reconstruction, under
+# numpy 1's (numpy.core) and numpy 2's (numpy._core) module names, and _codecs.encode, which
+# protocol 0-2 pickles written by Python 3 use for bytes. Anything else is refused.
+_NUMPY = {("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")}
+_BUILTINS = {"bytes", "bytearray", "set", "frozenset"}
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global the CIFAR layout never uses: refused before it is looked up, let alone called."""
+
+
+def _numpy_function(submodule: str, name: str):
+    for module in (f"numpy._core.{submodule}", f"numpy.core.{submodule}"):   # numpy 2, numpy 1
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise _Refused(f"numpy.{submodule}.{name}")
+
+
+def _latin1_encode(text, encoding="utf-8"):
+    # Python 3 writes bytes in protocol <= 2 as _codecs.encode(text, "latin1"); no other codec.
+    if encoding not in ("latin1", "latin-1"):
+        raise _Refused(f"_codecs.encode(..., {encoding!r})")
+    return codecs.encode(text, encoding)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickle arrays, lists, dicts, strings and numbers only (the CIFAR layout)."""
+
+    def find_class(self, module: str, name: str):
+        module = "builtins" if module == "__builtin__" else module          # Python 2 pickles
+        parts = module.split(".")
+        if parts[:1] == ["numpy"] and len(parts) == 3 and parts[1] in ("core", "_core") \
+                and (parts[2], name) in _NUMPY:
+            return _numpy_function(parts[2], name)
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if module == "builtins" and name in _BUILTINS:
+            return getattr(builtins, name)
+        raise _Refused(f"{module}.{name}")
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise KdmtlError(f"cannot read CIFAR file {path} ({err}); replace it with the original file") from None
+            return _SafeUnpickler(handle, encoding="latin1").load()
+    except _Refused as err:
+        raise KdmtlError(f"CIFAR file {path} contains a Python object other than arrays/lists/dicts/strings/"
+                         f"numbers ({err}) and was not loaded; replace it with the original file") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file: pickle and numpy raise many kinds
+        raise KdmtlError(f"cannot read CIFAR file {path} ({type(err).__name__}: {err}); "
+                         "replace it with the original file") from None
 
 
 def _read_own(which: str, folder: Path):
@@ -77,20 +131,14 @@ def _read_own(which: str, folder: Path):
     return tuple(out)
 
 
-def _read_torchvision(which: str, root: Path, download: bool):
-    """Through torchvision (MD5-checked); None when files exist but fail its check."""
+def _download(which: str, root: Path) -> None:
+    """The official archive through torchvision (MD5-checked), extracted in root; nothing is
+    unpickled here -- the files are read by _read_own like any others."""
     from torchvision import datasets
+    from torchvision.datasets import utils
 
-    cls = datasets.CIFAR10 if which == "cifar10" else datasets.CIFAR100
-    try:
-        parts = [cls(str(root), train=train, download=download) for train in (True, False)]
-    except RuntimeError:  # "Dataset not found or corrupted": let the own reader try
-        return None
-    out = []
-    for part in parts:
-        out += [torch.from_numpy(np.ascontiguousarray(part.data)).permute(0, 3, 1, 2).contiguous(),
-                torch.as_tensor(part.targets, dtype=torch.int64)]
-    return tuple(out)
+    official = datasets.CIFAR10 if which == "cifar10" else datasets.CIFAR100
+    utils.download_and_extract_archive(official.url, str(root), filename=official.filename, md5=official.tgz_md5)
 
 
 def load_cifar_arrays(which: str, root, download: bool) -> dict:
@@ -102,17 +150,14 @@ def load_cifar_arrays(which: str, root, download: bool) -> dict:
     present = all((folder / name).is_file() for name in lay["train"] + lay["test"])
     if not present and not download:
         raise KdmtlError(_missing_message(which, root, "data.download=false"))
-    arrays = None
-    if present or download:
+    if not present:
         try:
-            arrays = _read_torchvision(which, root, download=download and not present)
+            _download(which, root)
         except Exception as err:  # no network, refused write...: torchvision raises many kinds
             raise KdmtlError(_missing_message(which, root, f"download failed: {type(err).__name__}")) from None
-    if arrays is None:
-        if not present:
+        if not all((folder / name).is_file() for name in lay["train"] + lay["test"]):
             raise KdmtlError(_missing_message(which, root, "download did not produce them"))
-        arrays = _read_own(which, folder)
-    train_x, train_y, test_x, test_y = arrays
+    train_x, train_y, test_x, test_y = _read_own(which, folder)
     n = lay["classes"]
     for labels, part in ((train_y, "train"), (test_y, "test")):
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
