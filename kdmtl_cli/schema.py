@@ -16,6 +16,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import above, at_least, between
+
+# Seeds (data.seed, seed): numpy's default_rng (the shapes generator) refuses negative seeds, and seeds are
+# multiplied into torch generator seeds (seed * 100_003 + ..., data/loader.py) that must fit 64 bits;
+# 2^32 - 1 is also numpy's legacy seeding limit. Torch itself would silently wrap a negative seed.
+SEED_MAX = 2**32 - 1
 
 
 @dataclass
@@ -23,30 +29,34 @@ class DataConfig:
     name: str = "shapes"                  # data set, by registry name (kdmtl_cli/data/)
     root: str = "${cache_dir}/data"       # where the data set lives / is generated
     generate: bool = True                 # create a missing generated data set (like torchvision's download)
-    image_size: int = 32                  # pixels per side
-    train_size: int = 4000                # images per split
-    val_size: int = 1000
-    test_size: int = 2000
-    seed: int = 0                         # data generation seed, independent of the training seed
-    min_objects: int = 2                  # objects per generated scene
-    max_objects: int = 4
-    batch_size: int = 64                  # training batch (samples)
-    eval_batch_size: int = 256
+    # pixels per side; 8 is the least any generator draws in (digits_mtl needs 20 and says so)
+    image_size: int = at_least(8, default=32)
+    train_size: int = at_least(1, default=4000)   # images per split
+    val_size: int = at_least(0, default=1000, note="0 = no validation split")
+    test_size: int = at_least(1, default=2000)
+    seed: int = between(0, SEED_MAX, default=0)   # data generation seed, independent of the training seed
+    min_objects: int = at_least(1, default=2)     # objects per generated scene
+    max_objects: int = at_least("min_objects", default=4)
+    batch_size: int = at_least(1, default=64)     # training batch (samples)
+    eval_batch_size: int = at_least(1, default=256)
     hflip: bool = True                    # random horizontal flip, applied to image and dense targets alike
     mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel normalisation
-    std: List[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    std: List[float] = above(0, factory=lambda: [0.25, 0.25, 0.25])   # divides: each > 0
     download: bool = True                 # cifar*: let torchvision download missing files (needs network)
-    crop_padding: int = 0                 # random crop (train only): zero-pad by this many pixels, crop back; 0 = off
+    # random crop (train only): zero-pad by this many pixels, crop back; 0 = off
+    crop_padding: int = at_least(0, default=0)
     # random scale-crop (train only; nyuv2, cityscapes): per sample a scale s from this list, a random
     # (H/s, W/s) window resized back, depth / s (Nash-MTL/CAGrad RandomScaleCrop: [1.0, 1.2, 1.5]); null = off
     scale_crop: Optional[List[float]] = None
-    min_tiles: int = 2                    # cifar_cls_seg: CIFAR tiles pasted per mosaic
-    max_tiles: int = 4
-    min_tile_size: int = 16               # cifar_cls_seg: tile side in pixels (resized from 32x32)
-    max_tile_size: int = 40
+    min_tiles: int = at_least(1, default=2)       # cifar_cls_seg: CIFAR tiles pasted per mosaic
+    max_tiles: int = at_least("min_tiles", default=4)
+    min_tile_size: int = at_least(1, default=16)  # cifar_cls_seg: tile side in pixels (resized from 32x32)
+    max_tile_size: int = at_least("min_tile_size", default=40)  # capped at data.image_size
     loader: str = "auto"                  # auto (tensor if the split fits in tensor_max_mb) | tensor | dataloader
-    num_workers: int = 2                  # dataloader path: worker processes building samples (0 = main process)
-    tensor_max_mb: int = 4096             # auto: largest split (MiB) kept resident; on CUDA also <= 1/4 of free memory
+    # dataloader path: worker processes building samples (0 = main process)
+    num_workers: int = at_least(0, default=2)
+    # auto: largest split (MiB) kept resident; on CUDA also <= 1/4 of free memory (0: auto never keeps one)
+    tensor_max_mb: int = at_least(0, default=4096)
 
 
 @dataclass
@@ -59,17 +69,17 @@ class TaskConfig:
 @dataclass
 class OptimConfig:
     name: str = "adam"                    # adam | adamw | sgd
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9                 # sgd only
+    lr: float = above(0, default=3e-3)
+    weight_decay: float = at_least(0, default=0.0)
+    momentum: float = between(0, 1, default=0.9, high_open=True)   # sgd only; 1 would never forget a gradient
     nesterov: bool = False                # sgd only
-    epochs: int = 6
+    epochs: int = at_least(1, default=6)
     scheduler: str = "cosine"             # cosine | step | multistep | constant (stepped every batch)
-    warmup_epochs: float = 0.0            # linear warm-up, may be fractional
-    step_epochs: int = 30                 # step scheduler: decay every this many epochs
-    gamma: float = 0.1                    # step, multistep: decay factor
-    milestones: List[int] = field(default_factory=list)  # multistep: epochs after which lr *= gamma
-    grad_clip_norm: Optional[float] = None
+    warmup_epochs: float = at_least(0, default=0.0)   # linear warm-up, may be fractional
+    step_epochs: int = at_least(1, default=30)        # step scheduler: decay every this many epochs
+    gamma: float = above(0, default=0.1)              # step, multistep: decay factor
+    milestones: List[int] = at_least(1, factory=list)  # multistep: epochs after which lr *= gamma
+    grad_clip_norm: Optional[float] = above(0, default=None)   # null = no clipping
 
 
 @dataclass
@@ -77,11 +87,11 @@ class ModelConfig:
     # convnet | resnet18/34/50 (torchvision) | the CIFAR zoo: resnet8..110, resnet8x4, resnet32x4,
     # wrn_16_1/16_2/40_1/40_2, vgg8..19, mobilenetv2, shufflenetv1, shufflenetv2 (kdmtl_cli/models/)
     arch: str = "convnet"
-    width: int = 16                       # convnet: channels of the first stage (doubles per stage)
-    depth: int = 1                        # convnet: residual blocks per stage
-    stages: int = 3                       # convnet: stages (each after the first halves the resolution)
-    stem_stride: int = 1                  # convnet: 2 halves the resolution of every stage (4x cheaper)
-    decoder_width: int = 16               # channels of the dense-task decoders
+    width: int = at_least(1, default=16)          # convnet: channels of the first stage (doubles per stage)
+    depth: int = at_least(1, default=1)           # convnet: residual blocks per stage
+    stages: int = at_least(1, default=3)          # convnet: stages (each after the first halves the resolution)
+    stem_stride: int = at_least(1, default=1)     # convnet: 2 halves the resolution of every stage (4x cheaper)
+    decoder_width: int = at_least(1, default=16)  # channels of the dense-task decoders
     # dense-task heads: auto (the trunk's own: kdmtl's DenseDecoder, or MTAN's attention heads for
     # segnet_mtan) | mtan (segnet: MTAN's prediction layer, 3x3 conv + 1x1 conv on the decoder output)
     head: str = "auto"
@@ -99,8 +109,9 @@ class TeacherConfig(ModelConfig):
     # Teacher-output cache (kdmtl_cli/engine/teacher_outputs.py): off | views (K stored augmented
     # views per sample, one drawn per epoch: FKD) | deterministic (one unaugmented view per sample)
     cache: str = "off"
-    cache_views: int = 4                  # K, for cache=views
-    cache_topk: Optional[int] = None      # keep only the k largest classification logits (+ log-sum-exp)
+    cache_views: int = at_least(1, default=4)     # K, for cache=views
+    # keep only the k largest classification logits (+ log-sum-exp); null = all
+    cache_topk: Optional[int] = at_least(1, default=None)
     cache_dtype: str = "float16"          # float16 | float32
     # a teacher trained here keeps: best (by val/loss/task; the last epoch when data.val_size=0) |
     # last (RepDistiller) | train_loss (lowest epoch-mean training task loss, KD4MTL); in the cache key unless best
@@ -110,26 +121,29 @@ class TeacherConfig(ModelConfig):
 @dataclass
 class KDConfig:
     """Logit KD (Hinton et al., 2015) for every task the teacher covers (conf/loss/kd.yaml)."""
-    weight: Any = 0.5                     # a number, or {task: number}; official recipe 0.9 with task_weight 0.1
-    temperature: float = 4.0              # T; the KL terms are scaled by T^2
+    # a number, or {task: number}; official recipe 0.9 with task_weight 0.1. No method defines a
+    # negative distillation weight (it would push the student away from the teacher): every weight is >= 0.
+    weight: Any = at_least(0, default=0.5)
+    temperature: float = above(0, default=4.0)    # T; the KL terms are scaled by T^2
     dense: str = "l1"                     # depth/regression tasks: l1 | l2 to the teacher's prediction
 
 
 @dataclass
 class DKDConfig:
     """Decoupled KD (Zhao et al., CVPR 2022), as mdistiller (conf/loss/dkd.yaml)."""
-    weight: Any = 1.0                     # a number, or {task: number}
-    alpha: float = 1.0                    # target-class term (TCKD)
-    beta: float = 8.0                     # non-target-class term (NCKD)
-    temperature: float = 4.0
-    warmup_epochs: float = 20.0           # weight factor min(epoch / warmup_epochs, 1)
+    weight: Any = at_least(0, default=1.0)        # a number, or {task: number}
+    alpha: float = at_least(0, default=1.0)       # target-class term (TCKD)
+    beta: float = at_least(0, default=8.0)        # non-target-class term (NCKD)
+    temperature: float = above(0, default=4.0)
+    # weight factor min(epoch / warmup_epochs, 1)
+    warmup_epochs: float = at_least(0, default=20.0, note="0 = no warm-up")
     warmup_schedule: str = "epoch"        # epoch: mdistiller's (1-based epoch, per epoch) | linear: continuous from 0
 
 
 @dataclass
 class FeaturePairsConfig:
     """Student/teacher features (forward hooks; `[task:]path[/i]`), paired by position."""
-    weight: float = 1.0
+    weight: float = at_least(0, default=1.0)
     student: List[str] = field(default_factory=lambda: ["trunk.stages.1"])
     teacher: List[str] = field(default_factory=lambda: ["trunk.stages.1"])
 
@@ -137,15 +151,15 @@ class FeaturePairsConfig:
 @dataclass
 class FitNetConfig(FeaturePairsConfig):
     """FitNet hints as RepDistiller (conf/loss/fitnet.yaml)."""
-    weight: float = 100.0
+    weight: float = at_least(0, default=100.0)
     regressor: str = "convreg"            # convreg: RepDistiller's ConvReg | conv1x1: 1x1 conv + BN + resize (any sizes)
 
 
 @dataclass
 class ATConfig(FeaturePairsConfig):
     """Attention transfer as RepDistiller (conf/loss/at.yaml); weight is the paper's beta."""
-    weight: float = 1000.0
-    p: float = 2.0
+    weight: float = at_least(0, default=1000.0)
+    p: float = above(0, default=2.0)        # attention map mean_c F^p
     student: List[str] = field(default_factory=lambda: ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"])
     teacher: List[str] = field(default_factory=lambda: ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"])
 
@@ -153,25 +167,27 @@ class ATConfig(FeaturePairsConfig):
 @dataclass
 class KD4MTLConfig:
     """Li & Bilen (ECCV-W 2020), as VICO-UoE/KD4MTL (conf/loss/kd4mtl.yaml)."""
-    weight: Any = 1.0                     # lambda: a number, or {task: number}
+    weight: Any = at_least(0, default=1.0)        # lambda: a number, or {task: number}
     student: Any = field(default_factory=lambda: ["trunk/-1", "trunk/0"])   # shared features (a name or a list)
     teacher: Any = field(default_factory=lambda: ["trunk/-1", "trunk/0"])   # each task teacher's features
-    adaptor_lr: float = 0.1               # the adaptors' learning rate (official --alr)
-    adaptor_weight_decay: float = 5e-4    # the adaptors' weight decay (official transformer_optimizer)
+    adaptor_lr: float = above(0, default=0.1)     # the adaptors' learning rate (official --alr)
+    # the adaptors' weight decay (official transformer_optimizer)
+    adaptor_weight_decay: float = at_least(0, default=5e-4)
     adaptor_scheduled: bool = False       # official: the adaptors' optimiser has no schedule; true: the student's applies
 
 
 @dataclass
 class BAMConfig:
     """Teacher annealing (Clark et al., ACL 2019): target = p*one-hot + (1-p)*teacher softmax."""
-    weight: Any = 1.0                     # a number, or {task: number}
+    weight: Any = at_least(0, default=1.0)        # a number, or {task: number}
     reduction: str = "mean"               # mean over samples / pixels | sum (the official code sums over the batch)
 
 
 @dataclass
 class LossConfig:
     """Task losses plus the chosen distillation methods (`loss=kd`, `loss=[kd,at]`, `loss=none`)."""
-    task_weight: Any = 1.0                # weight of each task loss: a number, or {task: number}
+    # weight of each task loss: a number, or {task: number}; 0 drops a task's loss (BAM's official setting)
+    task_weight: Any = at_least(0, default=1.0)
     kd: Optional[KDConfig] = None
     dkd: Optional[DKDConfig] = None
     fitnet: Optional[FitNetConfig] = None
@@ -185,13 +201,15 @@ class WeightingConfig:
     """How the tasks' losses (each with its distillation terms) become one step (kdmtl_cli/weighting/).
     Fields a strategy does not use must stay at their defaults (checked)."""
     name: str = "equal"                   # equal | fixed | uncertainty | dwa | gradnorm | pcgrad | cagrad | famo
-    weights: Any = 1.0                    # fixed: a number, or {task: number}
-    temperature: float = 2.0              # dwa: T of the softmax over loss-descent rates
-    alpha: float = 1.5                    # gradnorm: restoring-force strength
-    lr: float = 0.025                     # famo: learning rate of its task logits (gradnorm's follow optim.lr)
-    c: float = 0.4                        # cagrad: radius of the ball around the mean gradient
-    gamma: float = 0.01                   # famo: weight decay of its logits
-    max_norm: float = 1.0                 # famo: clip the trunk gradient's norm to this after backward (0 = off)
+    weights: Any = at_least(0, default=1.0)       # fixed: a number, or {task: number}
+    temperature: float = above(0, default=2.0)    # dwa: T of the softmax over loss-descent rates
+    alpha: float = at_least(0, default=1.5)       # gradnorm: restoring-force strength (0: equal gradient norms)
+    # famo: learning rate of its task logits (gradnorm's follow optim.lr)
+    lr: float = above(0, default=0.025)
+    c: float = at_least(0, default=0.4)           # cagrad: radius of the ball around the mean gradient (0: the mean)
+    gamma: float = at_least(0, default=0.01)      # famo: weight decay of its logits
+    # famo: clip the trunk gradient's norm to this after backward
+    max_norm: float = at_least(0, default=1.0, note="0 = off")
 
 
 @dataclass
@@ -206,19 +224,19 @@ class DeltaMConfig:
 class HardwareConfig:
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     precision: str = "32"                 # 32 | bf16 | 16-mixed
-    num_threads: Optional[int] = None     # CPU threads for torch; default: torch's choice
+    num_threads: Optional[int] = at_least(1, default=None)  # CPU threads for torch; null: torch's choice
     deterministic: bool = True            # deterministic kernels (bit-reproducible CPU runs)
     channels_last: bool = True            # NHWC memory layout: faster convolutions on CPU and GPU
     compile: bool = False                 # torch.compile the models' forward (keys of state_dict unchanged)
     compile_mode: str = "default"         # default | reduce-overhead | max-autotune
-    nproc: int = 1                        # data-parallel processes (kdmtl starts them; hardware=ddp)
+    nproc: int = at_least(1, default=1)           # data-parallel processes (kdmtl starts them; hardware=ddp)
 
 
 @dataclass
 class TestConfig:
     # also test after each of the last N epochs and record each metric's mean as
     # test_mean_lastN/... (MTAN / Nash-MTL / CAGrad); 0 = off. The selected checkpoint is tested as usual.
-    average_last_epochs: int = 0
+    average_last_epochs: int = at_least(0, default=0, note="0 = off")   # and <= optim.epochs (check_protocol)
     # depth and normals metrics in every evaluation (val and test): split = over every valid pixel
     # of the split; batch_mean = per evaluation batch, averaged over the batches with equal weight
     # (MTAN / Nash-MTL / CAGrad / KD4MTL; depends on data.eval_batch_size). Other kinds: over the split.
@@ -237,19 +255,20 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     progress: str = "auto"                # auto (rich on a terminal, plain lines otherwise) | rich | plain | none
-    every_n_steps: int = 25               # training losses to metrics.jsonl/TensorBoard every n steps
+    every_n_steps: int = at_least(1, default=25)  # training losses to metrics.jsonl/TensorBoard every n steps
     tensorboard: bool = True
     efficiency: bool = True               # parameters, FLOPs and latency in the final table
-    grad_norms_every_n_steps: int = 100   # per-task gradient norms on the trunk (0 = off; free with gradient-based weightings)
+    # per-task gradient norms on the trunk (0 = off; free with gradient-based weightings)
+    grad_norms_every_n_steps: int = at_least(0, default=100, note="0 = off")
 
 
 @dataclass
 class DebugConfig:
-    epochs: int = 1                       # epochs of teacher and student
-    max_batches: int = 2                  # batches per epoch and per evaluation
-    train_size: int = 128                 # split sizes of generated data sets
-    val_size: int = 64
-    test_size: int = 64
+    epochs: int = at_least(1, default=1)          # epochs of teacher and student
+    max_batches: int = at_least(1, default=2)     # batches per epoch and per evaluation
+    train_size: int = at_least(1, default=128)    # split sizes of generated data sets
+    val_size: int = at_least(0, default=64, note="0 = no validation split")
+    test_size: int = at_least(1, default=64)
 
 
 @dataclass
@@ -264,12 +283,13 @@ class PublishedResult:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
+    seed: int = between(0, SEED_MAX, default=0)
     cache_dir: str = "~/.cache/kdmtl"     # teacher cache and generated data (env KDMTL_CACHE)
     resume: Any = None                    # true (latest matching run) | path of a run dir | null
-    stop_after_epoch: Optional[int] = None  # stop cleanly after this epoch, as if preempted; resume later
-    limit_train_batches: Optional[int] = None
-    limit_eval_batches: Optional[int] = None
+    # stop cleanly after this epoch, as if preempted; resume later
+    stop_after_epoch: Optional[int] = at_least(1, default=None)
+    limit_train_batches: Optional[int] = at_least(1, default=None)   # batches per epoch; null = all
+    limit_eval_batches: Optional[int] = at_least(1, default=None)
     data: DataConfig = field(default_factory=DataConfig)
     tasks: Dict[str, TaskConfig] = field(default_factory=dict)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

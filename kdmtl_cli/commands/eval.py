@@ -8,26 +8,36 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from kdmtl_cli.errors import JobErrors, KdmtlError
+from kdmtl_cli.ranges import check_ranges
+from kdmtl_cli.runfiles import read_config
 from kdmtl_cli.schema import EvalConfig, TrainConfig, validate
+
+
+# The parts of the saved train config eval rebuilds (data, student) or reads (the eval batch limit):
+# their ranges are checked; the rest (its hardware, optim...) may predate a range and is unused here.
+USED_TRAIN_KEYS = ("data", "student", "limit_eval_batches")
+
+
+def saved_train_config(path: Path) -> DictConfig:
+    """The run's config.yaml, validated; a bad one is one line naming it."""
+    fix = "it is the config kdmtl train saved there: restore it, or pass another run_dir"
+    try:
+        train_cfg = validate(read_config(path, fix), TrainConfig)
+        check_ranges(train_cfg, TrainConfig, only=USED_TRAIN_KEYS)
+    except KdmtlError as err:
+        message = str(err)
+        raise KdmtlError(message if str(path) in message else f"{path}: {message}; {fix}") from None
+    return train_cfg
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdmtl_cli.conf", config_name="eval")
 @JobErrors.guard
 def _eval(raw: DictConfig) -> float:
-    from kdmtl_cli.build import make_loader
-    from kdmtl_cli.data import build_data
-    from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
-    from kdmtl_cli.engine.hardware import setup_hardware
-    from kdmtl_cli.engine.trainer import evaluate
-    from kdmtl_cli.engine.logging import console
-    from kdmtl_cli.models import build_model
-    from kdmtl_cli.tasks import build_tasks
-    from rich.table import Table
-
     cfg = validate(raw, EvalConfig)
+    check_ranges(cfg, EvalConfig)      # hardware.num_threads etc., before torch sees them
     run_dir = Path(cfg.run_dir).expanduser()
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -35,10 +45,23 @@ def _eval(raw: DictConfig) -> float:
                          "pass run_dir=outputs/DATE/TIME-ID")
     if cfg.split not in ("val", "test"):
         raise KdmtlError(f"split must be val or test (got '{cfg.split}')")
-    train_cfg = validate(OmegaConf.load(saved), TrainConfig)
+    train_cfg = saved_train_config(saved)
+
+    from kdmtl_cli.build import make_loader
+    from kdmtl_cli.data import build_data
+    from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
+    from kdmtl_cli.engine.hardware import setup_hardware
+    from kdmtl_cli.engine.logging import console
+    from kdmtl_cli.engine.trainer import evaluate
+    from kdmtl_cli.models import build_model
+    from kdmtl_cli.tasks import build_tasks
+    from rich.table import Table
+
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint not in ("best", "last") \
         else run_dir / "checkpoints" / f"{cfg.checkpoint}.pt"
     state = load_checkpoint(checkpoint)
+    if "model" not in state:
+        raise KdmtlError(f"{checkpoint} holds no model weights; pass checkpoint=best, last or another kdmtl checkpoint")
     hardware = setup_hardware(cfg.hardware)
     if cfg.split == "val" and train_cfg.data.val_size == 0:
         raise KdmtlError(f"{run_dir} was trained without a validation split (data.val_size=0); use split=test")

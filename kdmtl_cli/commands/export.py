@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from pathlib import Path
 from typing import List
@@ -19,6 +18,7 @@ from typing import List
 import torch
 
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.runfiles import read_config, read_json
 
 OPTIONS = ("run_dir", "format", "checkpoint", "out")
 FORMATS = ("torchscript", "onnx")
@@ -61,20 +61,33 @@ def _load_student(run_dir: Path, which: str):
     if not path.is_file():
         raise KdmtlError(f"{path} not found; pass run_dir= a finished kdmtl train run (checkpoints/{which}.pt)")
     state = load_checkpoint(path)
+    if "model_meta" not in state or "model" not in state:
+        raise KdmtlError(f"{path} has no model or model description (model_meta); it was not written by this "
+                         "kdmtl train: pass another run_dir, or checkpoint=last / best")
     return build_teacher(path, state["model_meta"], state["model"]), state["model_meta"]
 
 
-def _load_teacher(run_dir: Path):
-    from kdmtl_cli.teachers import build_teacher, read_teacher_file
-
+def _teacher_source(run_dir: Path):
+    """The teacher file results.json records, when there is one to export (read before any
+    export, so a bad results.json stops the command before it writes anything)."""
     results = run_dir / "results.json"
     if not results.is_file():
         return None
-    source = (json.loads(results.read_text()).get("teacher") or {}).get("source")
-    if not source or ";" in source or not Path(source).is_file():   # none, per-task, or gone
+    saved = read_json(results, "delete it to export the student alone, or pass another run_dir")
+    teacher = saved.get("teacher") or {}
+    source = teacher.get("source") if isinstance(teacher, dict) else None
+    if not isinstance(source, str) or not source or ";" in source or not Path(source).is_file():
+        return None                                                  # none, per-task, or gone
+    return Path(source)
+
+
+def _load_teacher(source):
+    from kdmtl_cli.teachers import build_teacher, read_teacher_file
+
+    if source is None:
         return None
-    meta, weights = read_teacher_file(Path(source))
-    return build_teacher(Path(source), meta, weights)
+    meta, weights = read_teacher_file(source)
+    return build_teacher(source, meta, weights)
 
 
 def _export(model, tasks, example, fmt: str, path: Path) -> int:
@@ -120,7 +133,6 @@ def _export(model, tasks, example, fmt: str, path: Path) -> int:
 
 
 def export_main(args: List[str]) -> int:
-    from omegaconf import OmegaConf
     from rich.console import Console
     from rich.table import Table
 
@@ -132,10 +144,15 @@ def export_main(args: List[str]) -> int:
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise KdmtlError(f"{run_dir} is not a kdmtl train run directory (no config.yaml)")
-    cfg = OmegaConf.load(config)
+    cfg = read_config(config, "it is the config kdmtl train saved there: restore it, or pass another run_dir")
+    data = cfg.get("data")
+    size = data.get("image_size", 32) if hasattr(data, "get") else 32
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise KdmtlError(f"{config}: data.image_size must be a whole number >= 1 (got {size!r}); restore the "
+                         "config kdmtl train saved there, or pass another run_dir")
+    teacher_source = _teacher_source(run_dir)
     student, meta = _load_student(run_dir, options["checkpoint"])
     tasks = list(meta["tasks"])
-    size = int(cfg.data.get("image_size", 32))
     torch.manual_seed(0)
     example = torch.randn(4, 3, size, size)
     out_dir = Path(options.get("out") or run_dir / "export")
@@ -143,7 +160,7 @@ def export_main(args: List[str]) -> int:
     hardware = Hardware(device=torch.device("cpu"), precision="32", channels_last=False, scaler=None)
     rows = []
     models = [("student", student)]
-    teacher = _load_teacher(run_dir)
+    teacher = _load_teacher(teacher_source)
     if teacher is not None:
         models.append(("teacher", teacher))
     for name, model in models:

@@ -58,7 +58,7 @@ def _read(path: Path, key: str) -> dict:
     except FileNotFoundError:
         raise KdmtlError(f"{key}: no baseline file {path}; record single-task runs into it with "
                          f"`kdmtl train tasks=<task> delta_m.record={path}`") from None
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise KdmtlError(f"{key}: cannot read baseline file {path} ({str(err).splitlines()[0]})") from None
     if not isinstance(content, dict) or not isinstance(content.get("tasks", {}), dict):
         raise KdmtlError(f"{key}: {path} is not a kdmtl baseline file (expected a mapping with `tasks:`)")

@@ -10,12 +10,14 @@ kdmtl[plot]`):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List
 
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.report.runs import Group, mean_std
+from kdmtl_cli.runfiles import read_jsonl
+
+METRICS_FIX = "delete or repair it (that run then has no curves), or report without plot=true"
 
 
 def _pyplot():
@@ -76,8 +78,7 @@ def curves(groups: List[Group], names: List[str], out_dir: Path, filename: str =
                 log = run.path / "metrics.jsonl"
                 if not log.is_file():
                     continue
-                for line in log.read_text().splitlines():
-                    record = json.loads(line)
+                for record in read_jsonl(log, METRICS_FIX):
                     if record.get("type") == "epoch" and name in record:
                         per_epoch.setdefault(record["epoch"], []).append(record[name])
             if per_epoch:
@@ -116,8 +117,7 @@ def _epoch_keys(run_dir: Path) -> List[str]:
     log = run_dir / "metrics.jsonl"
     if not log.is_file():
         return []
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_jsonl(log, METRICS_FIX):
         if record.get("type") == "epoch":
             return list(record)
     return []

@@ -17,11 +17,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.resume import flatten_keys
+from kdmtl_cli.runfiles import read_json
 
 # Config keys that say where or how a run ran, not what it computed: never a grouping difference.
 NOT_A_SETTING = ("seed", "resume", "stop_after_epoch", "cache_dir", "log.", "hardware.", "data.root",
                  "data.download", "data.generate", "data.loader", "data.num_workers", "data.tensor_max_mb",
                  "published", "delta_m.record")
+
+# A results.json that cannot be read stops the report (naming it) rather than being skipped:
+# a skipped run would silently change a group's mean ± std and its n.
+RESULTS_FIX = "delete it (that run is then listed as unfinished) or move that run out of the reported directories"
 
 
 @dataclass
@@ -71,7 +76,9 @@ def find_runs(dirs: Sequence[Path]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
             seen.add(run_dir)
             results = run_dir / "results.json"
             if results.is_file():
-                saved = json.loads(results.read_text())
+                saved = read_json(results, RESULTS_FIX, required=("config", "results"))
+                if not all(isinstance(saved.get(k) or {}, dict) for k in ("config", "results", "best", "last")):
+                    raise KdmtlError(f"{results}: config, results, best and last must be JSON objects; {RESULTS_FIX}")
                 runs.append(Run(run_dir, saved["config"], saved["results"], saved.get("best") or {},
                                 saved.get("last") or {}))
             elif (run_dir / "PREEMPTED").exists():
