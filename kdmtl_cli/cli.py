@@ -30,6 +30,8 @@ commands:
 
 Each command takes Hydra's options: --help, --cfg job, --info, -m/--multirun,
 --config-dir DIR (your own configs and experiments), --hydra-help.
+A config may not name code for Hydra to run (hydra.callbacks, other launchers/sweepers, logging
+factories); --allow-hydra-callbacks (command line only) lets hydra.callbacks from trusted configs run.
 Examples:
   kdmtl train
   kdmtl train +experiment=shapes_cls_seg_depth student=tiny loss.kd.weight=0.5
@@ -106,8 +108,8 @@ def _run(command: Callable[[], None], schema: type) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         command()
-        if JobErrors.errors:
-            raise JobErrors.errors[0]
+        if JobErrors.errors:   # a stop signal first: its exit status (75) asks a launcher to requeue
+            raise next((e for e in JobErrors.errors if getattr(e, "exit_code", 1) == 75), JobErrors.errors[0])
     except SystemExit as exit_:
         return int(exit_.code) if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except KeyboardInterrupt:
@@ -158,6 +160,9 @@ def _data_parallel_argv(args: List[str]) -> List[str]:
         raise KdmtlError("hardware.nproc > 1 cannot be combined with -m yet: start each data-parallel run on its own")
     if not any(a.startswith("hydra.run.dir=") for a in args):   # one directory for all ranks, chosen here
         args = [*args, f"hydra.run.dir=outputs/{datetime.now():%Y-%m-%d/%H-%M-%S}-{_RUN_ID}"]
+    from kdmtl_cli.engine import run_dir
+
+    run_dir.own([a for a in args if a.startswith("hydra.run.dir=")][-1].split("=", 1)[1])   # for all ranks
     from kdmtl_cli.engine.distributed import launch
 
     sys.exit(launch(args, nproc))
@@ -198,18 +203,26 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     register_schemas()
     schema = TrainConfig if name == "train" else EvalConfig
+    # No config file names code for Hydra to run (hydra_guard.py); only the command line opts in.
+    from kdmtl_cli import hydra_guard
+
+    rest, allow_callbacks = hydra_guard.strip_opt_in(rest)
+    hydra_guard.install(allow_callbacks)
     # Hydra parses sys.argv itself; it must not see the subcommand.
     if name == "train":
         try:
-            from kdmtl_cli.resume import rewrite_argv_for_resume
+            from kdmtl_cli.resume import plan_run_dir
 
             from kdmtl_cli.schema import check_added_keys, mapping_entry_overrides
 
             check_added_keys(rest, TrainConfig)
             rest = mapping_entry_overrides(rest, TrainConfig)
-            rest = rewrite_argv_for_resume(rest)
+            rest = plan_run_dir(rest, say=print if os.environ.get("RANK", "0") == "0" else (lambda _: None))
             rest = _data_parallel_argv(rest)
         except KdmtlError as err:
+            if err.exit_code == 0:           # resume= of a finished run: said, and nothing done
+                print(f"kdmtl: {one_line(str(err))}", flush=True)
+                sys.exit(0)
             print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(1)
     sys.argv = [f"kdmtl-{name}"] + rest

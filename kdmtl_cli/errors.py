@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from typing import List
 
 
@@ -24,6 +25,13 @@ class Preempted(KdmtlError):
     EX_TEMPFAIL (75): a launcher may requeue it, and the same command resumes it."""
 
     exit_code = 75
+
+
+class NothingToResume(KdmtlError):
+    """`resume=` names a run that has finished: nothing to do, and nothing is touched (exit 0, so a
+    requeued job whose run finished just before it was killed ends cleanly)."""
+
+    exit_code = 0
 
 
 def one_line(message: str) -> str:
@@ -54,6 +62,10 @@ class JobErrors:
     def guard(cls, job):
         @functools.wraps(job)
         def wrapped(cfg):
+            stopped = [e for e in cls.errors if isinstance(e, Preempted)]
+            if stopped:     # a sweep stopped by a signal starts no further job; the same command continues it
+                print(f"kdmtl: job not started: the sweep was stopped ({stopped[0]})", file=sys.stderr, flush=True)
+                return None
             try:
                 return job(cfg)
             except Exception as err:  # noqa: BLE001 - re-raised by _run

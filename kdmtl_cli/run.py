@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -19,9 +16,10 @@ from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.objective import Objective, check_student_modules, preflight
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
+from kdmtl_cli.resume import recorded_config
 import torch
 
-from kdmtl_cli.engine import distributed, teacher_outputs
+from kdmtl_cli.engine import distributed, preemption, teacher_outputs
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
 from kdmtl_cli.engine.logging import MetricsLog, NullLog, say
@@ -38,14 +36,20 @@ from kdmtl_cli.teachers import prepare_teacher, teacher_skeleton, teacher_task_n
 from kdmtl_cli.weighting import build_weighting
 
 
-def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> None:
+def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> str:
+    """config.yaml, written when the run starts (a resumed run keeps its own); returns its text,
+    which every checkpoint records so that a later edit of the file is noticed on resume."""
+    path = run_dir / "config.yaml"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             if (run_dir / "checkpoints" / "last.pt").exists():
                 raise KdmtlError(f"{run_dir} already holds a run's checkpoints; pass resume={run_dir} "
                                  "to continue it, or choose another hydra.run.dir")
-            atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
+            for partial in (run_dir / "checkpoints").glob(".*.tmp"):   # a first checkpoint write killed halfway
+                partial.unlink(missing_ok=True)
+            atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), path)
+        return path.read_text()
     except OSError as err:
         raise KdmtlError(f"cannot write to the output directory {run_dir} ({err.strerror}); "
                          "choose a writable one with hydra.run.dir=PATH") from None
@@ -96,33 +100,6 @@ def _teacher_output_cache(cfg, teacher, train_loader, hardware, data, tasks):
 
 
 PREEMPTED = "PREEMPTED"                      # marker: the run stopped on a signal; the same command resumes it
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends SIGTERM (or --signal=USR1@T) before the end
-
-
-@contextmanager
-def _stop_on_signals(trainer, run_dir: Path, log, ranks=None):
-    """SIGTERM / SIGUSR1: the trainer checkpoints after the current step and raises Preempted;
-    the marker file tells the next start with this run dir to resume instead of refusing."""
-    if threading.current_thread() is not threading.main_thread():   # signals only reach the main thread
-        yield
-        return
-    previous = {sig: signal.signal(sig, lambda signum, _frame: trainer.request_stop(signum)) for sig in STOP_SIGNALS}
-    try:
-        yield
-    except Preempted as stop:
-        log.close()
-        if ranks is None or ranks.is_main:
-            atomic_write_text(json.dumps({"signal": signal.Signals(trainer.stop_signal).name,
-                                          "message": str(stop)}), run_dir / PREEMPTED)
-        # Under submitit the signal's own handler requeues the job: hand it the signal now that
-        # the checkpoint is written (outside a launcher the previous handler is the default).
-        handler = previous.get(trainer.stop_signal)
-        if callable(handler):
-            handler(trainer.stop_signal, None)
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _overrides() -> list:
@@ -161,14 +138,29 @@ def _say(cfg):
 
 
 def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Optional[float]:
+    """The whole run, stoppable by SIGTERM / SIGUSR1 in every phase (engine/preemption.py): the
+    work in progress is saved, PREEMPTED is written, and the same command continues it."""
+    ranks = distributed.from_env()
+
+    def record_stop(signal_name: str, message: str) -> None:
+        if ranks.is_main:
+            atomic_write_text(json.dumps({"signal": signal_name, "message": message}), run_dir / PREEMPTED)
+
+    with preemption.stop_on_signals(record_stop):
+        return _run_training(cfg, run_dir, resume, ranks)
+
+
+def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Optional[float]:
     started = time.perf_counter()
     if not resume and (run_dir / PREEMPTED).exists() and (run_dir / "checkpoints" / "last.pt").exists():
         resume = True    # a job requeued by its launcher (submitit) after a stop signal: continue it
-    ranks = distributed.from_env()
+    if ranks.is_main:
+        (run_dir / PREEMPTED).unlink(missing_ok=True)   # continued now; a new stop writes it again
+    config_text = ""
     if not ranks.is_main:      # one voice and one writer: rank 0
         cfg.log.progress, cfg.log.tensorboard = "none", False
     else:
-        _write_config(cfg, run_dir, resume)
+        config_text = _write_config(cfg, run_dir, resume)
     seed_everything(cfg.seed)
     hardware = setup_hardware(cfg.hardware)
     if ranks.active:
@@ -181,6 +173,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
             raise KdmtlError(f"weighting={cfg.weighting.name} is not supported with several processes yet "
                              "(its per-task gradients are per rank); use equal, fixed, uncertainty, dwa or famo")
     data = _main_first(ranks, lambda: build_data(cfg.data))   # generated data sets are cached once
+    preemption.check("while the data was prepared")
     tasks = build_tasks(cfg.tasks, data.targets)
     teacher_tasks = teacher_task_names(cfg, tasks)
     methods = build_methods(cfg.loss, tasks, teacher_tasks)  # checks each method's settings
@@ -217,7 +210,9 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
                   teacher_skeleton(cfg, tasks), probe)
     teacher, teacher_info = None, {}
     if methods:
+        preemption.check("before the teacher was prepared")
         teacher, teacher_info = _main_first(ranks, lambda: prepare_teacher(cfg, tasks, data, hardware, run_dir))
+        preemption.check("after the teacher was prepared (it is cached)")
     # Reseed: training continues the same whether the teacher was trained here or loaded.
     seed_everything(cfg.seed)
     objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
@@ -241,29 +236,22 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
                       test_loader=test_loader, test_last_epochs=cfg.test.average_last_epochs,
                       mode=cfg.checkpoint.mode, grad_clip_norm=cfg.optim.grad_clip_norm,
                       log_every_n_steps=cfg.log.every_n_steps, stop_after_epoch=cfg.stop_after_epoch,
-                      checkpoint_extra={"model_meta": meta}, weighting=weighting,
+                      checkpoint_extra={"model_meta": meta, **recorded_config(config_text)}, weighting=weighting,
                       grad_norms_every_n_steps=cfg.log.grad_norms_every_n_steps, ranks=ranks,
                       panel=_panel(cfg, first_val, tasks, data, teacher) if ranks.is_main and has_val else None)
     if resume:
-        checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        trainer.restore(checkpoint)
-        position = checkpoint.get("position")
-        log.truncate_after_epoch(checkpoint["epoch"], through_step=checkpoint["global_step"] if position else None)
-        distributed.barrier(ranks)    # every rank has read the checkpoint before rank 0 tidies up
-        if ranks.is_main:
-            (run_dir / PREEMPTED).unlink(missing_ok=True)
-            for partial in (run_dir / "checkpoints").glob(".*.tmp"):   # a write killed halfway (kill -9)
-                partial.unlink(missing_ok=True)
-        if cfg.log.progress != "none":
-            where = f" + {position['batches_done']} steps" if position else ""
-            print(f"student: resuming {run_dir} after epoch {checkpoint['epoch']}{where}", flush=True)
-    with _stop_on_signals(trainer, run_dir, log, ranks):
+        trainer.resume_from_last()
+    try:
         state = trainer.fit()
+    except BaseException:
+        log.close()           # the TensorBoard events so far reach the disk
+        raise
     distributed.barrier(ranks)        # rank 0's checkpoints are written
     if state.epoch < cfg.optim.epochs or not ranks.is_main:
         log.close()
         distributed.shutdown(ranks)
         return state.best_value
+    preemption.check("after the last epoch, before the test (the checkpoints are written)")
 
     # Test once, with the selected checkpoint (best on validation, by training loss, or the last epoch).
     student.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
@@ -294,11 +282,6 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
                 state.global_step)
     log.hparams(_hparams(cfg), {k: v for k, v in results.items() if k.startswith("test/")})
     log.close()
-    # Machine-readable for sweep aggregation: what this job changed, and its best / last / final metrics.
-    atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
-                                  "results": results, "best": {"epoch": state.best_epoch, **state.best_metrics},
-                                  "last": {"epoch": state.epoch, **state.last_metrics},
-                                  "teacher": teacher_info}, indent=2), run_dir / "results.json")
     if cfg.delta_m.record:
         baselines.record(cfg.delta_m.record, tasks, test_metrics, data,
                          {"run_dir": str(run_dir), "seed": int(cfg.seed),
@@ -318,6 +301,12 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
         header.append(f"- test, mean of the last {cfg.test.average_last_epochs} epochs: " + ", ".join(
             f"{k.split('/', 1)[1]} {v:.4f}" for k, v in mean_tests.items() if k.split("/")[1] not in ("task", "loss")))
     atomic_write_text(markdown(title, rows, header), run_dir / "summary.md")
+    # Machine-readable for sweep aggregation: what this job changed, and its best / last / final metrics.
+    # Written last: results.json marks a finished run (engine/run_dir.state), so every other file exists.
+    atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
+                                  "results": results, "best": {"epoch": state.best_epoch, **state.best_metrics},
+                                  "last": {"epoch": state.epoch, **state.last_metrics},
+                                  "teacher": teacher_info}, indent=2), run_dir / "results.json")
     if cfg.log.progress != "none":
         print_table(title, rows)
         if results.get("delta_m/skipped"):

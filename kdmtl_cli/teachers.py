@@ -4,6 +4,7 @@ with the same engine and cached. Checked against the student's tasks before use.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,10 @@ from kdmtl_cli.engine.trainer import Trainer
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import build_model
 from kdmtl_cli.tasks import TASK_KINDS, Task, task_signature
+
+
+# Inside a teacher's cache entry: its checkpoints while it trains, removed once its weights are cached.
+STAGING = "training"
 
 
 def _tasks_from_signature(signature: Dict) -> Dict[str, Task]:
@@ -176,9 +181,11 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
                    on_wait=lambda: say(progress, f"{label}: another job is training teacher {key}; waiting")):
         if weights_path.exists():
             return cached()
-        say(progress, f"{label}: no cached teacher for key {key}; training it ({cfg.teacher.optim.epochs} epochs)")
+        staging = entry / STAGING
+        if not (staging / "checkpoints" / "last.pt").exists():
+            say(progress, f"{label}: no cached teacher for key {key}; training it ({cfg.teacher.optim.epochs} epochs)")
         start = time.perf_counter()
-        model = train_teacher(cfg, teacher_tasks, data, hardware, logs_dir, label)
+        model = train_teacher(cfg, teacher_tasks, data, hardware, logs_dir, label, checkpoint_dir=staging / "checkpoints")
         meta = model_meta(cfg.teacher, signature, data)
         save_weights(model.state_dict(), weights_path, {"kdmtl_model_meta": json.dumps(meta)})
         info = {"key": key, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -186,6 +193,7 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
                 "train_seconds": round(time.perf_counter() - start, 2),
                 "config": OmegaConf.to_container(cfg.teacher, resolve=True), "tasks": signature}
         atomic_write_text(json.dumps(info, indent=2), entry / "teacher.json")
+        shutil.rmtree(staging, ignore_errors=True)     # the weights are cached: its checkpoints are done
     say(progress, f"{label}: trained in {info['train_seconds']:.1f}s and cached at {entry}")
     return model, {"source": str(weights_path), "cached": False}
 
@@ -263,7 +271,11 @@ def kept_teacher_monitor(cfg, data) -> str:
     return "val/loss/task" if keep == "best" and data.size("val") else "last"
 
 
-def train_teacher(cfg, tasks: Dict[str, Task], data, hardware, teacher_run_dir: Path, label: str = "teacher"):
+def train_teacher(cfg, tasks: Dict[str, Task], data, hardware, teacher_run_dir: Path, label: str = "teacher",
+                  checkpoint_dir: Optional[Path] = None):
+    """Train a teacher, logging into `teacher_run_dir`. Its checkpoints go to `checkpoint_dir`
+    (the cache entry's staging area when trained for the cache): a teacher stopped by a signal
+    or killed continues from its last checkpoint there, by whichever run needs it next."""
     seed_everything(cfg.seed)
     model = hardware.prepare_model(build_model(cfg.teacher, tasks))
     train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
@@ -275,13 +287,17 @@ def train_teacher(cfg, tasks: Dict[str, Task], data, hardware, teacher_run_dir: 
     log = MetricsLog(teacher_run_dir, cfg.log.tensorboard)
     trainer = Trainer(model=model, objective=objective, tasks=tasks, optimizer=optimizer, scheduler=scheduler,
                       hardware=hardware, train_loader=train_loader, val_loader=val_loader,
-                      epochs=cfg.teacher.optim.epochs, checkpoint_dir=teacher_run_dir / "checkpoints", log=log,
+                      epochs=cfg.teacher.optim.epochs, checkpoint_dir=checkpoint_dir or teacher_run_dir / "checkpoints",
+                      log=log,
                       progress_mode=cfg.log.progress, label=label, monitor=kept_teacher_monitor(cfg, data),
                       grad_clip_norm=cfg.teacher.optim.grad_clip_norm, log_every_n_steps=cfg.log.every_n_steps,
                       checkpoint_extra={"model_meta": model_meta(cfg.teacher, task_signature(tasks), data)})
-    trainer.fit()
-    log.close()
+    trainer.resume_from_last()
+    try:
+        trainer.fit()
+    finally:
+        log.close()
     # The teacher kept (teacher.keep): best.pt is the best by validation task loss, or the last epoch.
-    model.load_state_dict(load_checkpoint(teacher_run_dir / "checkpoints" / "best.pt")["model"])
+    model.load_state_dict(load_checkpoint(trainer.checkpoint_dir / "best.pt")["model"])
     model.eval()
     return model

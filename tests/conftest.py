@@ -18,11 +18,19 @@ FAST = ["debug=fast", "log.progress=plain", "log.efficiency=false"]
 WORKERS = 3  # concurrent CLI processes in module fixtures (2 cores; imports overlap with I/O)
 
 
+def fault_env(faults: dict) -> dict:
+    """Environment that makes kdmtl processes inject `faults` (tests/faults/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(REPO / "tests" / "faults"), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "KDMTL_FAULTS": json.dumps(faults)}
+
+
 def run_kdmtl(args: List[str], cwd: Path, cache: Path, env_extra: Optional[dict] = None,
-              timeout: int = 300) -> subprocess.CompletedProcess:
+              timeout: int = 300, faults: Optional[dict] = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["KDMTL_CACHE"] = str(cache)
     env.update(env_extra or {})
+    if faults:
+        env.update(fault_env(faults))
     return subprocess.run([sys.executable, "-m", "kdmtl_cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -164,7 +164,7 @@ def runs(base_runs, shared_cache, area):
         "fp8": ["hardware.precision=fp8"],
         "kd_weight_map": ["loss.kd.weight={cls:1}"],
         "bad_monitor": ["checkpoint.monitor=val/nope"],
-        "nan": ["optim.epochs=2", "optim.scheduler=step", "optim.step_epochs=1", "optim.gamma=inf",
+        "nan": ["optim.epochs=2", "optim.scheduler=step", "optim.step_epochs=1", "optim.gamma=1e38",
                 f"hydra.run.dir={nan_dir}"],
     }
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
@@ -354,7 +354,7 @@ def test_missing_data_directory(runs):
 
 
 def test_existing_run_dir_is_refused(runs):
-    assert_one_line_error(runs["procs"]["existing_dir"], str(runs["finished"]), "resume")
+    assert_one_line_error(runs["procs"]["existing_dir"], str(runs["finished"]), "finished", "never overwritten")
     assert_unchanged(runs["existing_before"], snapshot(*runs["existing_watch"]))
 
 

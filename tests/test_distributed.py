@@ -99,7 +99,7 @@ def test_ddp_two_cpu_ranks_through_the_cli(workdir, shared_cache):
     # preempted (every rank gets SIGTERM after step 3), then the same command resumes: identical
     # to the uninterrupted 2-rank run
     command = [*common, "hardware=ddp", "hardware.nproc=2", f"hydra.run.dir={workdir / 'stopped'}"]
-    stopped = run_kdmtl(command, workdir, shared_cache, env_extra={"KDMTL_TEST_SIGNAL_AT_STEP": "3"})
+    stopped = run_kdmtl(command, workdir, shared_cache, faults={"signal_at_step": 3})
     assert stopped.returncode == 75 and "SIGTERM" in stopped.stderr, show(stopped)
     resumed = run_kdmtl(command, workdir, shared_cache)
     assert resumed.returncode == 0 and "after epoch 0 + 3 steps" in resumed.stdout, show(resumed)

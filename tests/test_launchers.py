@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import read_jsonl, show
+from conftest import fault_env, read_jsonl, show
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
@@ -42,7 +42,7 @@ def test_submitit_sweep_and_a_stopped_job_resumes_when_started_again(tmp_path):
         assert json.loads((tmp_path / "straight" / job / "results.json").read_text())["overrides"]
     sweep = tmp_path / "stopped"
     # SIGUSR1 (SLURM's warning before the time limit) right after step 3 of each job
-    first = _sweep(tmp_path, sweep, {"KDMTL_TEST_SIGNAL_AT_STEP": "3", "KDMTL_TEST_SIGNAL": "USR1"},
+    first = _sweep(tmp_path, sweep, fault_env({"signal_at_step": 3, "signal": "USR1"}),
                    extra=["student.width=8,12"])
     for job in ("0", "1"):
         assert (sweep / job / "PREEMPTED").exists() and not (sweep / job / "results.json").exists(), show(first)

@@ -20,7 +20,7 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes_exactly(workdir, shared
 
     command = [*common, f"hydra.run.dir={stopped}"]
     # a real SIGTERM, delivered by the run to itself right after global step 3 (epoch 1 has 4 steps)
-    first = run_kdmtl(command, workdir, shared_cache, env_extra={"KDMTL_TEST_SIGNAL_AT_STEP": "3"})
+    first = run_kdmtl(command, workdir, shared_cache, faults={"signal_at_step": 3})
     assert first.returncode == 75, show(first)
     lines = first.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdmtl: stopped:") and "SIGTERM" in lines[0], first.stderr
@@ -56,7 +56,7 @@ def test_a_finished_run_dir_without_the_marker_is_still_refused(workdir, shared_
     args = ["train", *FAST, "loss=none", f"hydra.run.dir={run_dir}"]
     assert run_kdmtl(args, workdir, shared_cache).returncode == 0
     again = run_kdmtl(args, workdir, shared_cache)
-    assert again.returncode == 1 and "already holds a run's checkpoints" in again.stderr
+    assert again.returncode == 1 and "holds a finished run" in again.stderr, show(again)
 
 
 def _final(run_dir):
@@ -67,7 +67,7 @@ def test_sigusr1_also_checkpoints_and_stops(workdir, shared_cache):
     run_dir = workdir / "usr1"
     proc = run_kdmtl(["train", *FAST, "loss=none", "optim.epochs=2", "data.batch_size=16", "limit_train_batches=4",
                       f"hydra.run.dir={run_dir}"], workdir, shared_cache,
-                     env_extra={"KDMTL_TEST_SIGNAL_AT_STEP": "2", "KDMTL_TEST_SIGNAL": "USR1"})
+                     faults={"signal_at_step": 2, "signal": "USR1"})
     assert proc.returncode == 75 and "SIGUSR1" in proc.stderr, show(proc)
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["position"]["batches_done"] == 2
 
@@ -80,11 +80,10 @@ def test_kill_9_mid_epoch_and_inside_a_checkpoint_write_then_resume_exactly(work
     straight = workdir / "straight9"
     assert run_kdmtl([*common, f"hydra.run.dir={straight}"], workdir, shared_cache).returncode == 0
     # writes: epoch 1 last (1) + best (2); epoch 2 last (3)...; step 6 is mid epoch 2
-    cases = {"mid_epoch": {"KDMTL_TEST_SIGNAL_AT_STEP": "6", "KDMTL_TEST_SIGNAL": "KILL"},
-             "in_write": {"KDMTL_TEST_KILL_IN_CHECKPOINT_WRITE": "3"}}
+    cases = {"mid_epoch": {"signal_at_step": 6, "signal": "KILL"}, "in_write": {"kill_in_checkpoint_write": 3}}
     for name, env in cases.items():
         run_dir = workdir / name
-        killed = run_kdmtl([*common, f"hydra.run.dir={run_dir}"], workdir, shared_cache, env_extra=env)
+        killed = run_kdmtl([*common, f"hydra.run.dir={run_dir}"], workdir, shared_cache, faults=env)
         assert killed.returncode == -9, show(killed)
         checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)   # still loadable
         assert checkpoint["epoch"] == 1 and "position" not in checkpoint, name

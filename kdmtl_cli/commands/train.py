@@ -7,11 +7,13 @@ resolved config), checkpoints/{last,best}.pt, metrics.jsonl, tensorboard/, teach
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kdmtl_cli.errors import JobErrors, KdmtlError
@@ -43,6 +45,13 @@ def apply_debug(cfg: DictConfig, overrides=()) -> DictConfig:
 def check_protocol(cfg: DictConfig) -> None:
     """Settings of the evaluation protocol that cannot work together, refused before any work."""
     import re
+
+    from kdmtl_cli.ranges import check_ranges
+
+    # Every number in its declared range (schema.py), before the imports below pull in torch. The
+    # debug node first: debug=fast copies its values over optim.epochs etc., so name the key set.
+    check_ranges(cfg, TrainConfig, only=["debug"])
+    check_ranges(cfg, TrainConfig)
 
     from kdmtl_cli.data import check_val_size
     from kdmtl_cli.engine.trainer import DEFAULT_MONITOR
@@ -83,12 +92,36 @@ def effective_config(raw: DictConfig, overrides) -> DictConfig:
 @hydra.main(version_base="1.3", config_path="pkg://kdmtl_cli.conf", config_name="train")
 @JobErrors.guard
 def _train(raw: DictConfig) -> Optional[float]:
+    from kdmtl_cli.engine import run_dir as run_dirs
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    cfg = effective_config(raw, list(hydra_cfg.overrides.task))
-    from kdmtl_cli.run import run_training
+    # Owned already when the command line named the directory (resume.plan_run_dir); a default
+    # (fresh) directory or a sweep job's is owned here, for the job's whole life.
+    owner = run_dirs.owner_here()
+    if owner:
+        run_dirs.own(run_dir)
+    try:
+        if hydra_cfg.mode == RunMode.MULTIRUN:   # a restarted sweep (resume.plan_run_dir) continues its jobs
+            found = run_dirs.state(run_dir)
+            if found == "finished":
+                print(f"{run_dir}: this job finished before; kept as it is", flush=True)
+                return None
+            if found == "interrupted":
+                raw.resume = str(run_dir)
+        try:
+            cfg = effective_config(raw, list(hydra_cfg.overrides.task))
+        except KdmtlError:
+            subdir = str(hydra_cfg.output_subdir or "")
+            if subdir.startswith(".hydra/resume-"):   # a refused resume leaves no trace in the run it refused
+                shutil.rmtree(run_dir / subdir, ignore_errors=True)
+            raise
+        from kdmtl_cli.run import run_training
 
-    return run_training(cfg, run_dir, resume=cfg.resume not in (None, False))
+        return run_training(cfg, run_dir, resume=cfg.resume not in (None, False))
+    finally:
+        if owner:
+            run_dirs.release(run_dir)
 
 
 def train_main() -> None:

@@ -2,7 +2,8 @@
 
 A write goes to a temporary file in the same directory, is flushed to disk, then
 renamed over the target, so a crash leaves either the old file or the new one,
-never half of one. Reads use ``torch.load(weights_only=True)`` (tensors, numbers,
+never half of one (the directory is fsynced after the rename, so the new name survives a
+power loss too). Reads use ``torch.load(weights_only=True)`` (tensors, numbers,
 strings, lists, dicts only) or safetensors; a file carrying pickled objects is refused.
 """
 
@@ -36,10 +37,25 @@ def _atomic_write(path: Path, write) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)     # the rename itself reaches the disk, not only the file's bytes
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory entry (a rename or a new file) to disk; a no-op where not supported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -82,29 +98,8 @@ def one_line_err(err: BaseException) -> str:
     return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
 
 
-# Tests only: SIGKILL this process halfway through writing its N-th checkpoint (0 = never).
-_KILL_IN_WRITE = int(os.environ.get("KDMTL_TEST_KILL_IN_CHECKPOINT_WRITE", "0") or 0)
-_writes = 0
-
-
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    global _writes
-    _writes += 1
-    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    if _KILL_IN_WRITE and _writes == _KILL_IN_WRITE:
-        _atomic_write(Path(path), lambda handle: _write_half_then_die(state, handle))
-    atomic_torch_save(state, path)
-
-
-def _write_half_then_die(state, handle) -> None:
-    import io
-    import signal
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    handle.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -113,6 +108,15 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         raise KdmtlError(f"{path} is not a kdmtl checkpoint (no '{CHECKPOINT_FORMAT}' marker); "
                          "for bare weights use a .safetensors file")
     return state
+
+
+def read_checkpoint_entries(path: Path, keys) -> Dict[str, Any]:
+    """A few small entries of a kdmtl checkpoint without reading its tensors (memory-mapped)."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - read it fully, which raises load_tensor_file's one-line error
+        state = load_tensor_file(path)
+    return {key: state.get(key) for key in keys} if isinstance(state, dict) else {}
 
 
 def save_weights(state_dict: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:

@@ -96,6 +96,8 @@ def launch(args: List[str], nproc: int) -> int:
     import socket
     import time
 
+    from kdmtl_cli.engine import run_dir
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -104,6 +106,7 @@ def launch(args: List[str], nproc: int) -> int:
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env[run_dir.PARENT_OWNS] = "1"                 # this process owns the run directory for them
         env.setdefault("OMP_NUM_THREADS", threads)     # the ranks share the cores
         procs.append(subprocess.Popen([sys.executable, "-m", "kdmtl_cli", "train", *args], env=env))
 

@@ -41,13 +41,18 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
-            record = json.loads(line)
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue          # a line cut short by kill -9 during its append
             in_part = through_step is not None and record.get("type") == "step" and record["step"] <= through_step
             if record.get("type") == "final" or (record.get("epoch", 0) > epoch and not in_part):
                 continue
             kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        from kdmtl_cli.engine.checkpoint import atomic_write_text
+
+        atomic_write_text("".join(line + "\n" for line in kept), self.path)   # never half a log
 
     def write(self, record: Dict) -> None:
         with self.path.open("a") as handle:

@@ -43,6 +43,7 @@ import torch
 
 from kdmtl_cli.data.loader import ViewTable
 from kdmtl_cli.engine.checkpoint import atomic_write_text
+from kdmtl_cli.engine import preemption
 from kdmtl_cli.engine.locks import file_lock
 from kdmtl_cli.errors import KdmtlError
 
@@ -245,6 +246,9 @@ def open_or_build(*, cache_dir: str, teacher, loader, hardware, teacher_cfg, dat
 def _open_or_build_locked(entry: Path, content: dict, entries: dict, teacher, loader, hardware, views: ViewTable,
                           topk, probe, dtype_name: str, say, progress_mode: str) -> TeacherOutputCache:
     n = loader.num_samples
+    # Builds killed halfway (kill -9) leave their directory; under this lock none is running.
+    for stale in entry.parent.glob(f".{entry.name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     if entry.exists():
         cache = _open_existing(entry, content, views, hardware.device)
         if cache is not None:
@@ -342,6 +346,9 @@ def _build(entry: Path, meta: dict, teacher, loader, hardware, views: ViewTable,
                         else:
                             arrays[name][rows, v] = _store(flat[name], spec["dtype"], name)
                     progress.batch(None, 0.0)
+                    # A stop signal: the partial entry is discarded (below); the next start rebuilds it.
+                    preemption.check(f"while the teacher-output cache was built ({start + len(index)} of {n} "
+                                     f"samples, view {v + 1} of {k})")
                 progress.end_epoch(v + 1, "stored")
         for array in (*arrays.values(), crc):
             array.flush()

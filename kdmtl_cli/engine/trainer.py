@@ -13,8 +13,6 @@ One loop trains teachers and students alike; what is optimised lives in the
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +22,8 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import OmegaConf
 
-from kdmtl_cli.engine.checkpoint import save_checkpoint as _save_checkpoint
+from kdmtl_cli.engine import preemption
+from kdmtl_cli.engine.checkpoint import load_checkpoint, save_checkpoint as _save_checkpoint
 from kdmtl_cli.engine.distributed import Ranks, average_gradients, mean_across_ranks
 from kdmtl_cli.engine.hardware import Hardware
 from kdmtl_cli.engine.logging import MetricsLog, Progress
@@ -32,11 +31,6 @@ from kdmtl_cli.engine.seeding import rng_state, set_rng_state
 from kdmtl_cli.errors import KdmtlError, Preempted
 from kdmtl_cli.schema import WeightingConfig
 from kdmtl_cli.weighting import build_weighting, weighted_backward
-
-
-# Tests only: deliver SIGTERM to this process right after this global step (0 = never).
-_SIGNAL_AT_STEP = int(os.environ.get("KDMTL_TEST_SIGNAL_AT_STEP", "0") or 0)
-_TEST_SIGNAL = getattr(signal, "SIG" + os.environ.get("KDMTL_TEST_SIGNAL", "TERM"))
 
 
 def validation_metric_names(tasks) -> list:
@@ -188,12 +182,7 @@ class Trainer:
         self.checkpoint_extra = checkpoint_extra or {}
         self.state = TrainState()
         self.panel = panel                          # engine/panel.py: val images for TensorBoard
-        self.stop_signal: Optional[int] = None     # set by a signal handler: checkpoint and stop
         self._position: Optional[Dict[str, Any]] = None   # where a mid-epoch checkpoint left off
-
-    def request_stop(self, signum: int) -> None:
-        """Called from a signal handler: finish the current step, checkpoint, raise Preempted."""
-        self.stop_signal = signum
 
     # ---- checkpoints -------------------------------------------------------------------
     def _checkpoint_state(self) -> Dict[str, Any]:
@@ -227,6 +216,24 @@ class Trainer:
                                               (checkpoint.get("test_history") or {}).items()})
         set_rng_state(checkpoint["rng"])
         self._position = checkpoint.get("position")
+
+    def resume_from_last(self) -> Optional[Dict[str, Any]]:
+        """Continue from `<checkpoint_dir>/last.pt` when there is one (a stopped or killed run):
+        restore everything, drop log records written after it, delete temporary files of a
+        checkpoint write that was killed halfway. Returns the checkpoint, or None."""
+        for partial in self.checkpoint_dir.glob(".*.tmp"):
+            partial.unlink(missing_ok=True)
+        path = self.checkpoint_dir / "last.pt"
+        if not path.exists():
+            return None
+        checkpoint = load_checkpoint(path)
+        self.restore(checkpoint)
+        position = checkpoint.get("position")
+        self.log.truncate_after_epoch(checkpoint["epoch"], through_step=checkpoint["global_step"] if position else None)
+        if self.progress_mode != "none":
+            where = f" + {position['batches_done']} steps" if position else ""
+            print(f"{self.label}: resuming from {path} after epoch {checkpoint['epoch']}{where}", flush=True)
+        return checkpoint
 
     def _improved(self, value: Optional[float]) -> bool:
         if self.monitor == LAST:
@@ -275,6 +282,8 @@ class Trainer:
                     else "keeping the last epoch"
                 progress.end_epoch(epoch, f"train {train_metrics['train/loss/total']:.4f}  {shown}  "
                                           f"{train_metrics['train/samples_per_s']:,.0f} samples/s")
+                preemption.check(f"[{self.label}] checkpoint written after epoch {epoch} "
+                                 f"({self.checkpoint_dir / 'last.pt'})")
                 if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < self.epochs:
                     progress.message(f"[{self.label}] stopping after epoch {epoch} (stop_after_epoch); "
                                      "continue with resume=<run dir>")
@@ -378,11 +387,7 @@ class Trainer:
                 window, window_counts, window_steps, recent_losses = {}, {}, 0, []
             else:
                 progress.batch(None, 0.0)
-            if _SIGNAL_AT_STEP and self.state.global_step == _SIGNAL_AT_STEP and self.label == "student":
-                os.kill(os.getpid(), _TEST_SIGNAL)   # tests: a real signal at a known step
-            if self.stop_signal is not None:
-                self._check_finite(recent_losses, epoch)
-                self._stop_mid_epoch(epoch, step + 1, sums, counts, samples)
+            self._after_step(epoch, step + 1, sums, counts, samples, recent_losses)
         self._check_finite(recent_losses, epoch)
         elapsed = time.perf_counter() - start
         if self.ranks.active:
@@ -398,13 +403,17 @@ class Trainer:
         if self.ranks.is_main:      # one writer; every rank holds the same state
             _save_checkpoint(state, path)
 
-    def _stop_mid_epoch(self, epoch: int, batches_done: int, sums, counts, samples: int) -> None:
-        """The safe point after a step: write `last.pt` with the position in the epoch, raise Preempted."""
+    def _after_step(self, epoch: int, batches_done: int, sums, counts, samples: int, recent_losses) -> None:
+        """The safe point after each step: when a stop signal arrived (engine/preemption.py),
+        write `last.pt` with the position in the epoch and raise Preempted."""
+        if preemption.requested() is None:
+            return
+        self._check_finite(recent_losses, epoch)
         state = self._checkpoint_state()
         state["position"] = {"epoch": epoch, "batches_done": batches_done, "samples": samples,
                              "sums": dict(sums), "counts": dict(counts)}
         self._save(state, self.checkpoint_dir / "last.pt")
-        name = signal.Signals(self.stop_signal).name
+        name = preemption.signal_name()
         raise Preempted(f"[{self.label}] {name} received: checkpoint written after epoch {epoch - 1} + "
                         f"{batches_done} steps ({self.checkpoint_dir / 'last.pt'}); run the same command "
                         "again (or resume=<run dir>) to continue")
