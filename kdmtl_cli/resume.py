@@ -117,7 +117,7 @@ def plan_run_dir(args: List[str], say=print) -> List[str]:
         if given_dir is not None and given_dir != target:
             raise KdmtlError(f"resume={resume} continues that run in its own directory, but hydra.run.dir={given} "
                              "names another; drop hydra.run.dir (or resume that directory instead)")
-        if run_dirs.is_alive(target) and not run_dirs.holds(target):
+        if run_dirs.owner_here() and run_dirs.is_alive(target) and not run_dirs.holds(target):
             raise KdmtlError(f"cannot resume {target}: it is in use by a live kdmtl run "
                              f"({run_dirs.owner_of(target)}); wait for it to end")
         if run_dirs.state(target) not in ("interrupted", "finished"):
@@ -127,7 +127,7 @@ def plan_run_dir(args: List[str], say=print) -> List[str]:
         found = run_dirs.state(given_dir)
         if found in ("interrupted", "finished"):
             target = given_dir
-        elif found == "started" and not run_dirs.is_alive(given_dir):
+        elif found == "started" and run_dirs.owner_here() and not run_dirs.is_alive(given_dir):
             say(f"{given_dir} was stopped before its first checkpoint: starting it over in place")
     elif resume is not None:             # resume=true, no directory given
         target = find_latest_interrupted()
@@ -222,11 +222,9 @@ def check_config_unedited(run_dir: Path) -> None:
     recorded = read_checkpoint_entries(Path(run_dir) / "checkpoints" / "last.pt", ("config_yaml", "config_sha256"))
     if not recorded.get("config_sha256"):
         return          # written before checkpoints recorded their config
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise KdmtlError(f"cannot resume: {path} is unreadable ({err}); the checkpoint records the run's "
-                         "config, restore the file") from None
+    from kdmtl_cli.runfiles import read_text
+
+    text = read_text(path, "the run's checkpoint records its config: restore the file")
     if hashlib.sha256(text.encode()).hexdigest() == recorded["config_sha256"]:
         return
     try:

@@ -193,7 +193,11 @@ def _obtain(cfg, tasks: Dict[str, Task], wanted, data, hardware, run_dir: Path, 
                 "train_seconds": round(time.perf_counter() - start, 2),
                 "config": OmegaConf.to_container(cfg.teacher, resolve=True), "tasks": signature}
         atomic_write_text(json.dumps(info, indent=2), entry / "teacher.json")
-        shutil.rmtree(staging, ignore_errors=True)     # the weights are cached: its checkpoints are done
+        # Cached: its checkpoints join the logs of the run that finished training it (teacher/checkpoints/).
+        kept = logs_dir / "checkpoints"
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.move(str(staging / "checkpoints"), str(kept))
+        shutil.rmtree(staging, ignore_errors=True)
     say(progress, f"{label}: trained in {info['train_seconds']:.1f}s and cached at {entry}")
     return model, {"source": str(weights_path), "cached": False}
 

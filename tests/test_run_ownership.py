@@ -5,17 +5,20 @@ teacher-output cache included. Each scenario runs the real CLI in subprocesses, 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, assert_one_line_error, read_jsonl, run_kdmtl, show
+from conftest import FAST, WORKERS, assert_one_line_error, read_jsonl, run_kdmtl, show
 from kdmtl_cli.engine import run_dir as run_dirs
 from kdmtl_cli.resume import find_latest_interrupted
 
@@ -41,17 +44,40 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+SCENARIOS = {}
+
+
+def scenario(fn):
+    """A CLI scenario; all of them run concurrently in the module fixture `outcomes` (each CLI
+    process spends much of its time starting up), and one test per scenario reports its outcome."""
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, shared_cache):
-    """One finished run, the directory other commands must leave alone."""
+def outcomes(tmp_path_factory, shared_cache):
     area = tmp_path_factory.mktemp("owned")
-    run_dir = area / "finished"
-    proc = run_kdmtl([*SMALL, "loss=none", f"hydra.run.dir={run_dir}"], area, shared_cache)
+    finished = area / "finished"           # one finished run, the directory other commands must leave alone
+    proc = run_kdmtl([*SMALL, "loss=none", f"hydra.run.dir={finished}"], area, shared_cache)
     assert proc.returncode == 0, show(proc)
-    return run_dir
+
+    def run(name, fn):
+        place = tmp_path_factory.mktemp(name)
+        (place / "work").mkdir()
+        given = {"finished": finished, "workdir": place / "work", "tmp_path": place, "shared_cache": shared_cache}
+        try:
+            fn(**{k: given[k] for k in inspect.signature(fn).parameters})
+        except BaseException as err:  # noqa: BLE001 - reported by the scenario's own test
+            return err
+        return None
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = {name: pool.submit(run, name, fn) for name, fn in SCENARIOS.items()}
+    return {name: future.result() for name, future in futures.items()}
 
 
-def test_resume_into_another_directory_is_refused_and_touches_neither(finished, workdir, shared_cache):
+@scenario
+def resume_into_another_directory_is_refused_and_touches_neither(finished, workdir, shared_cache):
     stopped = workdir / "stopped"
     first = run_kdmtl([*SMALL, "loss=none", "stop_after_epoch=1", f"hydra.run.dir={stopped}"], workdir, shared_cache)
     assert first.returncode == 0, show(first)
@@ -61,7 +87,8 @@ def test_resume_into_another_directory_is_refused_and_touches_neither(finished, 
     assert checksums(stopped) == before_a and checksums(finished) == before_b
 
 
-def test_a_finished_run_is_refused_before_hydra_rewrites_its_record(finished, workdir, shared_cache):
+@scenario
+def a_finished_run_is_refused_before_hydra_rewrites_its_record(finished, workdir, shared_cache):
     before = checksums(finished)
     for args in ([*SMALL, "loss=none", f"++hydra.run.dir={finished}"], [*SMALL, "loss=none", f"hydra.run.dir={finished}"]):
         assert_one_line_error(run_kdmtl(args, workdir, shared_cache), str(finished), "finished", rc=1)
@@ -75,7 +102,8 @@ def test_a_finished_run_is_refused_before_hydra_rewrites_its_record(finished, wo
         assert checksums(finished) == before, args
 
 
-def test_a_second_writer_is_refused_while_the_first_runs(workdir, shared_cache):
+@scenario
+def a_second_writer_is_refused_while_the_first_runs(workdir, shared_cache):
     run_dir = workdir / "busy"
     env_cmd = [sys.executable, "-m", "kdmtl_cli", *SMALL, "loss=none", "optim.epochs=3", f"hydra.run.dir={run_dir}"]
     import os
@@ -115,11 +143,8 @@ def test_resume_true_skips_a_run_whose_process_is_alive(tmp_path, monkeypatch):
 
         os.utime(run_dir / "checkpoints" / "last.pt", (stamp, stamp))
     assert find_latest_interrupted() == Path("outputs/b")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kdmtl_cli.engine import run_dir; "
-                               "run_dir.own(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(newer)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = _hold(newer)
     try:
-        assert holder.stdout.readline().strip() == "held"
         assert run_dirs.is_alive(newer) and not run_dirs.is_alive(older)
         assert find_latest_interrupted() == Path("outputs/a")
     finally:
@@ -128,7 +153,8 @@ def test_resume_true_skips_a_run_whose_process_is_alive(tmp_path, monkeypatch):
     assert find_latest_interrupted() == Path("outputs/b")      # its owner is gone: resumable again
 
 
-def test_resume_true_with_a_run_dir_means_that_directory(workdir, shared_cache):
+@scenario
+def resume_true_with_a_run_dir_means_that_directory(workdir, shared_cache):
     run_dir = workdir / "fixed"
     command = [*SMALL, "loss=none", "stop_after_epoch=1", f"hydra.run.dir={run_dir}", "resume=true"]
     fresh = run_kdmtl(command, workdir, shared_cache)              # nothing there yet: a new run
@@ -141,7 +167,8 @@ def test_resume_true_with_a_run_dir_means_that_directory(workdir, shared_cache):
     assert (run_dir / "results.json").exists()
 
 
-def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_place(workdir, shared_cache):
+@scenario
+def a_run_stopped_before_its_first_checkpoint_starts_over_in_place(workdir, shared_cache):
     run_dir = workdir / "early"
     command = [*SMALL, "loss=none", f"hydra.run.dir={run_dir}"]
     killed = run_kdmtl(command, workdir, shared_cache, faults={"kill_in_checkpoint_write": 1})
@@ -154,7 +181,8 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_over_in_place(workdir,
     assert run_dirs.state(run_dir) == "finished"
 
 
-def test_an_edited_config_is_refused_on_resume_with_the_keys_named(workdir, shared_cache):
+@scenario
+def an_edited_config_is_refused_on_resume_with_the_keys_named(workdir, shared_cache):
     run_dir = workdir / "edited"
     first = run_kdmtl([*SMALL, "loss=kd", "stop_after_epoch=1", f"hydra.run.dir={run_dir}"], workdir, shared_cache)
     assert first.returncode == 0, show(first)
@@ -171,7 +199,8 @@ def test_an_edited_config_is_refused_on_resume_with_the_keys_named(workdir, shar
     assert run_kdmtl(["train", f"resume={run_dir}"], workdir, shared_cache).returncode == 0
 
 
-def test_sigterm_while_the_teacher_trains_resumes_it_bit_identically(workdir, tmp_path, shared_cache):
+@scenario
+def sigterm_while_the_teacher_trains_resumes_it_bit_identically(workdir, tmp_path, shared_cache):
     """The teacher's checkpoint goes to its cache staging area; the same command continues the
     teacher mid-epoch, then the student; everything equals an uninterrupted run."""
     common = [*SMALL, "teacher.optim.epochs=2", f"data.root={shared_cache}/data"]
@@ -203,7 +232,8 @@ def test_sigterm_while_the_teacher_trains_resumes_it_bit_identically(workdir, tm
     assert [r["epoch"] for r in teacher_log] == [1, 2]           # no epoch twice in the teacher's log
 
 
-def test_sigterm_while_the_teacher_output_cache_is_built(workdir, tmp_path, shared_cache):
+@scenario
+def sigterm_while_the_teacher_output_cache_is_built(workdir, tmp_path, shared_cache):
     common = [*SMALL, "teacher.cache=views", "teacher.cache_views=2", f"data.root={shared_cache}/data"]
     run_dir, cache = workdir / "cached", tmp_path / "cache"
     first = run_kdmtl([*common, f"hydra.run.dir={run_dir}"], workdir, cache, faults={"signal_at_cache_batch": 2})
@@ -218,7 +248,8 @@ def test_sigterm_while_the_teacher_output_cache_is_built(workdir, tmp_path, shar
     assert run_dirs.state(run_dir) == "finished"
 
 
-def test_a_stopped_sweep_starts_no_further_job_and_the_same_command_continues_it(workdir, shared_cache):
+@scenario
+def a_stopped_sweep_starts_no_further_job_and_the_same_command_continues_it(workdir, shared_cache):
     sweep = workdir / "sweep"
     command = ["train", "-m", *SMALL[1:], "loss=none", "seed=0,1", f"hydra.sweep.dir={sweep}"]
     first = run_kdmtl(command, workdir, shared_cache, faults={"signal_at_step": 3})
@@ -237,3 +268,35 @@ def test_a_stopped_sweep_starts_no_further_job_and_the_same_command_continues_it
     assert third.returncode == 0, show(third)
     assert "finished before; kept" in third.stdout
     assert checksums(sweep / "0") == kept
+
+
+def _hold(run_dir: Path) -> subprocess.Popen:
+    """Another live process owning `run_dir` (a real flock), until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kdmtl_cli.engine import run_dir; "
+                               "run_dir.own(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@scenario
+def export_does_not_write_into_a_live_run(finished, workdir, shared_cache):
+    finished = shutil.copytree(finished, workdir / "finished_copy")   # the other scenarios use the original
+    holder = _hold(finished)
+    try:
+        before = checksums(finished)
+        proc = run_kdmtl(["export", f"run_dir={finished}"], workdir, shared_cache)
+        assert_one_line_error(proc, str(finished), "in use", f"pid {holder.pid}", "out=")
+        assert checksums(finished) == before
+        elsewhere = run_kdmtl(["export", f"run_dir={finished}", f"out={workdir / 'exported'}"], workdir, shared_cache)
+        assert elsewhere.returncode == 0, show(elsewhere)
+        assert (workdir / "exported" / "student.torchscript.pt").is_file() and checksums(finished) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_scenario(outcomes, name):
+    if outcomes[name] is not None:
+        raise outcomes[name]

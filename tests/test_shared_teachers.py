@@ -64,7 +64,7 @@ def test_two_job_joblib_sweep_trains_the_teacher_once(tmp_path):
         assert s["best"]["val/loss/task"] == s["results"]["val/loss/task"] and "test/cls/accuracy" in s["results"]
 
 
-def test_a_job_killed_while_training_leaves_no_lock_and_no_teacher(tmp_path):
+def test_a_job_killed_while_training_leaves_no_lock_and_no_half_teacher(tmp_path):
     cache = tmp_path / "cache"
     args = [sys.executable, "-m", "kdmtl_cli", "train", *FAST, "teacher.optim.epochs=8", "log.progress=plain"]
     victim = subprocess.Popen([*args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path, env=_env(cache),
@@ -77,9 +77,14 @@ def test_a_job_killed_while_training_leaves_no_lock_and_no_teacher(tmp_path):
     victim.wait()
     assert list((cache / "locks").glob("teacher-*.lock"))              # the lock file stays, unlocked
     assert not list((cache / "teachers").glob("*/teacher.safetensors"))
-    # the next job (same teacher key) is not blocked and trains the teacher itself
+    staged = list((cache / "teachers").glob("*/training/checkpoints/last.pt"))   # an epoch may have ended
+    # the next job (same teacher key) is not blocked: it continues the teacher from its last
+    # checkpoint in the cache's staging area, or trains it from the start when it had none
     proc = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path, env=_env(cache),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, show(proc)
-    assert "another job is training" not in proc.stdout and "training it" in proc.stdout, show(proc)
+    assert "another job is training" not in proc.stdout, show(proc)
+    assert ("teacher: resuming from" in proc.stdout) == bool(staged), show(proc)
+    assert ("training it" in proc.stdout) == (not staged), show(proc)
+    assert not list((cache / "teachers").glob("*/training"))
     assert len(list((cache / "teachers").glob("*/teacher.safetensors"))) == 1

@@ -160,7 +160,7 @@ def test_resume_true_continues_the_newest_interrupted_run(workdir, shared_cache)
     (run_dir,) = [p.parent.parent for p in (workdir / "outputs").glob("*/*/checkpoints/last.pt")]
     assert not (run_dir / "results.json").exists()
     resumed = _ok(run_kdmtl(["train", "resume=true", "log.progress=plain"], workdir, shared_cache))
-    assert f"resuming {run_dir.resolve()} after epoch 1" in resumed.stdout
+    assert f"resuming from {run_dir.resolve() / 'checkpoints' / 'last.pt'} after epoch 1" in resumed.stdout
     assert [r["type"] for r in read_jsonl(run_dir / "metrics.jsonl")] == ["epoch", "epoch", "final"]
     # no second run directory was made for the resumed run
     assert len(list((workdir / "outputs").glob("*/*/config.yaml"))) == 1

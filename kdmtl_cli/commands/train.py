@@ -83,7 +83,10 @@ def effective_config(raw: DictConfig, overrides) -> DictConfig:
         saved_path = Path(str(cfg.resume)) / "config.yaml"
         if not saved_path.is_file():
             raise KdmtlError(f"cannot resume: {saved_path} is missing; was this directory made by kdmtl train?")
-        saved = validate(OmegaConf.load(saved_path), TrainConfig)
+        from kdmtl_cli.runfiles import read_config
+
+        saved = validate(read_config(saved_path, "it is the config this run started with: restore it, "
+                                                 "or start a new run"), TrainConfig)
         cfg = validate(merge_for_resume(cfg, saved, overrides), TrainConfig)
     check_protocol(cfg)
     return cfg
@@ -108,6 +111,9 @@ def _train(raw: DictConfig) -> Optional[float]:
                 print(f"{run_dir}: this job finished before; kept as it is", flush=True)
                 return None
             if found == "interrupted":
+                from kdmtl_cli.resume import check_config_unedited
+
+                check_config_unedited(run_dir)
                 raw.resume = str(run_dir)
         try:
             cfg = effective_config(raw, list(hydra_cfg.overrides.task))

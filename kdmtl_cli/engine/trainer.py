@@ -406,7 +406,10 @@ class Trainer:
     def _after_step(self, epoch: int, batches_done: int, sums, counts, samples: int, recent_losses) -> None:
         """The safe point after each step: when a stop signal arrived (engine/preemption.py),
         write `last.pt` with the position in the epoch and raise Preempted."""
-        if preemption.requested() is None:
+        stop = preemption.requested() is not None
+        if self.ranks.active:    # every rank stops after the same step, or the others would wait for it
+            stop = bool(mean_across_ranks({"stop": torch.tensor(float(stop), device=self.hw.device)})["stop"] > 0)
+        if not stop:
             return
         self._check_finite(recent_losses, epoch)
         state = self._checkpoint_state()
