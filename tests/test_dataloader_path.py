@@ -214,6 +214,7 @@ def test_views_pass_through_make_loader():
 
 
 # ---------------------------------------------------------------- the real CLI
+@pytest.mark.slow  # ~18 s; the in-process tests compare the two data paths batch by batch; run with -m slow
 def test_cli_dataloader_path_gives_the_tensor_paths_test_metrics(tmp_path, shared_cache):
     runs = {name: (["train", *FAST, "loss=none", f"data.loader={name}", "data.num_workers=0",
                     f"hydra.run.dir={tmp_path / name}"], tmp_path, shared_cache) for name in ("tensor", "dataloader")}

@@ -76,6 +76,7 @@ def test_loader_shards_each_global_batch_contiguously():
 
 
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
+@pytest.mark.slow  # ~40 s: two ranks on two cores; run with -m slow
 def test_ddp_two_cpu_ranks_through_the_cli(workdir, shared_cache):
     common = ["train", *FAST, "loss=none", "optim.epochs=2", "data.batch_size=16", "limit_train_batches=4",
               "hardware.device=cpu"]

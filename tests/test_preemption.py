@@ -51,14 +51,6 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes_exactly(workdir, shared
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_a_finished_run_dir_without_the_marker_is_still_refused(workdir, shared_cache):
-    run_dir = workdir / "once"
-    args = ["train", *FAST, "loss=none", f"hydra.run.dir={run_dir}"]
-    assert run_kdmtl(args, workdir, shared_cache).returncode == 0
-    again = run_kdmtl(args, workdir, shared_cache)
-    assert again.returncode == 1 and "holds a finished run" in again.stderr, show(again)
-
-
 def _final(run_dir):
     return next(r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "final")
 

@@ -64,6 +64,7 @@ def test_two_job_joblib_sweep_trains_the_teacher_once(tmp_path):
         assert s["best"]["val/loss/task"] == s["results"]["val/loss/task"] and "test/cls/accuracy" in s["results"]
 
 
+@pytest.mark.slow  # ~13 s; the default suite stops a teacher mid-training in tests/test_run_ownership.py; run with -m slow
 def test_a_job_killed_while_training_leaves_no_lock_and_no_half_teacher(tmp_path):
     cache = tmp_path / "cache"
     args = [sys.executable, "-m", "kdmtl_cli", "train", *FAST, "teacher.optim.epochs=8", "log.progress=plain"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, read_jsonl, run_kdmtl
+from conftest import FAST, WORKERS, read_jsonl, run_kdmtl
 from kdmtl_cli.data import TargetSpec
 from kdmtl_cli.models import build_model
 from kdmtl_cli.schema import ModelConfig
@@ -100,8 +100,11 @@ def test_teacher_mode_errors(workdir, shared_cache):
         # an unknown teacher task is named before any method looks it up
         (["teacher.tasks=[foo]", "loss=dkd"], "teacher.tasks names foo"),
     ]
-    for extra, words in cases:
-        result = run_kdmtl(["train", *FAST, *extra], workdir, shared_cache)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(WORKERS) as pool:       # each process mostly starts up: run them together
+        results = list(pool.map(lambda case: run_kdmtl(["train", *FAST, *case[0]], workdir, shared_cache), cases))
+    for (extra, words), result in zip(cases, results):
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("kdmtl: error:"), result.stderr
         assert words in lines[0], (extra, lines[0])

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 
+import pytest
+
 from conftest import FAST, read_jsonl, run_kdmtl
 
 
@@ -155,6 +157,7 @@ def test_bf16_precision_and_teacher_subset(workdir, shared_cache):
     assert "train/kd/seg" in epoch and "train/kd/cls" not in epoch and "train/kd/depth" not in epoch
 
 
+@pytest.mark.slow  # ~13 s; tests/test_run_ownership.py covers resume=true (with a run dir, and skipping live runs); run with -m slow
 def test_resume_true_continues_the_newest_interrupted_run(workdir, shared_cache):
     _ok(run_kdmtl(["train", *FAST, "optim.epochs=2", "stop_after_epoch=1"], workdir, shared_cache))
     (run_dir,) = [p.parent.parent for p in (workdir / "outputs").glob("*/*/checkpoints/last.pt")]
