@@ -100,3 +100,19 @@ def test_report_plots_are_png_files(tmp_path):
     for name in ("tradeoff_test_cls_accuracy.png", "curves.png", "curves_loss_terms.png"):
         with Image.open(sweep / name) as image:
             assert image.format == "PNG" and image.width > 300
+
+
+def test_unfinished_and_never_started_jobs_are_listed(tmp_path):
+    """A stopped sweep: job 0 preempted, job 1 never started (Hydra made its directory and
+    .hydra/, the job returned at once); a resumed run's .hydra/resume-* record is not a job."""
+    from kdmtl_cli.report.runs import find_runs
+
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / ".hydra" / "resume-20261201").mkdir(parents=True)
+    (sweep / "0" / "config.yaml").write_text("seed: 0\n")
+    (sweep / "0" / "PREEMPTED").write_text("{}")
+    (sweep / "1" / ".hydra").mkdir(parents=True)
+    (sweep / "1" / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    runs, unfinished = find_runs([sweep])
+    assert runs == []
+    assert [(d.name, why.split(" ")[0]) for d, why in unfinished] == [("0", "preempted"), ("1", "never")]

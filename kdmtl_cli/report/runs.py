@@ -4,7 +4,8 @@ A finished run has `results.json` (kdmtl train writes it last): its config, the 
 the checkpoint selected on validation (`results`), the validation metrics of that epoch (`best`)
 and of the last epoch (`last`). Directories with a `config.yaml` but no `results.json` are
 unfinished: preempted (a PREEMPTED marker), stopped or crashed after a checkpoint, or crashed
-before one; they are listed, never silently dropped.
+before one; a Hydra job directory without `config.yaml` never started (a stopped sweep's later
+jobs). They are listed, never silently dropped.
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def find_runs(dirs: Sequence[Path]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
                 unfinished.append((run_dir, "stopped or crashed after a checkpoint (resume=<dir>)"))
             else:
                 unfinished.append((run_dir, "crashed before its first checkpoint"))
+        for record in sorted(root.rglob(".hydra")):     # a Hydra job directory where no run began
+            run_dir = record.parent
+            if ".hydra" in run_dir.parts or run_dir in seen or (run_dir / "config.yaml").exists():
+                continue
+            seen.add(run_dir)
+            unfinished.append((run_dir, "never started (its sweep was stopped first: the same command continues "
+                                        "it; or its settings were refused)"))
     if not runs and not unfinished:
         raise KdmtlError(f"no kdmtl runs (config.yaml) under {', '.join(map(str, dirs))}")
     return runs, unfinished
