@@ -36,10 +36,14 @@ def signal_name() -> str:
 
 
 def check(where: str) -> None:
-    """A safe point with nothing to save: stop here if a signal arrived."""
+    """A safe point with nothing (more) to save: stop here if a signal arrived."""
     if _requested is not None:
-        raise Preempted(f"{signal_name()} received {where}; nothing was lost: run the same command again "
-                        "to continue")
+        stop(where)
+
+
+def stop(where: str) -> None:
+    """Stop now (a signal arrived here, or at another data-parallel rank)."""
+    raise Preempted(f"{signal_name()} received {where}; nothing was lost: run the same command again to continue")
 
 
 def _request(signum: int, _frame) -> None:

@@ -282,8 +282,9 @@ class Trainer:
                     else "keeping the last epoch"
                 progress.end_epoch(epoch, f"train {train_metrics['train/loss/total']:.4f}  {shown}  "
                                           f"{train_metrics['train/samples_per_s']:,.0f} samples/s")
-                preemption.check(f"[{self.label}] checkpoint written after epoch {epoch} "
-                                 f"({self.checkpoint_dir / 'last.pt'})")
+                if self._stop_agreed():
+                    preemption.stop(f"[{self.label}] checkpoint written after epoch {epoch} "
+                                     f"({self.checkpoint_dir / 'last.pt'})")
                 if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < self.epochs:
                     progress.message(f"[{self.label}] stopping after epoch {epoch} (stop_after_epoch); "
                                      "continue with resume=<run dir>")
@@ -403,13 +404,18 @@ class Trainer:
         if self.ranks.is_main:      # one writer; every rank holds the same state
             _save_checkpoint(state, path)
 
+    def _stop_agreed(self) -> bool:
+        """Whether a stop signal arrived; with several ranks, whether it reached any of them, so
+        that all stop at the same point (a rank that went on would wait for the others forever)."""
+        stop = preemption.requested() is not None
+        if self.ranks.active:
+            stop = bool(mean_across_ranks({"stop": torch.tensor(float(stop), device=self.hw.device)})["stop"] > 0)
+        return stop
+
     def _after_step(self, epoch: int, batches_done: int, sums, counts, samples: int, recent_losses) -> None:
         """The safe point after each step: when a stop signal arrived (engine/preemption.py),
         write `last.pt` with the position in the epoch and raise Preempted."""
-        stop = preemption.requested() is not None
-        if self.ranks.active:    # every rank stops after the same step, or the others would wait for it
-            stop = bool(mean_across_ranks({"stop": torch.tensor(float(stop), device=self.hw.device)})["stop"] > 0)
-        if not stop:
+        if not self._stop_agreed():
             return
         self._check_finite(recent_losses, epoch)
         state = self._checkpoint_state()
