@@ -79,10 +79,9 @@ def _check_sweep_continues(sweep: Path, args: List[str], say) -> None:
                          + ("a sweep made by another command line (" + " ".join(made_by or []) + ")"
                             if made_by is not None else "other files (no multirun.yaml)")
                          + "; choose another hydra.sweep.dir, or restart the exact command that made it")
-    live = [job for job in sweep.iterdir() if job.is_dir() and run_dirs.is_alive(job)]
-    if live:
-        raise KdmtlError(f"hydra.sweep.dir={sweep}: job directory {live[0]} is in use by a live kdmtl run "
-                         f"({run_dirs.owner_of(live[0])}); wait for it to end")
+    for job in sweep.iterdir():
+        if job.is_dir():
+            run_dirs.refuse_if_alive(job, f"it is a job of hydra.sweep.dir={sweep}: wait for it to end")
     say(f"continuing the sweep in {sweep}: finished jobs are kept, interrupted ones resume")
 
 
@@ -117,9 +116,8 @@ def plan_run_dir(args: List[str], say=print) -> List[str]:
         if given_dir is not None and given_dir != target:
             raise KdmtlError(f"resume={resume} continues that run in its own directory, but hydra.run.dir={given} "
                              "names another; drop hydra.run.dir (or resume that directory instead)")
-        if run_dirs.owner_here() and run_dirs.is_alive(target) and not run_dirs.holds(target):
-            raise KdmtlError(f"cannot resume {target}: it is in use by a live kdmtl run "
-                             f"({run_dirs.owner_of(target)}); wait for it to end")
+        if run_dirs.owner_here():
+            run_dirs.refuse_if_alive(target, "wait for it to end before resuming it")
         if run_dirs.state(target) not in ("interrupted", "finished"):
             raise KdmtlError(f"cannot resume from {target}: no checkpoints/last.pt there; "
                              "pass resume=PATH to a kdmtl train run directory")
@@ -178,6 +176,11 @@ def touched_keys(overrides: List[str]) -> Tuple[List[str], bool]:
     return keys, everything
 
 
+def _listed(changed: List[str]) -> str:
+    """The first four changes of a refused resume, and '...' when there are more."""
+    return "; ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
+
+
 def merge_for_resume(new_cfg: DictConfig, saved_cfg: DictConfig, overrides: List[str]) -> DictConfig:
     """The saved config, with only the allowed overrides applied; anything else that changed is an error."""
     keys, everything = touched_keys(overrides)
@@ -192,8 +195,8 @@ def merge_for_resume(new_cfg: DictConfig, saved_cfg: DictConfig, overrides: List
         if new_flat.get(key) != old_flat.get(key):
             changed.append(f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}")
     if changed:
-        raise KdmtlError("cannot resume: the config changed incompatibly (" + "; ".join(changed[:4])
-                         + (" ..." if len(changed) > 4 else "") + "); resume with the run's own settings "
+        raise KdmtlError("cannot resume: the config changed incompatibly (" + _listed(changed)
+                         + "); resume with the run's own settings "
                          "or start a new run")
     merged = OmegaConf.to_container(saved_cfg, resolve=True)
     fresh = OmegaConf.to_container(new_cfg, resolve=True)
@@ -234,6 +237,6 @@ def check_config_unedited(run_dir: Path) -> None:
     was = flatten_keys(OmegaConf.to_container(OmegaConf.create(recorded["config_yaml"])))
     changed = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
     raise KdmtlError(f"cannot resume {run_dir}: its config.yaml was edited after the run started ("
-                     + ("; ".join(changed[:4]) + (" ..." if len(changed) > 4 else "") if changed else "formatting only")
+                     + (_listed(changed) if changed else "formatting only")
                      + "); restore the file (its checkpoint records the original), and pass changes that are "
                      "allowed on resume (hardware, log, stop_after_epoch) on the command line")

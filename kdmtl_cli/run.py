@@ -15,7 +15,7 @@ from kdmtl_cli.data import build_data
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.objective import Objective, check_student_modules, preflight
 from kdmtl_cli.distill.weights import per_task_weights
-from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
+from kdmtl_cli.engine.checkpoint import atomic_write_text, discard_partial_writes, load_checkpoint
 from kdmtl_cli.resume import recorded_config
 import torch
 
@@ -46,8 +46,7 @@ def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> str:
             if (run_dir / "checkpoints" / "last.pt").exists():
                 raise KdmtlError(f"{run_dir} already holds a run's checkpoints; pass resume={run_dir} "
                                  "to continue it, or choose another hydra.run.dir")
-            for partial in (run_dir / "checkpoints").glob(".*.tmp"):   # a first checkpoint write killed halfway
-                partial.unlink(missing_ok=True)
+            discard_partial_writes(run_dir / "checkpoints")   # a first checkpoint write killed halfway
             atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), path)
         return path.read_text()
     except OSError as err:

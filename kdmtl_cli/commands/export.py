@@ -158,9 +158,8 @@ def export_main(args: List[str]) -> int:
     out_dir = Path(options.get("out") or run_dir / "export")
     from kdmtl_cli.engine import run_dir as run_dirs
 
-    if not options.get("out") and run_dirs.is_alive(run_dir):   # the run's directory belongs to its live process
-        raise KdmtlError(f"{run_dir} is in use by a live kdmtl run ({run_dirs.owner_of(run_dir)}); export it when "
-                         "it has ended, or write the export elsewhere with out=DIR")
+    if not options.get("out"):          # the run's directory belongs to its live process
+        run_dirs.refuse_if_alive(run_dir, "export it when it has ended, or write the export elsewhere with out=DIR")
     suffix = ".torchscript.pt" if options["format"] == "torchscript" else ".onnx"
     hardware = Hardware(device=torch.device("cpu"), precision="32", channels_last=False, scaler=None)
     rows = []

@@ -58,6 +58,13 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def discard_partial_writes(directory: Path) -> None:
+    """Delete the temporary files `_atomic_write` leaves in `directory` when its process is
+    killed halfway (`.<name>.<random>.tmp`); call it only where no other process is writing."""
+    for partial in Path(directory).glob(".*.tmp"):
+        partial.unlink(missing_ok=True)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
 

@@ -8,7 +8,8 @@ second writer is refused with one line naming the live process. `resume=true` sk
 whose owner is alive (`is_alive`).
 
 The lock file holds a line describing the owner (pid, host, start time), for that message. It is
-never deleted (see engine/locks.py for why). Several jobs of one process (a sweep) each take and
+not deleted while the directory is in use (see engine/locks.py for why); only a directory this
+process made and then left empty, because the command was refused, is removed at exit. Several jobs of one process (a sweep) each take and
 release their own directory; taking a directory this process already holds is a no-op.
 """
 
@@ -35,19 +36,6 @@ _held: Dict[Path, IO] = {}
 _created: List[Path] = []      # directories this process made to own them
 
 
-@atexit.register
-def _discard_unused() -> None:
-    """A directory made here but refused before anything was written into it (a bad setting
-    found after the directory was owned) is removed again, lock file and all."""
-    for key in _created:
-        try:
-            if holds(key) and os.listdir(key) == [LOCK_NAME]:
-                (key / LOCK_NAME).unlink()
-                release(key)
-                key.rmdir()
-        except OSError:
-            pass
-
 # `resume=true` probes a lock for a moment (is_alive); a run starting at that instant retries
 # for this long rather than mistaking the probe for a live owner.
 _RETRY_S = 0.5
@@ -68,7 +56,13 @@ def owner_of(run_dir: Path) -> str:
     return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
 
 
-def own(run_dir: Path, purpose: str = "run") -> None:
+def refuse_if_alive(run_dir: Path, fix: str) -> None:
+    """Raise the one-line refusal naming the live process that owns `run_dir`, if there is one."""
+    if is_alive(run_dir) and not holds(run_dir):
+        raise KdmtlError(f"{_key(run_dir)} is in use by a live kdmtl run ({owner_of(run_dir)}); {fix}")
+
+
+def own(run_dir: Path) -> None:
     """Take the directory for this process, or raise KdmtlError naming its live owner."""
     key = _key(run_dir)
     if key in _held:
@@ -89,7 +83,7 @@ def own(run_dir: Path, purpose: str = "run") -> None:
         except BlockingIOError:
             if time.monotonic() > deadline:
                 handle.close()
-                raise KdmtlError(f"{key} is in use by a live kdmtl {purpose} ({owner_of(key)}); wait for it to "
+                raise KdmtlError(f"{key} is in use by a live kdmtl run ({owner_of(key)}); wait for it to "
                                  "end, or choose another hydra.run.dir") from None
             time.sleep(0.05)
     handle.seek(0)
@@ -146,3 +140,17 @@ def state(run_dir: Path) -> Optional[str]:
     if (run_dir / "config.yaml").exists():
         return "started"
     return None
+
+
+@atexit.register
+def _discard_unused() -> None:
+    """A directory made here but refused before anything was written into it (a bad setting
+    found after the directory was owned) is removed again, lock file and all."""
+    for key in _created:
+        try:
+            if holds(key) and os.listdir(key) == [LOCK_NAME]:
+                (key / LOCK_NAME).unlink()
+                release(key)
+                key.rmdir()
+        except OSError:
+            pass

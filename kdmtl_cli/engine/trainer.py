@@ -23,7 +23,8 @@ import torch
 from omegaconf import OmegaConf
 
 from kdmtl_cli.engine import preemption
-from kdmtl_cli.engine.checkpoint import load_checkpoint, save_checkpoint as _save_checkpoint
+from kdmtl_cli.engine.checkpoint import discard_partial_writes, load_checkpoint
+from kdmtl_cli.engine.checkpoint import save_checkpoint as _save_checkpoint
 from kdmtl_cli.engine.distributed import Ranks, average_gradients, mean_across_ranks
 from kdmtl_cli.engine.hardware import Hardware
 from kdmtl_cli.engine.logging import MetricsLog, Progress
@@ -221,8 +222,7 @@ class Trainer:
         """Continue from `<checkpoint_dir>/last.pt` when there is one (a stopped or killed run):
         restore everything, drop log records written after it, delete temporary files of a
         checkpoint write that was killed halfway. Returns the checkpoint, or None."""
-        for partial in self.checkpoint_dir.glob(".*.tmp"):
-            partial.unlink(missing_ok=True)
+        discard_partial_writes(self.checkpoint_dir)
         path = self.checkpoint_dir / "last.pt"
         if not path.exists():
             return None
