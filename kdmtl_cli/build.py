@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from kdmtl_cli.data import DataBundle
 from kdmtl_cli.data.dataloader_path import DataLoaderPath
 from kdmtl_cli.data.loader import TensorLoader
-from kdmtl_cli.engine.hardware import Hardware
+from kdmtl_cli.engine.hardware import Hardware, device_memory_budget
 from kdmtl_cli.errors import KdmtlError
 
 LOADERS = ("auto", "tensor", "dataloader")
@@ -59,10 +59,7 @@ def _fits_resident(tensors: Dict[str, torch.Tensor], flips: Dict, tensor_max_mb:
     size = sum(tensors[name].numel() * tensors[name].element_size() for name in ("image", *flips))
     if size > tensor_max_mb * 2 ** 20:
         return False
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return size <= free // 4
-    return True
+    return device.type != "cuda" or size <= device_memory_budget(device)
 
 
 def model_meta(model_cfg, tasks_signature: Dict, data: DataBundle) -> Dict:

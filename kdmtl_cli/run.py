@@ -19,7 +19,7 @@ from kdmtl_cli.engine.checkpoint import atomic_write_text, discard_partial_write
 from kdmtl_cli.resume import recorded_config
 import torch
 
-from kdmtl_cli.engine import distributed, preemption, teacher_outputs
+from kdmtl_cli.engine import distributed, preemption, teacher_exact, teacher_outputs
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
 from kdmtl_cli.engine.logging import MetricsLog, NullLog, say
@@ -86,16 +86,45 @@ def _delta_rows(results: dict, convention: str):
 
 
 def _teacher_output_cache(cfg, teacher, train_loader, hardware, data, tasks):
-    """Open or build the teacher-output cache and make the train loader replay its views."""
+    """Open or build the teacher-output cache and make the train loader replay its views (or,
+    for `exact`, open the store the training steps fill)."""
+    task_kinds = {n: t.kind.name for n, t in tasks.items()}
+    if cfg.teacher.cache == "exact":
+        return teacher_exact.open_exact(cache_dir=cfg.cache_dir, teacher=teacher, loader=train_loader,
+                                        hardware=hardware, teacher_cfg=cfg.teacher, data=data, task_kinds=task_kinds,
+                                        epochs=int(cfg.optim.epochs), say=_say(cfg))
     views = teacher_outputs.plan_views(str(cfg.teacher.cache), int(cfg.teacher.cache_views),
                                        train_loader.num_samples, hflip=train_loader.hflip,
                                        crop_padding=train_loader.crop_padding, seed=cfg.seed, say=_say(cfg))
     cache = teacher_outputs.open_or_build(
         cache_dir=cfg.cache_dir, teacher=teacher, loader=train_loader, hardware=hardware, teacher_cfg=cfg.teacher,
-        data=data, views=views, task_kinds={n: t.kind.name for n, t in tasks.items()}, seed=cfg.seed,
+        data=data, views=views, task_kinds=task_kinds, seed=cfg.seed,
         say=_say(cfg), progress_mode=cfg.log.progress)
     train_loader.views = views
     return cache
+
+
+def _teacher_test(cfg, teacher, test_loader, teacher_tasks, hardware, data) -> dict:
+    """The frozen teacher's test metrics: evaluated once per (weights, test data, evaluation
+    settings) and read back from the cache afterwards (engine/teacher_cache.py)."""
+    import kdmtl_cli
+    from kdmtl_cli.engine import teacher_cache
+
+    evaluation = {
+        "kdmtl": kdmtl_cli.__version__, "torch": torch.__version__, "device": hardware.device.type,
+        "precision": hardware.precision, "channels_last": hardware.channels_last,
+        "data": {"name": data.name, "fingerprint": data.fingerprint, "test_size": data.size("test"),
+                 "mean": list(data.mean), "std": list(data.std)},
+        "batch_size": test_loader.batch_size, "limit_batches": test_loader.limit_batches,
+        "tasks": {name: OmegaConf.to_container(cfg.tasks[name], resolve=True) for name in teacher_tasks},
+        "metric_reduction": str(cfg.test.get("metric_reduction", "split")),
+    }
+    key = teacher_cache.test_metrics_key(teacher_outputs.weights_digest(teacher), evaluation)
+    metrics = teacher_cache.read_test_metrics(cfg.cache_dir, key)
+    if metrics is None:
+        metrics = evaluate(teacher, test_loader, teacher_tasks, hardware, "test")
+        teacher_cache.write_test_metrics(cfg.cache_dir, key, metrics, evaluation)
+    return metrics
 
 
 PREEMPTED = "PREEMPTED"                      # marker: the run stopped on a signal; the same command resumes it
@@ -257,7 +286,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     test_metrics = evaluate(student, test_loader, tasks, hardware, "test")
     teacher_metrics, teacher_cost, student_cost = None, None, None
     if teacher is not None:
-        teacher_metrics = evaluate(teacher, test_loader, {n: tasks[n] for n in teacher_tasks}, hardware, "test")
+        teacher_metrics = _teacher_test(cfg, teacher, test_loader, {n: tasks[n] for n in teacher_tasks}, hardware, data)
     if cfg.log.efficiency:
         sample = next(iter(test_loader))["image"]
         student_cost = measure(student, sample, hardware)

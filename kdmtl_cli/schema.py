@@ -106,13 +106,14 @@ class TeacherConfig(ModelConfig):
     checkpoints: Dict[str, str] = field(default_factory=dict)  # per_task: {task: path}; other tasks are trained
     tasks: Optional[List[str]] = None     # tasks the teacher covers; default: all student tasks
     optim: OptimConfig = field(default_factory=OptimConfig)  # how a teacher is trained when not loaded
-    # Teacher-output cache (kdmtl_cli/engine/teacher_outputs.py): off | views (K stored augmented
-    # views per sample, one drawn per epoch: FKD) | deterministic (one unaugmented view per sample)
+    # Teacher-output cache: off | views (K stored augmented views per sample, one drawn per epoch:
+    # FKD; engine/teacher_outputs.py) | exact (every view drawn, stored when first drawn; training
+    # bit-identical to off; engine/teacher_exact.py) | deterministic (one unaugmented view per sample)
     cache: str = "off"
     cache_views: int = at_least(1, default=4)     # K, for cache=views
     # keep only the k largest classification logits (+ log-sum-exp); null = all
     cache_topk: Optional[int] = at_least(1, default=None)
-    cache_dtype: str = "float16"          # float16 | float32
+    cache_dtype: Optional[str] = None     # float16 | float32 | null: float32 for exact, float16 otherwise
     # a teacher trained here keeps: best (by val/loss/task; the last epoch when data.val_size=0) |
     # last (RepDistiller) | train_loss (lowest epoch-mean training task loss, KD4MTL); in the cache key unless best
     keep: str = "best"

@@ -178,3 +178,58 @@ def test_compile_failure_at_first_forward_is_one_kdmtl_error(monkeypatch, one_th
         cpp_builder.cpp_compiler_search.cache_clear()  # forget the bad search for later tests
     message = str(err.value)
     assert "\n" not in message and "torch.compile" in message and "hardware.compile=false" in message
+
+
+# ---- determinism: what each device needs, nothing more -------------------------------------
+def test_deterministic_on_cpu_keeps_deterministic_kernels_without_the_memory_fill():
+    import torch.utils.deterministic as det
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              det.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
+    try:
+        _hardware(deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert det.fill_uninitialized_memory is False        # the CPU tax: one fill_ per new tensor
+        assert torch.backends.cudnn.benchmark is False
+        _hardware(deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark is True
+        from kdmtl_cli.engine.hardware import set_determinism
+
+        set_determinism(True, torch.device("cuda"))          # flags only: no CUDA device is touched
+        assert det.fill_uninitialized_memory is True and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        det.fill_uninitialized_memory, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def test_cpu_determinism_adds_no_fill_calls_to_a_training_step():
+    """The 15-20% tax the speed issue measured was torch filling every new tensor (`fill_`
+    calls); with `hardware.deterministic=true` a CPU step now runs the same ops as with false."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import torch.utils.deterministic as det
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              det.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
+    model = _model()
+    x = torch.randn(4, 3, 16, 16)
+
+    def fills(deterministic: bool) -> int:
+        _hardware(deterministic=deterministic)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = model(x)["outputs"]
+            sum(v.float().mean() for v in out.values()).backward()
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::fill_")
+
+    try:
+        assert fills(True) == fills(False)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        det.fill_uninitialized_memory = True                 # what the old default did
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = model(x)["outputs"]
+            sum(v.float().mean() for v in out.values()).backward()
+        assert sum(e.count for e in prof.key_averages() if e.key == "aten::fill_") > fills(False)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        det.fill_uninitialized_memory, torch.backends.cudnn.benchmark = before[2], before[3]

@@ -84,8 +84,22 @@ def test_teacher_is_trained_once_and_reused(workdir, tmp_path):
     third = _ok(run_kdmtl(["train", *FAST, "teacher.width=24", f"hydra.run.dir={workdir / 'c'}"], workdir, cache))
     assert "training it" in third.stdout
     assert len(list((cache / "teachers").iterdir())) == 2
+    # the frozen teacher's test metrics are evaluated once per (weights, test data, settings) and
+    # read back afterwards: a value planted in the stored file comes back in the next run's results
+    tests = sorted((cache / "teacher_tests").iterdir())
+    assert len(tests) == 2                          # the two teachers (widths 32 and 24)
+    first_results = json.loads((workdir / "a" / "results.json").read_text())["results"]
+    planted = next(t for t in tests if json.loads(t.read_text())["metrics"] == {
+        k[len("teacher/"):]: v for k, v in first_results.items() if k.startswith("teacher/test/")})
+    stored = json.loads(planted.read_text())
+    stored["metrics"]["test/cls/accuracy"] = 0.123456
+    planted.write_text(json.dumps(stored))
     # the same run again, now with the cached teacher: the student ends bit-identical
     _ok(run_kdmtl(["train", *FAST, f"hydra.run.dir={workdir / 'a2'}"], workdir, cache))
+    again = json.loads((workdir / "a2" / "results.json").read_text())["results"]
+    assert again["teacher/test/cls/accuracy"] == 0.123456
+    assert {k: v for k, v in again.items() if k.startswith("teacher/test/") and k != "teacher/test/cls/accuracy"} == {
+        k: v for k, v in first_results.items() if k.startswith("teacher/test/") and k != "teacher/test/cls/accuracy"}
     wa = torch.load(workdir / "a" / "checkpoints" / "last.pt", weights_only=True)["model"]
     wa2 = torch.load(workdir / "a2" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wa2[k]) for k in wa)

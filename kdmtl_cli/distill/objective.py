@@ -171,6 +171,10 @@ class Objective:
             self.cache.new_epoch()        # check the first batch of each epoch against the cache
         self.progress = {"fraction": fraction, "epoch": epoch}
 
+    def epoch_metrics(self) -> Dict[str, float]:
+        """The teacher-output cache's figures for the epoch that ended (hit rate...), if it keeps any."""
+        return self.cache.epoch_metrics() if self.cache is not None else {}
+
     def train(self, mode: bool = True) -> None:
         self.modules.train(mode)
 
@@ -185,8 +189,8 @@ class Objective:
         groups = {name: self.task_weight[name] * terms[f"task/{name}"] for name in self.tasks}
         extra = None
         if self.methods:
-            if self.cache is not None and "view" in batch:
-                teacher_out = self.cache.lookup(batch["index"], batch["view"], batch["image"])
+            if self.cache is not None and self.cache.covers(batch):
+                teacher_out = self.cache.teacher_outputs(batch)
             else:
                 with torch.no_grad():
                     teacher_out = self.teacher(batch["image"])

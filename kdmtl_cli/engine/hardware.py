@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.utils.deterministic
 
 from kdmtl_cli.errors import KdmtlError
 
@@ -142,6 +143,36 @@ def select_device(spec: str) -> torch.device:
     raise KdmtlError(f"unknown hardware.device '{spec}'; use auto, cpu, cuda or cuda:N")
 
 
+def device_memory_budget(device: torch.device) -> int:
+    """Bytes a resident store may take on a CUDA device: a quarter of its free memory (the rest
+    is for the model, its activations and the optimiser); 0 elsewhere (host memory is the page
+    cache's business)."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 4
+
+
+def set_determinism(on: bool, device: torch.device) -> None:
+    """What `hardware.deterministic` needs on each device, and nothing more.
+
+    Both devices: `torch.use_deterministic_algorithms` (the few ops with a non-deterministic
+    kernel take a deterministic one or warn). CUDA also: cuDNN autotuning off and cuBLAS's fixed
+    workspace. Not on CPU: torch's fill of every newly allocated tensor
+    (`torch.utils.deterministic.fill_uninitialized_memory`), which only guards against kernels
+    that read memory they never wrote, a CUDA-side concern; on this project's 2-core CPU it cost
+    about 1,000 `fill_` calls and 15-20% of a KD step while changing no result. With the same
+    thread count a CPU run is bit-identical on rerun and on resume (tests/test_train_e2e.py,
+    tests/test_hardware_knobs.py); on CUDA, runs repeat on the same card and software.
+    """
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    if on:
+        torch.utils.deterministic.fill_uninitialized_memory = device.type != "cpu"
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not on
+
+
 def setup_hardware(hw_cfg) -> Hardware:
     precision = str(hw_cfg.precision)
     if precision not in PRECISIONS:
@@ -154,12 +185,7 @@ def setup_hardware(hw_cfg) -> Hardware:
         check_compile(device)
     if hw_cfg.num_threads:
         torch.set_num_threads(int(hw_cfg.num_threads))
-    if hw_cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    set_determinism(bool(hw_cfg.deterministic), device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise KdmtlError(f"{device} does not support bf16; use hardware.precision=16-mixed or 32")
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.

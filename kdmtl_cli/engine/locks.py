@@ -31,3 +31,17 @@ def file_lock(lock_path: Path, on_wait: Optional[Callable[[], None]] = None):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def try_lock(lock_path: Path):
+    """An exclusive lock on `lock_path` if free now: the open handle (closing it, or the
+    process ending, releases the lock), or None while another process holds it."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle

@@ -49,3 +49,31 @@ def teacher_dir(cache_dir: str, key: str) -> Path:
 def describe(entry_dir: Path) -> Dict[str, Any]:
     info = entry_dir / "teacher.json"
     return json.loads(info.read_text()) if info.exists() else {}
+
+
+# ---- the frozen teacher's test metrics -----------------------------------------------------
+# A cached teacher never changes, so its test metrics are a function of its weights and of how
+# it is tested; every run of a sweep used to re-evaluate it. They are stored under
+# <cache_dir>/teacher_tests/<key>.json, the key hashing the weights (and buffers), the test data
+# and every setting evaluation reads.
+def test_metrics_key(weights_digest: str, evaluation: Dict[str, Any]) -> str:
+    content = {"version": CACHE_FORMAT_VERSION, "weights": weights_digest, "evaluation": evaluation}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def read_test_metrics(cache_dir: str, key: str):
+    """The stored metrics, or None when absent or unreadable (then they are recomputed)."""
+    path = Path(cache_dir).expanduser() / "teacher_tests" / f"{key}.json"
+    try:
+        metrics = json.loads(path.read_text())["metrics"]
+        return {str(k): float(v) for k, v in metrics.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_test_metrics(cache_dir: str, key: str, metrics: Dict[str, float], evaluation: Dict[str, Any]) -> None:
+    from kdmtl_cli.engine.checkpoint import atomic_write_text
+
+    path = Path(cache_dir).expanduser() / "teacher_tests" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({"metrics": metrics, "evaluation": evaluation}, indent=1, default=str), path)

@@ -44,11 +44,12 @@ import torch
 from kdmtl_cli.data.loader import ViewTable
 from kdmtl_cli.engine.checkpoint import atomic_write_text
 from kdmtl_cli.engine import preemption
+from kdmtl_cli.engine.hardware import device_memory_budget
 from kdmtl_cli.engine.locks import file_lock
 from kdmtl_cli.errors import KdmtlError
 
 FORMAT_VERSION = 1
-MODES = ("off", "views", "deterministic")
+MODES = ("off", "views", "deterministic", "exact")   # exact: kdmtl_cli/engine/teacher_exact.py
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -70,13 +71,13 @@ def image_crc(images: torch.Tensor) -> np.ndarray:
     return np.array([zlib.crc32(row.tobytes()) for row in flat], dtype=np.int64)
 
 
-def _flatten(out: dict) -> Dict[str, torch.Tensor]:
+def flatten_outputs(out: dict) -> Dict[str, torch.Tensor]:
     entries = {f"outputs/{k}": v for k, v in out["outputs"].items()}
     entries.update({f"features/{k}": v for k, v in out["features"].items()})
     return entries
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
@@ -87,23 +88,32 @@ def _fmt_bytes(n: float) -> str:
 def check_settings(teacher_cfg) -> None:
     mode = str(teacher_cfg.cache)
     if mode not in MODES:
-        raise KdmtlError(f"unknown teacher.cache '{mode}'; choose off, views or deterministic")
+        raise KdmtlError(f"unknown teacher.cache '{mode}'; choose off, views, exact or deterministic")
     root = teacher_cfg._get_root() if hasattr(teacher_cfg, "_get_root") else None
     data_cfg = root.get("data", None) if root is not None and root is not teacher_cfg else None
-    if mode == "views" and data_cfg is not None and data_cfg.get("scale_crop", None):
-        raise KdmtlError(SCALE_CROP_VIEWS)
+    if mode in ("views", "exact") and data_cfg is not None and data_cfg.get("scale_crop", None):
+        raise KdmtlError(scale_crop_refusal(mode))
     if int(teacher_cfg.cache_views) < 1:
         raise KdmtlError(f"teacher.cache_views must be at least 1 (got {teacher_cfg.cache_views})")
     if teacher_cfg.cache_topk is not None and int(teacher_cfg.cache_topk) < 1:
         raise KdmtlError(f"teacher.cache_topk must be a positive number of classes or null (got "
                          f"{teacher_cfg.cache_topk})")
-    if str(teacher_cfg.cache_dtype) not in DTYPES:
-        raise KdmtlError(f"unknown teacher.cache_dtype '{teacher_cfg.cache_dtype}'; choose float16 or float32")
+    if teacher_cfg.cache_dtype is not None and str(teacher_cfg.cache_dtype) not in DTYPES:
+        raise KdmtlError(f"unknown teacher.cache_dtype '{teacher_cfg.cache_dtype}'; choose float16, float32 or "
+                         "null (float32 for cache=exact, float16 otherwise)")
 
 
-SCALE_CROP_VIEWS = (
-    "teacher.cache=views does not store random scale-crop views; set data.scale_crop=null, or "
-    "teacher.cache=deterministic (unaugmented views) or teacher.cache=off")
+def cache_dtype(teacher_cfg) -> str:
+    """`teacher.cache_dtype`, null meaning float32 for `exact` (its outputs then equal the live
+    teacher's bit for bit) and float16 for the stored views (half the bytes)."""
+    if teacher_cfg.cache_dtype is not None:
+        return str(teacher_cfg.cache_dtype)
+    return "float32" if str(teacher_cfg.cache) == "exact" else "float16"
+
+
+def scale_crop_refusal(mode: str) -> str:
+    return (f"teacher.cache={mode} does not store random scale-crop views; set data.scale_crop=null, or "
+            "teacher.cache=deterministic (unaugmented views) or teacher.cache=off")
 
 
 def plan_views(mode: str, num_views: int, num_samples: int, *, hflip: bool, crop_padding: int, seed: int,
@@ -125,13 +135,28 @@ def plan_views(mode: str, num_views: int, num_samples: int, *, hflip: bool, crop
 class TeacherOutputCache:
     """Stored teacher outputs for the (index, view) pairs of one training split."""
 
-    def __init__(self, root: Path, meta: dict, views: ViewTable, device: torch.device):
+    def __init__(self, root: Path, meta: dict, views: ViewTable, device: torch.device,
+                 resident: Optional[bool] = None):
+        """`resident`: hold the arrays in the device's memory instead of reading them from the
+        memory maps each step; by default when they fit in a quarter of a CUDA device's free memory."""
         self.root, self.meta, self.views, self.device = root, meta, views, device
-        self.arrays = {name: np.load(root / file, mmap_mode="r") for name, file in _files(meta["entries"]).items()}
+        arrays = {name: np.load(root / file, mmap_mode="r") for name, file in array_files(meta["entries"]).items()}
+        if resident is None:
+            resident = sum(a.nbytes for a in arrays.values()) <= device_memory_budget(device)
+        self.resident = bool(resident)
+        self.arrays = {name: torch.from_numpy(np.array(a)).to(device) for name, a in arrays.items()} \
+            if self.resident else arrays
         self.crc = np.load(root / "input_crc.npy", mmap_mode="r")
         self.check_next = True          # verify the inputs of the next batch against the stored CRCs
 
     # ---- reading ---------------------------------------------------------------------------
+    def covers(self, batch: dict) -> bool:
+        """Whether this training batch's teacher outputs come from here (its views were replayed)."""
+        return "view" in batch
+
+    def teacher_outputs(self, batch: dict) -> dict:
+        return self.lookup(batch["index"], batch["view"], batch["image"])
+
     def lookup(self, index: torch.Tensor, view: torch.Tensor, image: Optional[torch.Tensor] = None) -> dict:
         """The teacher's {"outputs", "features"} for these samples' views, as float32 on the
         device; with `image` (and once per epoch) its bytes are checked against the cache's."""
@@ -142,20 +167,34 @@ class TeacherOutputCache:
             if not np.array_equal(image_crc(image), self.crc[i, v]):
                 raise KdmtlError(f"the student's inputs differ from the views cached in {self.root} (a replay "
                                  "mismatch); delete that directory to rebuild the cache, or set teacher.cache=off")
-        out: dict = {"outputs": {}, "features": {}}
-        for name, spec in self.meta["entries"].items():
-            group, _, key = name.partition("/")
-            if "topk" in spec:
-                values, idx, lse = (torch.from_numpy(np.ascontiguousarray(self.arrays[f"{name}:{part}"][i, v]))
-                                    for part in ("values", "index", "lse"))
-                value = rebuild_logits(values.float(), idx.long(), lse.float(), spec["classes"])
-            else:
-                value = torch.from_numpy(np.ascontiguousarray(self.arrays[name][i, v]))
-            out[group][key] = value.to(self.device).float()
-        return out
+        return read_entries(self.meta["entries"], self.arrays, (i, v), self.device)
 
     def new_epoch(self) -> None:
         self.check_next = True
+
+    def epoch_metrics(self) -> Dict[str, float]:
+        return {}          # every covered step reads the cache: nothing to report
+
+
+def read_entries(entries: dict, arrays: dict, rows, device: torch.device) -> dict:
+    """{"outputs", "features"} of the stored `rows` (an index tuple) of every entry, float32 on
+    `device`; `arrays` hold numpy memory maps or tensors (resident on the device)."""
+    def take(name):
+        array = arrays[name]
+        if isinstance(array, torch.Tensor):
+            return array[tuple(torch.as_tensor(r, device=array.device) for r in rows)]
+        return torch.from_numpy(np.ascontiguousarray(array[rows]))
+
+    out: dict = {"outputs": {}, "features": {}}
+    for name, spec in entries.items():
+        group, _, key = name.partition("/")
+        if "topk" in spec:
+            values, idx, lse = (take(f"{name}:{part}").to(device) for part in ("values", "index", "lse"))
+            value = rebuild_logits(values.float(), idx.long(), lse.float(), spec["classes"])
+        else:
+            value = take(name)
+        out[group][key] = value.to(device).float()
+    return out
 
 
 def topk_parts(logits: torch.Tensor, k: int):
@@ -169,7 +208,7 @@ def rebuild_logits(values: torch.Tensor, index: torch.Tensor, lse: torch.Tensor,
     mass 1 - sum_topk p equally among the other C - k classes."""
     k = values.shape[1]
     if k >= classes:
-        return torch.zeros(values.shape[0], classes).scatter(1, index, values)
+        return torch.zeros(values.shape[0], classes, device=values.device).scatter(1, index, values)
     top_mass = torch.exp(values - lse[:, None]).sum(1).clamp(max=1 - 1e-7)
     fill = lse + torch.log1p(-top_mass) - math.log(classes - k)
     out = fill[:, None].expand(-1, classes).clone()
@@ -195,7 +234,7 @@ def _open_existing(entry: Path, content: dict, views: ViewTable, device) -> Opti
     try:
         cache = TeacherOutputCache(entry, meta, views, device)
         n, k = meta["num_samples"], meta["num_views"]
-        for name, (shape, dtype) in _array_specs(meta["entries"], n, k).items():
+        for name, (shape, dtype) in array_specs(meta["entries"], n, k).items():
             if tuple(cache.arrays[name].shape) != shape or cache.arrays[name].dtype != dtype:
                 return None
         if tuple(cache.crc.shape) != (n, k):
@@ -211,27 +250,17 @@ def open_or_build(*, cache_dir: str, teacher, loader, hardware, teacher_cfg, dat
     `task_kinds` ({task: kind name}) says which outputs are classification logits (top-k)."""
     mode, topk = str(teacher_cfg.cache), teacher_cfg.cache_topk
     if mode == "views" and getattr(loader, "scale_crop", None):   # check_settings refuses it first
-        raise KdmtlError(SCALE_CROP_VIEWS)
-    dtype_name = str(teacher_cfg.cache_dtype)
+        raise KdmtlError(scale_crop_refusal(mode))
+    dtype_name = cache_dtype(teacher_cfg)
     n = loader.num_samples
     probe_index = torch.arange(min(n, loader.batch_size))
     probe = _teacher_batch(teacher, loader, hardware, probe_index, views, 0)
-    entries = {}
-    for name, value in _flatten(probe).items():
-        spec = {"shape": list(value.shape[1:]), "dtype": dtype_name}
-        task = name.partition("/")[2]
-        if (topk is not None and name.startswith("outputs/") and task_kinds.get(task) == "classification"
-                and int(topk) < value.shape[1]):
-            spec.update(topk=int(topk), classes=int(value.shape[1]))
-        entries[name] = spec
+    entries = entry_specs(probe, topk, dtype_name, task_kinds)
     content = {
         "version": FORMAT_VERSION, "teacher": weights_digest(teacher), "mode": mode,
         "num_views": views.num_views, "view_seed": seed, "topk": topk, "dtype": dtype_name,
         "precision": hardware.precision, "channels_last": hardware.channels_last,
-        "data": {"name": data.name, "fingerprint": data.fingerprint, "mean": list(data.mean),
-                 "std": list(data.std), "num_samples": n, "image": list(loader.images.shape[1:]),
-                 "hflip": bool(views.flips.any()), "crop_padding": loader.crop_padding,
-                 "pad_values": loader.pad_values},
+        "data": data_content(data, loader, hflip=bool(views.flips.any())),
         "entries": entries,
     }
     key = cache_key(content)
@@ -241,6 +270,26 @@ def open_or_build(*, cache_dir: str, teacher, loader, hardware, teacher_cfg, dat
                    on_wait=lambda: say(f"teacher outputs: another job is building {entry}; waiting")):
         return _open_or_build_locked(entry, content, entries, teacher, loader, hardware, views, topk, probe,
                                      dtype_name, say, progress_mode)
+
+
+def entry_specs(probe: dict, topk, dtype_name: str, task_kinds: Dict[str, str]) -> dict:
+    """Stored entry name -> {shape, dtype[, topk, classes]}, from one batch of teacher outputs."""
+    entries = {}
+    for name, value in flatten_outputs(probe).items():
+        spec = {"shape": list(value.shape[1:]), "dtype": dtype_name}
+        task = name.partition("/")[2]
+        if (topk is not None and name.startswith("outputs/") and task_kinds.get(task) == "classification"
+                and int(topk) < value.shape[1]):
+            spec.update(topk=int(topk), classes=int(value.shape[1]))
+        entries[name] = spec
+    return entries
+
+
+def data_content(data, loader, *, hflip: bool) -> dict:
+    """What of the data and its augmentation a cache key depends on."""
+    return {"name": data.name, "fingerprint": data.fingerprint, "mean": list(data.mean), "std": list(data.std),
+            "num_samples": loader.num_samples, "image": list(loader.images.shape[1:]), "hflip": hflip,
+            "crop_padding": loader.crop_padding, "pad_values": loader.pad_values}
 
 
 def _open_or_build_locked(entry: Path, content: dict, entries: dict, teacher, loader, hardware, views: ViewTable,
@@ -256,16 +305,16 @@ def _open_or_build_locked(entry: Path, content: dict, entries: dict, teacher, lo
             return cache
         say(f"teacher outputs: the cache at {entry} is incomplete or damaged; rebuilding it")
         shutil.rmtree(entry, ignore_errors=True)
-    total = n * views.num_views * (8 + sum(_bytes_per_view(spec) for spec in entries.values()))
+    total = n * views.num_views * (8 + sum(bytes_per_view(spec) for spec in entries.values()))
     entry.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(entry.parent).free
     if total > free:
-        raise KdmtlError(f"the teacher output cache needs {_fmt_bytes(total)} but {entry.parent} has "
-                         f"{_fmt_bytes(free)} free; free space, use teacher.cache_topk / fewer teacher.cache_views, "
+        raise KdmtlError(f"the teacher output cache needs {fmt_bytes(total)} but {entry.parent} has "
+                         f"{fmt_bytes(free)} free; free space, use teacher.cache_topk / fewer teacher.cache_views, "
                          "or teacher.cache=off")
     features = sum(1 for name in entries if name.startswith("features/"))
     say(f"teacher outputs: caching {n} samples x {views.num_views} view(s) ({len(probe['outputs'])} outputs, "
-        f"{features} features, {dtype_name}{f', top-{topk} logits' if topk else ''}): {_fmt_bytes(total)} "
+        f"{features} features, {dtype_name}{f', top-{topk} logits' if topk else ''}): {fmt_bytes(total)} "
         f"at {entry}")
     meta = {"content": content, "num_samples": n, "num_views": views.num_views, "entries": entries,
             "bytes": total}
@@ -273,7 +322,7 @@ def _open_or_build_locked(entry: Path, content: dict, entries: dict, teacher, lo
     return TeacherOutputCache(entry, meta, views, hardware.device)
 
 
-def _files(entries: dict) -> Dict[str, str]:
+def array_files(entries: dict) -> Dict[str, str]:
     """Array name -> file name; a top-k entry is three arrays (values, index, lse)."""
     files, i = {}, 0
     for name, spec in entries.items():
@@ -282,7 +331,7 @@ def _files(entries: dict) -> Dict[str, str]:
     return files
 
 
-def _array_specs(entries: dict, n: int, k: int) -> Dict[str, tuple]:
+def array_specs(entries: dict, n: int, k: int) -> Dict[str, tuple]:
     """Array name -> (shape, numpy dtype)."""
     specs = {}
     for name, spec in entries.items():
@@ -295,7 +344,7 @@ def _array_specs(entries: dict, n: int, k: int) -> Dict[str, tuple]:
     return specs
 
 
-def _bytes_per_view(spec: dict) -> int:
+def bytes_per_view(spec: dict) -> int:
     if "topk" in spec:
         return spec["topk"] * (np.dtype(DTYPES[spec["dtype"]]).itemsize + 4) + 4
     return int(np.prod(spec["shape"], dtype=np.int64)) * np.dtype(DTYPES[spec["dtype"]]).itemsize
@@ -322,9 +371,9 @@ def _build(entry: Path, meta: dict, teacher, loader, hardware, views: ViewTable,
     tmp.mkdir(parents=True)
     try:
         n, k = meta["num_samples"], meta["num_views"]
-        files = _files(meta["entries"])
+        files = array_files(meta["entries"])
         arrays = {name: np.lib.format.open_memmap(tmp / files[name], mode="w+", dtype=dtype, shape=shape)
-                  for name, (shape, dtype) in _array_specs(meta["entries"], n, k).items()}
+                  for name, (shape, dtype) in array_specs(meta["entries"], n, k).items()}
         crc = np.lib.format.open_memmap(tmp / "input_crc.npy", mode="w+", dtype=np.int64, shape=(n, k))
         step = loader.batch_size
         batches = math.ceil(n / step)
@@ -335,16 +384,16 @@ def _build(entry: Path, meta: dict, teacher, loader, hardware, views: ViewTable,
                     index = torch.arange(start, min(n, start + step))
                     out, image = _teacher_batch(teacher, loader, hardware, index, views, v, with_image=True)
                     crc[start:start + len(index), v] = image_crc(image)
-                    flat = _flatten(out)
+                    flat = flatten_outputs(out)
                     rows = slice(start, start + len(index))
                     for name, spec in meta["entries"].items():
                         if "topk" in spec:
                             values, idx, lse = topk_parts(flat[name], spec["topk"])
-                            arrays[f"{name}:values"][rows, v] = _store(values, spec["dtype"], name)
+                            arrays[f"{name}:values"][rows, v] = stored_array(values, spec["dtype"], name)
                             arrays[f"{name}:index"][rows, v] = idx.cpu().numpy().astype(np.int32)
                             arrays[f"{name}:lse"][rows, v] = lse.cpu().numpy().astype(np.float32)
                         else:
-                            arrays[name][rows, v] = _store(flat[name], spec["dtype"], name)
+                            arrays[name][rows, v] = stored_array(flat[name], spec["dtype"], name)
                     progress.batch(None, 0.0)
                     # A stop signal: the partial entry is discarded (below); the next start rebuilds it.
                     preemption.check(f"while the teacher-output cache was built ({start + len(index)} of {n} "
@@ -364,7 +413,7 @@ def _build(entry: Path, meta: dict, teacher, loader, hardware, views: ViewTable,
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _store(value: torch.Tensor, dtype_name: str, name: str) -> np.ndarray:
+def stored_array(value: torch.Tensor, dtype_name: str, name: str) -> np.ndarray:
     array = value.detach().float().cpu().numpy()
     if dtype_name == "float16" and np.abs(array).max(initial=0.0) > np.finfo(np.float16).max:
         raise KdmtlError(f"teacher {name} has values beyond float16's range ({np.abs(array).max():.3g}); "

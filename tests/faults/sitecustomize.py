@@ -59,7 +59,7 @@ if _spec:
 
     if "signal_at_cache_batch" in _spec:
         _batches = [0]
-        _store = teacher_outputs._store
+        _store = teacher_outputs.stored_array
 
         def _store_then_maybe_signal(value, dtype_name, name):
             result = _store(value, dtype_name, name)
@@ -69,4 +69,4 @@ if _spec:
                     os.kill(os.getpid(), _sig)
             return result
 
-        teacher_outputs._store = _store_then_maybe_signal
+        teacher_outputs.stored_array = _store_then_maybe_signal
