@@ -153,7 +153,7 @@ def device_memory_budget(device: torch.device) -> int:
     return free // 4
 
 
-def set_determinism(on: bool, device: torch.device) -> None:
+def set_determinism(on: bool, device: torch.device, compile_on: bool = False) -> None:
     """What `hardware.deterministic` needs on each device, and nothing more.
 
     Both devices: `torch.use_deterministic_algorithms` (the few ops with a non-deterministic
@@ -165,7 +165,12 @@ def set_determinism(on: bool, device: torch.device) -> None:
     thread count a CPU run is bit-identical on rerun and on resume (tests/test_train_e2e.py,
     tests/test_hardware_knobs.py); on CUDA, runs repeat on the same card and software.
     """
-    torch.use_deterministic_algorithms(on, warn_only=True)
+    if compile_on:
+        torch.use_deterministic_algorithms(on, warn_only=True)    # also sets torch._inductor's switch
+    else:
+        # The same switch without importing torch._inductor (its config, read only when
+        # compiling, is what the public function also sets): that import costs ~1.2 s of start-up.
+        torch._C._set_deterministic_algorithms(on, warn_only=True)
     if on:
         torch.utils.deterministic.fill_uninitialized_memory = device.type != "cpu"
         if device.type == "cuda":
@@ -185,7 +190,7 @@ def setup_hardware(hw_cfg) -> Hardware:
         check_compile(device)
     if hw_cfg.num_threads:
         torch.set_num_threads(int(hw_cfg.num_threads))
-    set_determinism(bool(hw_cfg.deterministic), device)
+    set_determinism(bool(hw_cfg.deterministic), device, compile_on)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise KdmtlError(f"{device} does not support bf16; use hardware.precision=16-mixed or 32")
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.

@@ -29,11 +29,18 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
-        self.writer = None
-        if tensorboard:
+        self._tensorboard_dir = Path(run_dir) / "tensorboard" if tensorboard else None
+        self._writer = None
+
+    @property
+    def writer(self):
+        """TensorBoard's writer, made at the first value written: importing tensorboard costs
+        about a second that need not come before the first training step."""
+        if self._writer is None and self._tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._writer = SummaryWriter(log_dir=str(self._tensorboard_dir))
+        return self._writer
 
     def truncate_after_epoch(self, epoch: int, through_step: Optional[int] = None) -> None:
         """On resume: drop records written after the checkpoint we resume from (a mid-epoch
@@ -79,9 +86,9 @@ class MetricsLog:
         self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
 
 
 def say(progress_mode: str, text: str) -> None:

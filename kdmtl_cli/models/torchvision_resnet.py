@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.nn as nn
-import torchvision
 
 from kdmtl_cli.engine.checkpoint import load_tensor_file
 from kdmtl_cli.errors import KdmtlError
@@ -17,6 +16,8 @@ from kdmtl_cli.models import TRUNKS
 class ResNetTrunk(nn.Module):
     def __init__(self, arch: str, weights: str | None, small_input: bool):
         super().__init__()
+        import torchvision   # here, not at import: it pulls in torch._dynamo (~1 s), for these trunks only
+
         net = getattr(torchvision.models, arch)(weights=None)
         if weights:
             state = load_tensor_file(Path(weights), what=f"{arch} weights file")

@@ -19,12 +19,12 @@ twice, and two tasks may read the same target).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
 import torch
-import torchmetrics
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -35,30 +35,42 @@ from kdmtl_cli.registry import Registry
 METRIC_REDUCTIONS = ("split", "batch_mean")   # test.metric_reduction
 
 
-class BatchMean(torchmetrics.Metric):
+def batch_mean(fn: Callable[[Tensor, Tensor], Optional[Tensor]]):
     """A metric computed on each update() call's batch alone, then averaged over the batches
     with equal weight (float64 sums), as the official NYUv2/Cityscapes test loops do
     (``avg_cost[...] += cost / test_batch``). ``fn(pred, target)`` gives the batch's value, or
     None when the batch holds no valid pixel: such a batch is skipped (the official code would
     divide by zero there and turn the average into NaN)."""
+    return _batch_mean_class()(fn)
 
-    full_state_update = False
-    higher_is_better = None
 
-    def __init__(self, fn: Callable[[Tensor, Tensor], Optional[Tensor]], **kwargs):
-        super().__init__(**kwargs)
-        self.fn = fn
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("batches", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+@functools.cache
+def _batch_mean_class():
+    # torchmetrics is imported when the first metric is made (the first evaluation), not when
+    # a task kind is: importing it costs seconds (it pulls in torchvision, scipy, matplotlib)
+    # that would otherwise delay every command, and its first training step, for nothing.
+    import torchmetrics
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        value = self.fn(pred, target)
-        if value is not None:
-            self.total += value.detach().double()
-            self.batches += 1
+    class BatchMean(torchmetrics.Metric):
+        full_state_update = False
+        higher_is_better = None
 
-    def compute(self) -> Tensor:
-        return self.total / self.batches if self.batches > 0 else torch.tensor(math.nan, dtype=torch.float64)
+        def __init__(self, fn, **kwargs):
+            super().__init__(**kwargs)
+            self.fn = fn
+            self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("batches", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+        def update(self, pred: Tensor, target: Tensor) -> None:
+            value = self.fn(pred, target)
+            if value is not None:
+                self.total += value.detach().double()
+                self.batches += 1
+
+        def compute(self) -> Tensor:
+            return self.total / self.batches if self.batches > 0 else torch.tensor(math.nan, dtype=torch.float64)
+
+    return BatchMean
 
 
 class TaskKind:
@@ -77,12 +89,18 @@ class TaskKind:
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def has_batch_metrics(cls) -> bool:
+        """Whether the kind defines per-batch metrics (asked without making them: that would
+        import torchmetrics at start-up)."""
+        return cls.batch_metrics is not TaskKind.batch_metrics
+
     def metrics(self, spec: TargetSpec) -> dict[str, torch.nn.Module]:
         raise NotImplementedError
 
     def batch_metrics(self, spec: TargetSpec) -> dict[str, torch.nn.Module] | None:
         """The same metrics as `metrics`, computed per evaluation batch and averaged over
-        batches (`BatchMean`); None where the kind has no such rule."""
+        batches (`batch_mean`); None where the kind has no such rule."""
         return None
 
     def prepare_for_metrics(self, output: Tensor, target: Tensor):
@@ -183,7 +201,7 @@ def build_tasks(tasks_cfg, data_targets: dict[str, TargetSpec]) -> dict[str, Tas
             raise KdmtlError(f"target '{target}' of task '{name}' gives no class count, which a "
                              f"{kind.name} task needs")
         # test.metric_reduction=batch_mean applies to the kinds with per-batch metrics (depth, normals)
-        own = reduction if kind.batch_metrics(spec) is not None else "split"
+        own = reduction if kind.has_batch_metrics() else "split"
         tasks[name] = Task(name=name, kind=kind, spec=spec, target=target,
                            auxiliary=bool(task_cfg.get("auxiliary", False)), metric_reduction=own)
     return tasks

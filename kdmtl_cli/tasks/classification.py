@@ -13,11 +13,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch.nn.functional as F
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MulticlassRecall,
-)
 
 from kdmtl_cli.distill.logit import kl_with_temperature
 from kdmtl_cli.tasks import TASK_KINDS, TaskKind
@@ -43,6 +38,13 @@ class Classification(TaskKind):
         return F.cross_entropy(output.float(), target)
 
     def metrics(self, spec):
+        # torchmetrics is imported here, at the first evaluation (see tasks.batch_mean)
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassF1Score,
+            MulticlassRecall,
+        )
+
         n = spec.num_classes
         return {"accuracy": MulticlassAccuracy(n, average="micro"),
                 "f1": MulticlassF1Score(n, average="macro"),

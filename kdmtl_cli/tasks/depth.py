@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torchmetrics.regression import MeanAbsoluteError, MeanAbsolutePercentageError
 
-from kdmtl_cli.tasks import TASK_KINDS, BatchMean, TaskKind
+from kdmtl_cli.tasks import TASK_KINDS, TaskKind, batch_mean
 
 # Colour ramp from near (0) to far (1), RGB in [0, 1], evenly spaced stops, linear in between.
 DEPTH_RAMP = ((1.0, 1.0, 0.6), (1.0, 0.65, 0.1), (0.85, 0.2, 0.3), (0.45, 0.1, 0.55), (0.1, 0.05, 0.35))
@@ -62,11 +61,14 @@ class Depth(TaskKind):
         return (diff * valid).sum() / valid.sum().clamp_min(1)
 
     def metrics(self, spec):
+        # torchmetrics is imported here, at the first evaluation (see tasks.batch_mean)
+        from torchmetrics.regression import MeanAbsoluteError, MeanAbsolutePercentageError
+
         # MAPE is |p - t| / |t| averaged over pixels: the relative error of depth papers.
         return {"abs_err": MeanAbsoluteError(), "rel_err": MeanAbsolutePercentageError()}
 
     def batch_metrics(self, spec):
-        return {"abs_err": BatchMean(batch_abs_err), "rel_err": BatchMean(batch_rel_err)}
+        return {"abs_err": batch_mean(batch_abs_err), "rel_err": batch_mean(batch_rel_err)}
 
     def prepare_for_metrics(self, output, target):
         valid = target > 0

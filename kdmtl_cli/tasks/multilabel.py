@@ -19,11 +19,6 @@ from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import (
-    MultilabelAveragePrecision,
-    MultilabelExactMatch,
-    MultilabelF1Score,
-)
 
 from kdmtl_cli.tasks import TASK_KINDS, TaskKind
 from kdmtl_cli.tasks.classification import class_name
@@ -55,6 +50,13 @@ class MultiLabel(TaskKind):
         return F.binary_cross_entropy_with_logits(output.float(), target.float())
 
     def metrics(self, spec):
+        # torchmetrics is imported here, at the first evaluation (see tasks.batch_mean)
+        from torchmetrics.classification import (
+            MultilabelAveragePrecision,
+            MultilabelExactMatch,
+            MultilabelF1Score,
+        )
+
         n = spec.num_classes
         return {"map": MultilabelAveragePrecision(n, average="macro"),
                 "f1": MultilabelF1Score(n, threshold=0.5, average="macro"),

@@ -17,16 +17,15 @@ components in dim 1), an all-zero vector marks an invalid pixel.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
-from kdmtl_cli.tasks import TASK_KINDS, BatchMean, TaskKind
+from kdmtl_cli.tasks import TASK_KINDS, TaskKind, batch_mean
 
 _EPS = 1e-12
 
@@ -85,49 +84,57 @@ def batch_angle_stat(stat):
     return fn
 
 
-class AngleStat(Metric):
-    """Mean angle, or the fraction of angles below `threshold` degrees, over every pixel seen:
-    two running sums. update(pred [M,3], target [M,3]) takes valid pixels only."""
+@functools.cache
+def _metric_classes():
+    """(AngleStat, MedianAngle), made when the first normals metric is (torchmetrics is imported
+    at the first evaluation, not at start-up: see tasks.batch_mean)."""
+    from torchmetrics import Metric
+    from torchmetrics.utilities import dim_zero_cat
 
-    full_state_update = False
-    higher_is_better = None
+    class AngleStat(Metric):
+        """Mean angle, or the fraction of angles below `threshold` degrees, over every pixel seen:
+        two running sums. update(pred [M,3], target [M,3]) takes valid pixels only."""
 
-    def __init__(self, threshold=None, **kwargs):
-        super().__init__(**kwargs)
-        self.threshold = threshold
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        full_state_update = False
+        higher_is_better = None
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        angles = angles_deg(pred, target)
-        values = angles if self.threshold is None else (angles < self.threshold).float()
-        self.total += values.double().sum()
-        self.count += angles.numel()
+        def __init__(self, threshold=None, **kwargs):
+            super().__init__(**kwargs)
+            self.threshold = threshold
+            self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def compute(self) -> Tensor:
-        return (self.total / self.count.clamp_min(1)).float() if self.count > 0 \
-            else torch.tensor(math.nan)
+        def update(self, pred: Tensor, target: Tensor) -> None:
+            angles = angles_deg(pred, target)
+            values = angles if self.threshold is None else (angles < self.threshold).float()
+            self.total += values.double().sum()
+            self.count += angles.numel()
 
+        def compute(self) -> Tensor:
+            return (self.total / self.count.clamp_min(1)).float() if self.count > 0 \
+                else torch.tensor(math.nan)
 
-class MedianAngle(Metric):
-    """Median angle over every pixel seen (the mean of the two middle angles for an even
-    count). It needs them all: a list state concatenated at compute (and across processes)."""
+    class MedianAngle(Metric):
+        """Median angle over every pixel seen (the mean of the two middle angles for an even
+        count). It needs them all: a list state concatenated at compute (and across processes)."""
 
-    full_state_update = False
-    higher_is_better = False
+        full_state_update = False
+        higher_is_better = False
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("angles", default=[], dist_reduce_fx="cat")
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.add_state("angles", default=[], dist_reduce_fx="cat")
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        self.angles.append(angles_deg(pred, target))
+        def update(self, pred: Tensor, target: Tensor) -> None:
+            self.angles.append(angles_deg(pred, target))
 
-    def compute(self) -> Tensor:
-        angles = dim_zero_cat(self.angles) if len(self.angles) else torch.zeros(0)
-        if angles.numel() == 0:
-            return torch.tensor(math.nan)
-        return median(angles)
+        def compute(self) -> Tensor:
+            angles = dim_zero_cat(self.angles) if len(self.angles) else torch.zeros(0)
+            if angles.numel() == 0:
+                return torch.tensor(math.nan)
+            return median(angles)
+
+    return AngleStat, MedianAngle
 
 
 @TASK_KINDS.register("normals")
@@ -145,14 +152,15 @@ class Normals(TaskKind):
         return mean_one_minus_cos(output, target, valid_pixels(target))
 
     def metrics(self, spec):
+        AngleStat, MedianAngle = _metric_classes()
         return {"mean_angle": AngleStat(), "median_angle": MedianAngle(),
                 "within_11_25": AngleStat(11.25), "within_22_5": AngleStat(22.5), "within_30": AngleStat(30.0)}
 
     def batch_metrics(self, spec):
-        return {"mean_angle": BatchMean(batch_angle_stat("mean")),
-                "median_angle": BatchMean(batch_angle_stat("median")),
-                "within_11_25": BatchMean(batch_angle_stat(11.25)), "within_22_5": BatchMean(batch_angle_stat(22.5)),
-                "within_30": BatchMean(batch_angle_stat(30.0))}
+        return {"mean_angle": batch_mean(batch_angle_stat("mean")),
+                "median_angle": batch_mean(batch_angle_stat("median")),
+                "within_11_25": batch_mean(batch_angle_stat(11.25)), "within_22_5": batch_mean(batch_angle_stat(22.5)),
+                "within_30": batch_mean(batch_angle_stat(30.0))}
 
     def prepare_for_metrics(self, output, target):
         """[N,3,H,W] maps -> (prediction, target) as [M,3] rows of the M valid pixels (float32 at

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 from torch import Tensor
-from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 from kdmtl_cli.distill.logit import dense_regression_kd
 from kdmtl_cli.tasks import TASK_KINDS, TaskKind
@@ -42,6 +41,9 @@ class Regression(TaskKind):
         return (as_scalar(output) - target.float()).abs().mean()
 
     def metrics(self, spec):
+        # torchmetrics is imported here, at the first evaluation (see tasks.batch_mean)
+        from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
+
         return {"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False)}
 
     def prepare_for_metrics(self, output, target):

@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from kdmtl_cli.distill.logit import kl_with_temperature
 from kdmtl_cli.tasks import TASK_KINDS, TaskKind
@@ -55,6 +54,9 @@ class Segmentation(TaskKind):
         return F.cross_entropy(output.float(), target, ignore_index=IGNORE_INDEX)
 
     def metrics(self, spec):
+        # torchmetrics is imported here, at the first evaluation (see tasks.batch_mean)
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
         n = spec.num_classes
         return {"miou": MulticlassJaccardIndex(n, average="macro", ignore_index=IGNORE_INDEX),
                 "pixel_acc": MulticlassAccuracy(n, average="micro", ignore_index=IGNORE_INDEX)}
