@@ -313,6 +313,18 @@ def _keep(measurement_batches, x, y):
     measurement_batches.append((x.detach().contiguous().cpu().clone(), y.detach().cpu().clone()))
 
 
+def timed_batches(job, clock, kept, count: int, channels_last: bool):
+    """The side's batches (x, y), built inside its timing as the engine builds its own; copies
+    go to `kept` (unless None) for the loss check."""
+    for step, index in enumerate(job.batch_indices(count)):
+        clock.begin(step)
+        x, y = job.make_batch(index)
+        clock.count(step, len(y))
+        if kept is not None:
+            _keep(kept, x, y)
+        yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+
+
 # ---- the sides ---------------------------------------------------------------------------------
 def run_hand(job: Job, steps: int, warmup: int, keep: bool) -> Measurement:
     cfg, o = job.cfg, job.cfg.optim
@@ -324,14 +336,7 @@ def run_hand(job: Job, steps: int, warmup: int, keep: bool) -> Measurement:
                                                      o.gamma)
     a, b, T = job.task_weight, job.kd_weight, job.temperature
     clock, kept, losses = Clock(job.device, warmup), [], []
-    for step, index in enumerate(job.batch_indices(warmup + steps)):
-        clock.begin(step)
-        x, y = job.make_batch(index)
-        clock.count(step, len(y))
-        if keep:
-            _keep(kept, x, y)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for x, y in timed_batches(job, clock, kept if keep else None, warmup + steps, channels_last):
         out = student(x)["outputs"][job.task]
         with torch.no_grad():
             t_out = teacher(x)["outputs"][job.task]
@@ -375,14 +380,7 @@ def run_torchdistill(job: Job, channels_last: bool, steps: int, warmup: int, kee
                           distributed=False, lr_factor=1)
     box.pre_epoch_process(epoch=EPOCH - 1)
     clock, kept, losses = Clock(job.device, warmup), [], []
-    for step, index in enumerate(job.batch_indices(warmup + steps)):
-        clock.begin(step)
-        x, y = job.make_batch(index)
-        clock.count(step, len(y))
-        if keep:
-            _keep(kept, x, y)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for x, y in timed_batches(job, clock, kept if keep else None, warmup + steps, channels_last):
         loss = box.forward_process(x, y, supp_dict=None)
         box.post_forward_process(loss=loss)
         if keep:

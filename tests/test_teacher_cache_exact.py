@@ -14,27 +14,21 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST, read_jsonl, run_kdmtl, show
-from kdmtl_cli.data import TargetSpec
+from test_teacher_outputs import N, split_and_tasks
 from kdmtl_cli.data.loader import TensorLoader
 from kdmtl_cli.engine import teacher_exact, teacher_outputs
 from kdmtl_cli.engine.hardware import Hardware
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import build_model
 from kdmtl_cli.schema import ModelConfig, TeacherConfig
-from kdmtl_cli.tasks import build_tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
-N, SIZE, BATCH = 30, 16, 8       # 3 full batches of 8 and a last one of 6 (run live) per epoch
+BATCH = 8                        # N = 30: 3 full batches of 8 and a last one of 6 (run live) per epoch
 
 
 def _setup(tmp_path, crop=1, hflip=True, resident=False, topk=None, dtype=None, channels_last=True):
-    g = torch.Generator().manual_seed(0)
-    split = {"image": torch.randint(0, 256, (N, 3, SIZE, SIZE), generator=g, dtype=torch.uint8),
-             "cls": torch.randint(0, 5, (N,), generator=g),
-             "seg": torch.randint(0, 4, (N, SIZE, SIZE), generator=g)}
-    tasks = build_tasks(OmegaConf.create({"cls": {"kind": "classification"}, "seg": {"kind": "segmentation"}}),
-                        {"cls": TargetSpec("classification", 5), "seg": TargetSpec("segmentation", 4)})
+    split, tasks = split_and_tasks()
     hw = Hardware(device=CPU, precision="32", channels_last=channels_last, scaler=None)
     torch.manual_seed(0)
     teacher = hw.prepare_model(build_model(OmegaConf.structured(ModelConfig(width=8, decoder_width=8)), tasks)).eval()
@@ -156,7 +150,7 @@ def test_exact_with_scale_crop_is_refused():
 def test_views_cache_resident_in_memory_reads_what_the_memory_maps_hold(tmp_path):
     """The device-resident form of the `views` cache (a CUDA device with room) returns what the
     memory-mapped one does; checked here with host memory standing in for the device."""
-    from test_teacher_outputs import _setup as setup_views
+    from test_teacher_outputs import _setup as setup_views  # noqa: PLC0415
 
     s = setup_views(tmp_path, topk=2)
     resident = teacher_outputs.TeacherOutputCache(s.cache.root, s.cache.meta, s.table, CPU, resident=True)

@@ -34,13 +34,19 @@ HW = Hardware(device=CPU, precision="32", channels_last=False, scaler=None)
 N, SIZE = 30, 16
 
 
-def _setup(tmp_path, mean=(0.5, 0.5, 0.5), mode="views", views=3, topk=None, crop=2, seed=0):
+def split_and_tasks():
+    """N random SIZE x SIZE images with `cls` and `seg` targets, and their two tasks."""
     g = torch.Generator().manual_seed(0)
     split = {"image": torch.randint(0, 256, (N, 3, SIZE, SIZE), generator=g, dtype=torch.uint8),
              "cls": torch.randint(0, 5, (N,), generator=g),
              "seg": torch.randint(0, 4, (N, SIZE, SIZE), generator=g)}
     tasks = build_tasks(OmegaConf.create({"cls": {"kind": "classification"}, "seg": {"kind": "segmentation"}}),
                         {"cls": TargetSpec("classification", 5), "seg": TargetSpec("segmentation", 4)})
+    return split, tasks
+
+
+def _setup(tmp_path, mean=(0.5, 0.5, 0.5), mode="views", views=3, topk=None, crop=2, seed=0):
+    split, tasks = split_and_tasks()
     torch.manual_seed(seed)
     teacher = build_model(OmegaConf.structured(ModelConfig(width=8, decoder_width=8)), tasks).eval()
     teacher.capture_features(["trunk.stages.1"])
