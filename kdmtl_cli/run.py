@@ -274,6 +274,9 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     except BaseException:
         log.close()           # the TensorBoard events so far reach the disk
         raise
+    finally:
+        if objective.cache is not None:
+            objective.cache.close()   # the next job of a sweep (same process) may write the exact store
     distributed.barrier(ranks)        # rank 0's checkpoints are written
     if state.epoch < cfg.optim.epochs or not ranks.is_main:
         log.close()

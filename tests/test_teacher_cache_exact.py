@@ -3,7 +3,7 @@ are bit-identical to the live teacher's on the same training batch, whether just
 back from an earlier epoch or run, or held in device memory; views are slotted as
 flip * S^2 + dy * S + dx; the shared entry has one writer (another run fills a private one);
 settings it cannot honour are refused in one line; and a CLI run ends bit-identical to
-`teacher.cache=off`, also when a second run reads the first one's stored views."""
+`teacher.cache=off`, also when the next job of a sweep reads the first one's stored views."""
 
 from __future__ import annotations
 
@@ -164,24 +164,26 @@ def test_views_cache_resident_in_memory_reads_what_the_memory_maps_hold(tmp_path
                 assert torch.equal(a[group][name], b[group][name])
 
 
-def test_cli_exact_ends_bit_identical_to_off_and_a_second_run_reuses_the_views(workdir, shared_cache):
+def test_cli_exact_ends_bit_identical_to_off_and_the_next_sweep_job_reuses_the_views(workdir, shared_cache):
     common = ["train", *FAST, "optim.epochs=2", "data.crop_padding=1"]
-    runs = {}
-    for name, mode in (("off", "off"), ("exact", "exact"), ("again", "exact")):
-        proc = run_kdmtl([*common, f"teacher.cache={mode}", f"hydra.run.dir={workdir / name}"], workdir, shared_cache)
-        assert proc.returncode == 0, show(proc)
-        runs[name] = proc
-    assert "teacher outputs (exact)" in runs["exact"].stdout
-    assert "reusing" in runs["again"].stdout, show(runs["again"])
-    final = {name: read_jsonl(workdir / name / "metrics.jsonl")[-1] for name in runs}
+    off = run_kdmtl([*common, f"hydra.run.dir={workdir / 'off'}"], workdir, shared_cache)
+    assert off.returncode == 0, show(off)
+    # two jobs of one sweep, in one process (Hydra's basic launcher), differing only in logging:
+    # the first fills the exact store and releases it when it ends, the second reads it back
+    sweep = run_kdmtl(["train", "-m", *common[1:], "teacher.cache=exact", "log.every_n_steps=25,26",
+                       f"hydra.sweep.dir={workdir / 'sweep'}"], workdir, shared_cache)
+    assert sweep.returncode == 0, show(sweep)
+    assert sweep.stdout.count("teacher outputs (exact)") == 2 and "private" not in sweep.stdout, show(sweep)
+    assert "filling" in sweep.stdout and "reusing" in sweep.stdout, show(sweep)
+    final = {name: read_jsonl(workdir / name / "metrics.jsonl")[-1] for name in ("off", "sweep/0", "sweep/1")}
     keys = [k for k in final["off"] if k.startswith(("test/", "val/"))]
     assert keys
-    for name in ("exact", "again"):
+    off_weights = torch.load(workdir / "off" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name in ("sweep/0", "sweep/1"):
         assert all(final[name][k] == final["off"][k] for k in keys), name
         weights = torch.load(workdir / name / "checkpoints" / "last.pt", weights_only=True)["model"]
-        off = torch.load(workdir / "off" / "checkpoints" / "last.pt", weights_only=True)["model"]
-        assert all(torch.equal(weights[k], off[k]) for k in off), name
-    epochs = [r for r in read_jsonl(workdir / "again" / "metrics.jsonl") if r["type"] == "epoch"]
-    # the second run draws the first run's views (same seed): its teacher never runs
+        assert all(torch.equal(weights[k], off_weights[k]) for k in off_weights), name
+    epochs = [r for r in read_jsonl(workdir / "sweep/1" / "metrics.jsonl") if r["type"] == "epoch"]
+    # the second job draws the first job's views (same seed): its teacher never runs
     assert all(r["train/teacher_cache/teacher_batches"] == 0 for r in epochs), epochs
     assert all(r["train/teacher_cache/hit_rate"] == 1.0 for r in epochs)

@@ -175,6 +175,9 @@ class TeacherOutputCache:
     def epoch_metrics(self) -> Dict[str, float]:
         return {}          # every covered step reads the cache: nothing to report
 
+    def close(self) -> None:
+        """Nothing to release: the entry is read-only once built."""
+
 
 def read_entries(entries: dict, arrays: dict, rows, device: torch.device) -> dict:
     """{"outputs", "features"} of the stored `rows` (an index tuple) of every entry, float32 on
