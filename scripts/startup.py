@@ -7,8 +7,8 @@ Fills a cache first (one `kdmtl train` run: data generated, teacher trained) unl
 names one that has them, then starts `kdmtl train optim.epochs=1 OVERRIDES` --repeats times in
 fresh processes and prints, per phase, the median seconds since the command was started:
 imports done, data loaded, teacher loaded, objective set up (first validation batch), the
-student's first training step begins (its first epoch is entered), and the end of the run
-(which includes the test). The phases are read from
+student's first training step begins (its first epoch is entered), and with --full the end
+of the run (which includes the test); without it each start-up stops there. The phases are read from
 timestamps the child process prints from wrappers around those functions (the wrappers are
 in this script, not in kdmtl). --profile also prints the 25 slowest functions (cumulative) of
 one start-up under cProfile, from the end of the imports to the first training step.
@@ -36,6 +36,8 @@ def mark(name):
     if PROFILE and name == "first_step":
         profiler.disable()
         profiler.dump_stats(PROFILE)
+    if name == "first_step" and not os.environ.get("STARTUP_FULL"):
+        os._exit(0)            # what is measured is done; the run's directory is a temporary one
 import kdmtl_cli.run as run
 from kdmtl_cli.distill.objective import Objective
 mark("imports")
@@ -67,11 +69,13 @@ try:
 finally:
     mark("end")
 """
-PHASES = ("imports", "data", "teacher", "objective", "first_step", "end")
+PHASES = ("imports", "data", "teacher", "objective", "first_step", "end")   # end: with --full only
 
 
-def run_once(args, overrides, cache: str, run_dir: Path, profile: bool = False):
+def run_once(args, overrides, cache: str, run_dir: Path, profile: bool = False, full: bool = False):
     env = {**os.environ, "KDMTL_CACHE": cache}
+    if full or args.full:
+        env["STARTUP_FULL"] = "1"
     env.pop("HYDRA_FULL_ERROR", None)
     cmd = [sys.executable, "-c", CHILD, "train", "optim.epochs=1", "log.progress=none", f"hydra.run.dir={run_dir}",
            *overrides]
@@ -100,12 +104,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", default=None, help="a kdmtl cache that already holds the data and teacher")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--full", action="store_true", help="run each start-up to its end (the test included)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kdmtl-startup-"))
     cache = args.cache or str(work / "cache")
     print(f"cache {cache}; filling it (data, teacher) with one run ...", flush=True)
-    run_once(args, args.overrides, cache, work / "fill")
+    run_once(args, args.overrides, cache, work / "fill", full=True)
     runs = [run_once(args, args.overrides, cache, work / f"run{i}") for i in range(args.repeats)]
     print(f"\nseconds since the command, median of {args.repeats} (each run), "
           f"overrides: {' '.join(args.overrides) or 'none'}")

@@ -1,7 +1,7 @@
 """A fixed panel of validation images for TensorBoard: per dense task, one image whose rows are
 samples and whose columns are input | ground truth | teacher | student (segmentation coloured
 by class, depth as a colour ramp, normals as RGB: each task kind's `show`). The teacher's
-column is computed once (it is frozen); the student's every validation epoch."""
+column is computed once, at the first render (it is frozen); the student's every validation epoch."""
 
 from __future__ import annotations
 
@@ -19,11 +19,8 @@ class ValidationPanel:
         mean = torch.tensor(mean, device=self.image.device).view(view)
         std = torch.tensor(std, device=self.image.device).view(view)
         self.input = (self.image.float() * std + mean).clamp(0, 1)[:, :3]
-        self.teacher_rgb: Dict[str, torch.Tensor] = {}
-        if teacher is not None:
-            with torch.no_grad():
-                out = teacher(self.image)["outputs"]
-            self.teacher_rgb = {n: self._show(n, out[n]) for n in self.tasks if n in out}
+        self.teacher = teacher
+        self.teacher_rgb: Optional[Dict[str, torch.Tensor]] = None    # at the first render, not at start-up
 
     def _show(self, name: str, value: torch.Tensor) -> torch.Tensor:
         task = self.tasks[name]
@@ -36,6 +33,11 @@ class ValidationPanel:
         model.eval()
         out = model(self.image)["outputs"]
         model.train(was_training)
+        if self.teacher_rgb is None:
+            self.teacher_rgb = {}
+            if self.teacher is not None:
+                teacher_out = self.teacher(self.image)["outputs"]
+                self.teacher_rgb = {n: self._show(n, teacher_out[n]) for n in self.tasks if n in teacher_out}
         panels = {}
         for name, task in self.tasks.items():
             columns = [self.input, self._show(name, self.targets[task.target])]
