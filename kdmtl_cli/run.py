@@ -211,7 +211,6 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     monitor = effective_monitor(cfg.checkpoint.monitor, has_val)
     weighting = build_weighting(cfg.weighting, list(tasks), seed=cfg.seed).to(hardware.device)
     baseline = _check_delta_m(cfg.delta_m, tasks)
-    teacher_outputs.check_settings(cfg.teacher)
 
     # The student is built before any teacher is trained, so a bad student setting fails in
     # a second, not after the teacher's training.

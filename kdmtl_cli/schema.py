@@ -228,6 +228,7 @@ class HardwareConfig:
     num_threads: Optional[int] = at_least(1, default=None)  # CPU threads for torch; null: torch's choice
     deterministic: bool = True            # deterministic kernels (bit-reproducible CPU runs)
     channels_last: bool = True            # NHWC memory layout: faster convolutions on CPU and GPU
+    keep_freed_memory: bool = True        # glibc malloc keeps freed step memory for reuse (engine/host_memory.py)
     compile: bool = False                 # torch.compile the models' forward (keys of state_dict unchanged)
     compile_mode: str = "default"         # default | reduce-overhead | max-autotune
     nproc: int = at_least(1, default=1)           # data-parallel processes (kdmtl starts them; hardware=ddp)

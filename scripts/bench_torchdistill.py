@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""kdmtl's engine against torchdistill 1.1.5 and a hand-written PyTorch loop on one KD job, in one
-process, from identical weights and identical batches (figures go to the README; never asserted in tests).
+"""kdmtl's engine against torchdistill 1.1.5 and a hand-written PyTorch loop on one KD job, from
+identical weights and identical batches (figures go to the README; never asserted in tests).
 
   python scripts/bench_torchdistill.py [--rounds 5] [--steps 30] [--warmup 3] [--check-steps 3]
                                        [--threads N] [--peak-tflops T] [--variant "k=v k2=v2"]
@@ -14,6 +14,14 @@ size, optim.* (SGD lr, momentum, Nesterov, weight decay, milestones, gamma), dat
 data.hflip, data.mean/std, the seeds, hardware.* (channels_last, precision, deterministic).
 Data: CIFAR-100-sized random uint8 images in memory (bench.py `_cifar_like`, given the
 experiment's normalisation), (warm-up + steps) full batches: one epoch, the Trainer's first.
+
+Processes. Every measurement runs in a fresh process of its own (this script with --worker),
+which builds the same job (the same composed config, seeds, data, initial weights and epoch
+plan) and runs one side: each side runs as its own program would, with the process-wide state it
+sets itself and nothing another side set. That matters: kdmtl's `hardware.keep_freed_memory`
+(kdmtl_cli/engine/host_memory.py) changes the C library's allocator for the whole process and
+cannot be undone, and torchdistill's users run with the allocator's defaults. Each row also
+prints the minor page faults per timed step (fresh pages the kernel had to zero-fill).
 
 Sides; every measurement starts from deep copies of one initial student and one teacher (random
 weights from the config's seed; the teacher frozen, in eval mode) and runs one epoch:
@@ -36,7 +44,8 @@ weights from the config's seed; the teacher frozen, in eval mode) and runs one e
   Two rows: torchdistill with its defaults (NCHW tensors), and with models and inputs in
   channels_last like the other sides (when the experiment sets hardware.channels_last), which
   separates the memory layout's share of a ratio from the rest.
-- hand: plain PyTorch with kdmtl's settings (hardware.channels_last, fp32): student forward,
+- hand: plain PyTorch with kdmtl's settings (hardware.channels_last, fp32, and
+  hardware.keep_freed_memory's allocator settings): student forward,
   teacher forward under no_grad, task_weight x CE + kd_weight x T^2 x KL(batchmean), SGD with
   the config's settings, a per-step MultiStepLR, zero_grad(set_to_none=True).
 - kdmtl: the real engine, Trainer.fit through bench.py `engine_speed` with kdmtl's Objective,
@@ -62,11 +71,13 @@ losses it asserts are the TensorLoader's, bit for bit. Process-global torch flag
 `torch.use_deterministic_algorithms`, `torch.utils.deterministic.fill_uninitialized_memory`,
 cudnn.benchmark (and the thread count when hardware.num_threads is set); they are saved before
 and restored after every side, and the torchdistill and hand sides run with torch's defaults as
-found at start-up. (torchdistill's example script also turns cudnn.benchmark on unless told not
+found at start-up (each in its own process now, which makes the restore a formality).
+(torchdistill's example script also turns cudnn.benchmark on unless told not
 to: on a GPU that is one difference from a stock torchdistill run; on a CPU it does nothing.)
 
-Equal losses: a check pass first runs --check-steps steps of every side from the same initial
-weights on the same batches and prints each side's losses beside torchdistill's. Rows in fp32 on
+Equal losses: a check pass first runs --check-steps steps of every side (one process per side)
+from the same initial weights on the same batches and prints each side's losses beside
+torchdistill's. Rows in fp32 on
 identical batches, with the live teacher or the exact cache, must agree to rtol 1e-5 (the run
 stops otherwise); bf16 rows and stored-view caches (other batches, fp16 outputs) are shown only.
 
@@ -84,9 +95,12 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import json
 import os
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,6 +120,7 @@ from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.engine import teacher_outputs
 from kdmtl_cli.engine.hardware import Hardware, select_device, setup_hardware
+from kdmtl_cli.engine.host_memory import keep_freed_memory
 from kdmtl_cli.engine.optim import build_optimizer
 from kdmtl_cli.models import build_model
 from kdmtl_cli.run import _teacher_output_cache
@@ -121,6 +136,7 @@ EXPERIMENT = "cifar100_resnet56_resnet20_kd"
 KDMTL_VARIANTS = [
     "",                                  # the experiment's own settings
     "hardware.deterministic=false",
+    "hardware.keep_freed_memory=false",
     "teacher.cache=views",
     "teacher.cache=exact",
     "hardware.precision=bf16",
@@ -169,7 +185,7 @@ def compose_config(overrides: List[str], cache_dir: str):
     with initialize_config_module(config_module="kdmtl_cli.conf", version_base="1.3"):
         raw = compose("train", overrides=[f"+experiment={EXPERIMENT}", f"cache_dir={cache_dir}", *overrides])
     cfg = validate(raw, TrainConfig)
-    teacher_outputs.check_settings(cfg.teacher)   # as run.py does before any work
+    teacher_outputs.check_settings(cfg.teacher)   # as kdmtl train does before any work (check_protocol)
     cfg.log.progress, cfg.log.tensorboard = "none", False
     return cfg
 
@@ -277,6 +293,11 @@ class Clock:
 
     def __init__(self, device: torch.device, warmup: int):
         self.device, self.warmup, self.start, self.samples = device, warmup, None, 0
+        self.faults = 0                                  # minor page faults of the timed steps
+
+    @staticmethod
+    def _minor_faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -285,6 +306,7 @@ class Clock:
     def begin(self, step: int) -> None:
         if step == self.warmup:
             self._sync()
+            self.faults = self._minor_faults()
             self.start = time.perf_counter()
 
     def count(self, step: int, batch_size: int) -> None:
@@ -293,7 +315,9 @@ class Clock:
 
     def stop(self) -> float:
         self._sync()
-        return time.perf_counter() - self.start
+        seconds = time.perf_counter() - self.start
+        self.faults = self._minor_faults() - self.faults
+        return seconds
 
 
 @dataclass
@@ -303,6 +327,8 @@ class Measurement:
     losses: List[float] = field(default_factory=list)     # check pass: each step's total loss
     batches: list = field(default_factory=list)           # check pass: (image, target) on the CPU
     hit_rate: Optional[float] = None                      # kdmtl with a teacher cache: teacher work skipped
+    faults: int = 0                                       # minor page faults while timed
+    same_batches: Optional[bool] = None                   # check pass: batches equal the TensorLoader's
 
     @property
     def samples_per_s(self) -> float:
@@ -329,6 +355,8 @@ def timed_batches(job, clock, kept, count: int, channels_last: bool):
 def run_hand(job: Job, steps: int, warmup: int, keep: bool) -> Measurement:
     cfg, o = job.cfg, job.cfg.optim
     channels_last = bool(cfg.hardware.channels_last)
+    if cfg.hardware.keep_freed_memory:          # kdmtl's allocator setting (engine/host_memory.py)
+        keep_freed_memory()
     teacher, student = job.copy_models(channels_last)
     optimizer = torch.optim.SGD(student.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay)
@@ -349,7 +377,7 @@ def run_hand(job: Job, steps: int, warmup: int, keep: bool) -> Measurement:
         if keep:
             losses.append(loss.detach())
     seconds = clock.stop()
-    return Measurement(seconds, clock.samples, [float(v) for v in losses], kept)
+    return Measurement(seconds, clock.samples, [float(v) for v in losses], kept, faults=clock.faults)
 
 
 def torchdistill_config(job: Job) -> dict:
@@ -388,7 +416,7 @@ def run_torchdistill(job: Job, channels_last: bool, steps: int, warmup: int, kee
     seconds = clock.stop()
     box.post_epoch_process()
     box.clean_modules()
-    return Measurement(seconds, clock.samples, [float(v) for v in losses], kept)
+    return Measurement(seconds, clock.samples, [float(v) for v in losses], kept, faults=clock.faults)
 
 
 class TimedLoader:
@@ -467,7 +495,8 @@ def run_kdmtl(job: Job, cfg, steps: int, warmup: int, keep: bool) -> Measurement
     if timed.epochs_set != [EPOCH]:
         raise SystemExit(f"the Trainer trained epochs {timed.epochs_set}; the other sides replay epoch {EPOCH}")
     hit_rate = objective.epoch_record.get("teacher_cache/hit_rate")
-    return Measurement(timed.seconds, clock.samples, [float(v) for v in objective.kept or []], kept, hit_rate)
+    return Measurement(timed.seconds, clock.samples, [float(v) for v in objective.kept or []], kept, hit_rate,
+                       clock.faults)
 
 
 @dataclass
@@ -531,8 +560,7 @@ def check_losses(sides: List[Side], results: dict, job: Job) -> None:
     failures = []
     for side in sides:
         m = results[side.label]
-        same = len(m.batches) == k and all(torch.equal(x, rx) and torch.equal(y, ry)
-                                           for (x, y), (rx, ry) in zip(m.batches, job.reference))
+        same = m.same_batches
         diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(m.losses, ref))
         if not side.loss_checked:
             asserted = "no: bf16" if str(side.cfg.hardware.precision) != "32" \
@@ -558,7 +586,7 @@ def forward_flops(model: torch.nn.Module, image: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def report(sides: List[Side], speeds: dict, hits: dict, job: Job, args) -> None:
+def report(sides: List[Side], speeds: dict, hits: dict, faults: dict, job: Job, args) -> None:
     med = {label: statistics.median(v) for label, v in speeds.items()}
     base = med[sides[0].label]
     hand = next(s.label for s in sides if s.kind == "hand")
@@ -567,7 +595,7 @@ def report(sides: List[Side], speeds: dict, hits: dict, job: Job, args) -> None:
         rates = [h for h in hits[side.label] if h is not None]
         hit = f"  teacher-cache hit rate {', '.join(f'{h:.2f}' for h in rates)}" if rates else ""
         print(f"  {side.label:52s} {med[side.label]:8.1f}  ({', '.join(f'{v:.1f}' for v in speeds[side.label])})"
-              + hit)
+              f"  page faults/step {statistics.median(faults[side.label]):,.0f}" + hit)
     print(f"\n| mode | samples/s | vs torchdistill |\n|---|---:|---:|")
     for side in sides:
         print(f"| {side.label} | {med[side.label]:.1f} | {med[side.label] / base:.2f}x |")
@@ -591,6 +619,43 @@ def report(sides: List[Side], speeds: dict, hits: dict, job: Job, args) -> None:
             print(f"  {side.label:52s} {tflops:8.3f} TFLOP/s{peak}")
 
 
+def same_batches(m: Measurement, job: Job) -> bool:
+    return len(m.batches) == len(m.losses) and all(torch.equal(x, rx) and torch.equal(y, ry)
+                                                   for (x, y), (rx, ry) in zip(m.batches, job.reference))
+
+
+def worker(args, sides: List[Side], job: Job, defaults: dict) -> None:
+    """One measurement in this process (started by `measure_in_child`): the check pass of side
+    --worker (with --check-steps > 0), the untimed fill of its teacher cache (--fill), then the
+    timed run; the result as one `@@result {json}` line on stdout."""
+    side, out = sides[args.worker], {}
+    if args.check_steps:
+        m = side.measure(defaults, args.check_steps, 0, keep=True)
+        out["check"] = {"losses": m.losses, "same_batches": same_batches(m, job)}
+    if args.fill:
+        side.measure(defaults, args.steps, args.warmup)
+    m = side.measure(defaults, args.steps, args.warmup)
+    out["timed"] = {"seconds": m.seconds, "samples": m.samples, "hit_rate": m.hit_rate, "faults": m.faults}
+    print("@@result " + json.dumps(out), flush=True)
+
+
+def measure_in_child(args, cache_dir: str, index: int, check: bool = False, fill: bool = False) -> dict:
+    """Side `index`'s measurement in a fresh process: each side runs as its own program would,
+    with the process-wide state it sets itself (torch's flags, the allocator's settings: kdmtl's
+    `hardware.keep_freed_memory` cannot be undone within a process) and nothing another side set."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(index), "--cache-dir", cache_dir,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--check-steps", str(args.check_steps if check else 0), *(["--fill"] if fill else [])]
+    for variant in args.variant:
+        cmd += ["--variant", variant]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("@@result ")), None)
+    if proc.returncode != 0 or line is None:
+        lines = [x for x in proc.stderr.splitlines() if x.strip()]
+        return {"error": lines[-1] if lines else f"exit status {proc.returncode}", "stderr": proc.stderr[-3000:]}
+    return json.loads(line[len("@@result "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every side once, rotated")
@@ -601,6 +666,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the FLOP/s fraction")
     parser.add_argument("--variant", action="append", default=[],
                         help="one more kdmtl row: overrides, space-separated (repeatable)")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)   # measure_in_child
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fill", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -612,11 +680,15 @@ def main() -> None:
         raise SystemExit("torchdistill is not installed: pip install -e .[bench]  (torchdistill==1.1.5)") from None
     defaults = torch_flags()             # torch's defaults, before any side has run
     load_before = os.getloadavg()[0]
-    cache_dir = tempfile.mkdtemp(prefix="kdmtl-bench-torchdistill-")
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="kdmtl-bench-torchdistill-")
     try:
         cfg = compose_config([], cache_dir)
         job = build_job(cfg, args.warmup + args.steps)
         sides = build_sides(job, list(dict.fromkeys(KDMTL_VARIANTS + args.variant)), cache_dir)
+        build_order = list(sides)        # a worker's --worker indexes this list
+        if args.worker is not None:
+            worker(args, sides, job, defaults)
+            return
         print(f"{EXPERIMENT}: {cfg.teacher.arch} -> {cfg.student.arch}, {job.task_weight:g} x CE + "
               f"{job.kd_weight:g} x KD (T={job.temperature:g}), batch {job.batch_size}, SGD lr {cfg.optim.lr:g} "
               f"momentum {cfg.optim.momentum:g} wd {cfg.optim.weight_decay:g}, crop {job.pad} + "
@@ -625,37 +697,41 @@ def main() -> None:
               f"{torchdistill.__version__}; {len(job.order)} CIFAR-sized random images; per measurement "
               f"{args.warmup} warm-up + {args.steps} timed steps (data preparation + step); {args.rounds} rounds")
 
-        # Check pass (also every side's first run: kernels chosen, memory allocated, caches built).
+        # Check pass, one process per side: its first steps' losses and batches; a cache that
+        # training fills (exact) is filled there by one untimed epoch (the store on disk outlives
+        # the process: the timed measurements reuse it), a stored-view cache (views) is built there.
         results = {}
-        for side in list(sides):
-            try:
-                results[side.label] = side.measure(defaults, args.check_steps, 0, keep=True)
-            except Exception as err:  # noqa: BLE001 - an engine variant not wired yet: skipped, said why
+        for index, side in enumerate(list(sides)):
+            fill = side.kind == "kdmtl" and str(side.cfg.teacher.cache) != "off"
+            out = measure_in_child(args, cache_dir, index, check=True, fill=fill)
+            if "error" in out:
                 if side.kind != "kdmtl" or side.cfg == job.cfg:
-                    raise
-                print(f"note: row '{side.label}' skipped: it failed ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''})")
+                    raise SystemExit(f"{side.label} failed: {out['error']}\n{out['stderr']}")
+                print(f"note: row '{side.label}' skipped: it failed ({out['error']})")
                 sides.remove(side)
+                continue
+            results[side.label] = Measurement(0.0, 0, out["check"]["losses"],
+                                              same_batches=out["check"]["same_batches"])
         check_losses(sides, results, job)
-        # A cache that training fills (exact) is filled by one untimed measurement of the whole
-        # epoch; where its store outlives a run (a shared entry on disk), the timed ones reuse it.
-        for side in sides:
-            if side.kind == "kdmtl" and str(side.cfg.teacher.cache) != "off":
-                side.measure(defaults, args.steps, args.warmup)
 
-        speeds, hits = {side.label: [] for side in sides}, {side.label: [] for side in sides}
+        speeds, hits, faults = ({side.label: [] for side in sides} for _ in range(3))
         print()
         for r in range(args.rounds):
             for side in sides[r % len(sides):] + sides[:r % len(sides)]:
-                m = side.measure(defaults, args.steps, args.warmup)
-                speeds[side.label].append(m.samples_per_s)
-                hits[side.label].append(m.hit_rate)
+                out = measure_in_child(args, cache_dir, [s.label for s in build_order].index(side.label))
+                if "error" in out:
+                    raise SystemExit(f"{side.label} failed: {out['error']}\n{out['stderr']}")
+                m = out["timed"]
+                speeds[side.label].append(m["samples"] / m["seconds"])
+                hits[side.label].append(m["hit_rate"])
+                faults[side.label].append(m["faults"] / args.steps)
             print(f"  round {r + 1}/{args.rounds} done", flush=True)
-        report(sides, speeds, hits, job, args)
+        report(sides, speeds, hits, faults, job, args)
         print(f"\n1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
               f"(other processes on the machine slow every side, not alike)")
     finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+        if args.worker is None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Shared test helpers: run the real `kdmtl` CLI in a subprocess with an isolated cache."""
+"""Shared test helpers: run the real `kdmtl` CLI in its own process with an isolated cache."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -11,7 +12,16 @@ from typing import List, Optional
 
 import pytest
 
+from cli_forkserver import ForkServer
+
 REPO = Path(__file__).resolve().parents[1]
+
+# Every torch in this test session -- pytest's own and each kdmtl process it starts (they inherit
+# the environment) -- runs one intra-op thread unless the caller chose otherwise. The tests run
+# several tiny-model processes at once (module fixtures, pytest-xdist workers) on a few cores:
+# with torch's default of one thread per core each process spin-waits for the others' cores
+# (about 2.5x the CPU time of a one-thread run on 2 cores). Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Small, fast settings shared by end-to-end runs: tiny splits, two batches per epoch.
 FAST = ["debug=fast", "log.progress=plain", "log.efficiency=false"]
@@ -24,13 +34,27 @@ def fault_env(faults: dict) -> dict:
     return {"PYTHONPATH": path, "KDMTL_FAULTS": json.dumps(faults)}
 
 
+# `python -m kdmtl_cli` processes forked from a template that has imported torch & co. once
+# (tests/cli_forkserver.py says what a forked child is, and when a fresh process is used instead).
+FORK_SERVER = ForkServer()
+atexit.register(FORK_SERVER.close)
+
+
 def run_kdmtl(args: List[str], cwd: Path, cache: Path, env_extra: Optional[dict] = None,
-              timeout: int = 300, faults: Optional[dict] = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["KDMTL_CACHE"] = str(cache)
-    env.update(env_extra or {})
+              timeout: int = 300, faults: Optional[dict] = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python -m kdmtl_cli ARGS` in `cwd` with KDMTL_CACHE=`cache`, in a process of its own: forked
+    from a template that has imported torch & co. (tests/cli_forkserver.py), or a newly started
+    interpreter where no template can stand for one (fault injection, an environment of its own).
+    `fresh=True`: this run shares its interpreter (hash seed, memory layout) with no other
+    `fresh=True` run of the same test -- for runs compared bit for bit, as separate processes."""
+    base = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env = {**base, "KDMTL_CACHE": str(cache), **(env_extra or {})}
     if faults:
         env.update(fault_env(faults))
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    forked = FORK_SERVER.run(args, cwd, env, timeout, base=base, distinct=test if fresh else None)
+    if forked is not None:
+        return forked
     return subprocess.run([sys.executable, "-m", "kdmtl_cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -61,8 +85,16 @@ def read_jsonl(path: Path) -> list:
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
-    """One cache per test session: generated data and trained teachers are reused across tests."""
-    return tmp_path_factory.mktemp("kdmtl_cache")
+    """One cache per test session: generated data and trained teachers are reused across tests.
+    Under pytest-xdist the workers share it too (in the session's base directory): kdmtl's cache
+    is made for concurrent processes (file locks, atomic renames), as the module fixtures here
+    already use it from several processes at once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent           # popen-gwN/ -> the session's directory, one per xdist run
+    cache = root / "kdmtl_cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @pytest.fixture

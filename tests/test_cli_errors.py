@@ -201,6 +201,20 @@ def test_typo_key_with_plus_suggests_the_right_one(workdir, shared_cache):
     assert "did you mean 'temperature'" in line
 
 
+def test_teacher_cache_with_scale_crop_is_refused_before_the_data_is_read(workdir, shared_cache):
+    """`teacher.cache=views|exact` store no random scale-crop views: refused while the settings are
+    checked, before the data is looked for (the root here is empty, so reading it would fail
+    with another message) and before the run writes its config, metrics or checkpoints."""
+    empty = workdir / "empty_root"
+    empty.mkdir()
+    for mode in ("exact", "views"):
+        proc = run_kdmtl(["train", "data=nyuv2", f"data.root={empty}", "data.scale_crop=[1.0,1.2]",
+                          f"teacher.cache={mode}", f"hydra.run.dir={workdir / mode}"], workdir, shared_cache)
+        assert_one_line_error(proc, f"teacher.cache={mode}", "data.scale_crop")
+        assert not any(empty.iterdir())
+        assert not {"config.yaml", "checkpoints", "metrics.jsonl"} & {p.name for p in (workdir / mode).iterdir()}
+
+
 def test_unknown_top_level_key(workdir, shared_cache):
     line = assert_one_line_error(run_kdmtl(["train", "+foo.bar=1"], workdir, shared_cache), "unknown")
     assert "'foo'" in line

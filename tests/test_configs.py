@@ -11,9 +11,8 @@ from __future__ import annotations
 import re
 
 import json
-import os
 import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict
 
@@ -259,14 +258,6 @@ def test_debug_fast_composes_the_debug_node(workdir, shared_cache):
 
 # ---- real runs: multirun, and two runs at once (all started together) ---------------------------------------
 
-def _popen(args, cwd: Path, cache: Path, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["KDMTL_CACHE"] = str(cache)
-    with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "kdmtl_cli", *args], cwd=cwd, env=env,
-                                stdout=out, stderr=err)  # the child keeps its own copies of the files
-
-
 @pytest.fixture(scope="module")
 def heavy_runs(tmp_path_factory, shared_cache):
     """Started at the same moment: a 2x2 multirun (with a fresh cache, so teachers are trained here)
@@ -275,26 +266,14 @@ def heavy_runs(tmp_path_factory, shared_cache):
     sweep_cwd, pair_cwd, fresh_cache = base / "sweep", base / "pair", base / "fresh_cache"
     for d in (sweep_cwd, pair_cwd, fresh_cache):
         d.mkdir()
-    logs = base / "logs"
-    logs.mkdir()
     args = {
         "sweep": (["train", "-m", *FAST, "loss.kd.temperature=2,4", "seed=0,1"], sweep_cwd, fresh_cache),
         "default": (["train", *FAST, "loss=none"], pair_cwd, shared_cache),
         "explicit": (["train", *FAST, "loss=none", "optim.epochs=2"], pair_cwd, shared_cache),
     }
-    procs = {name: _popen(a, cwd, cache, logs / name) for name, (a, cwd, cache) in args.items()}
-    try:
-        for proc in procs.values():
-            proc.wait(timeout=300)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    results = {}
-    for name, proc in procs.items():
-        results[name] = subprocess.CompletedProcess(
-            proc.args, proc.returncode, (logs / f"{name}.out").read_text(), (logs / f"{name}.err").read_text())
+    with ThreadPoolExecutor(len(args)) as pool:     # one thread per run: all three start at once
+        futures = {name: pool.submit(run_kdmtl, *a) for name, a in args.items()}
+        results = {name: future.result() for name, future in futures.items()}
     return {"procs": results, "sweep_cwd": sweep_cwd, "pair_cwd": pair_cwd}
 
 

@@ -233,3 +233,56 @@ def test_cpu_determinism_adds_no_fill_calls_to_a_training_step():
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         det.fill_uninitialized_memory, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+# ---- hardware.keep_freed_memory (kdmtl_cli/engine/host_memory.py) -------------------------------
+
+ALLOCATION_STEPS = r"""
+import resource, sys
+import torch
+torch.set_num_threads(1)
+if sys.argv[1] == "keep":
+    from kdmtl_cli.engine.hardware import setup_hardware
+    from kdmtl_cli.schema import HardwareConfig
+    from omegaconf import OmegaConf
+    setup_hardware(OmegaConf.structured(HardwareConfig(device="cpu")))   # the default: keep_freed_memory=true
+torch.manual_seed(0)
+def net(width, depth):
+    layers = [torch.nn.Conv2d(3, width, 3, padding=1)]
+    for _ in range(depth):
+        layers += [torch.nn.BatchNorm2d(width), torch.nn.ReLU(), torch.nn.Conv2d(width, width, 3, padding=1)]
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 10))
+student, teacher = net(16, 6), net(32, 6).eval()
+x = torch.randn(32, 3, 32, 32)
+def step():      # a KD step, the student's forward first: its activations live while the teacher runs
+    out = student(x)
+    with torch.no_grad():
+        target = teacher(x)
+    ((out - target) ** 2).mean().backward()
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_repeated_steps():
+    """With glibc's defaults the memory a step frees goes back to the kernel and the next step
+    faults in fresh pages (tens of thousands for three small KD steps); `hardware.keep_freed_memory`
+    (default on, set by setup_hardware) keeps it for reuse. Separate processes: the setting is
+    process-wide and permanent."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the setting applies to glibc's malloc only")
+    faults = {}
+    for mode in ("default", "keep"):
+        proc = subprocess.run([sys.executable, "-c", ALLOCATION_STEPS, mode], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        faults[mode] = int(proc.stdout.split()[-1])
+    assert faults["default"] > 10_000, faults          # the steps fault in fresh pages again and again ...
+    assert 10 * faults["keep"] < faults["default"], faults   # ... and with the setting hardly at all

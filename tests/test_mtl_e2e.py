@@ -48,9 +48,11 @@ def mtl(tmp_path_factory, shared_cache):
         "other_data": [*VANILLA, "tasks=seg", "data.seed=1", f"delta_m.baseline={base}"],
     }
     dirs = {name: area / name for name in [*first, *second]}
+    fresh = {"dwa_straight", "dwa_stopped"}   # compared bit for bit (conftest.run_kdmtl)
 
     def launch(pool, jobs, extra=None):
-        futures = {name: pool.submit(run_kdmtl, ["train", *args, f"hydra.run.dir={dirs[name]}"], area, shared_cache)
+        futures = {name: pool.submit(run_kdmtl, ["train", *args, f"hydra.run.dir={dirs[name]}"], area, shared_cache,
+                                     fresh=name in fresh)
                    for name, args in jobs.items()}
         return {name: future.result() for name, future in futures.items()}
 
@@ -59,7 +61,7 @@ def mtl(tmp_path_factory, shared_cache):
         baseline_text = base.read_text() if base.exists() else ""
         procs.update(launch(pool, second))
         resumed = pool.submit(run_kdmtl, ["train", f"resume={dirs['dwa_stopped']}", "log.progress=plain"],
-                              area, shared_cache)
+                              area, shared_cache, fresh=True)
         evaluated = pool.submit(run_kdmtl, ["eval", f"run_dir={dirs['uncertainty']}", "log.progress=plain",
                                             f"hydra.run.dir={area / 'eval'}"], area, shared_cache)
         procs["dwa_resumed"], procs["eval"] = resumed.result(), evaluated.result()

@@ -15,7 +15,8 @@ from conftest import FAST, read_jsonl, run_kdmtl, show
 def test_sigterm_mid_epoch_then_the_same_command_resumes_exactly(workdir, shared_cache):
     common = ["train", *FAST, "optim.epochs=2", "data.batch_size=16", "limit_train_batches=4", "log.every_n_steps=1"]
     straight, stopped = workdir / "straight", workdir / "stopped"
-    done = run_kdmtl([*common, f"hydra.run.dir={straight}"], workdir, shared_cache)
+    # fresh=True (conftest.run_kdmtl): runs compared bit for bit, each in an interpreter of its own
+    done = run_kdmtl([*common, f"hydra.run.dir={straight}"], workdir, shared_cache, fresh=True)
     assert done.returncode == 0, show(done)
 
     command = [*common, f"hydra.run.dir={stopped}"]
@@ -30,7 +31,7 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes_exactly(workdir, shared
     assert json.loads((stopped / "PREEMPTED").read_text())["signal"] == "SIGTERM"
     assert not (stopped / "results.json").exists()
 
-    second = run_kdmtl(command, workdir, shared_cache)          # the requeued, identical command
+    second = run_kdmtl(command, workdir, shared_cache, fresh=True)          # the requeued, identical command
     assert second.returncode == 0, show(second)
     assert "resuming" in second.stdout and "after epoch 0 + 3 steps" in second.stdout
     assert not (stopped / "PREEMPTED").exists()

@@ -206,7 +206,8 @@ def sigterm_while_the_teacher_trains_resumes_it_bit_identically(workdir, tmp_pat
     common = [*SMALL, "teacher.optim.epochs=2", f"data.root={shared_cache}/data"]
     straight, stopped = workdir / "straight", workdir / "stopped"
     cache_a, cache_b = tmp_path / "cache_a", tmp_path / "cache_b"
-    done = run_kdmtl([*common, f"hydra.run.dir={straight}"], workdir, cache_a)
+    # fresh=True (conftest.run_kdmtl): runs compared bit for bit, each in an interpreter of its own
+    done = run_kdmtl([*common, f"hydra.run.dir={straight}"], workdir, cache_a, fresh=True)
     assert done.returncode == 0, show(done)
     command = [*common, f"hydra.run.dir={stopped}"]
     first = run_kdmtl(command, workdir, cache_b, faults={"signal_at_step": 3, "label": "teacher"})
@@ -220,7 +221,7 @@ def sigterm_while_the_teacher_trains_resumes_it_bit_identically(workdir, tmp_pat
     assert json.loads((stopped / "PREEMPTED").read_text())["signal"] == "SIGTERM"
     assert not (stopped / "checkpoints").exists() and not list((cache_b / "teachers").glob("*/teacher.safetensors"))
 
-    second = run_kdmtl(command, workdir, cache_b)                 # the requeued, identical command
+    second = run_kdmtl(command, workdir, cache_b, fresh=True)     # the requeued, identical command
     assert second.returncode == 0, show(second)
     assert "teacher: resuming from" in second.stdout and "after epoch 0 + 3 steps" in second.stdout
     assert not list((cache_b / "teachers").glob("*/training")) and not (stopped / "PREEMPTED").exists()

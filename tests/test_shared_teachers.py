@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import FAST, show
+from conftest import FAST, run_kdmtl, show
 from kdmtl_cli.engine.locks import file_lock
 
 
@@ -42,10 +42,8 @@ def test_file_lock_waits_for_the_holder_and_says_so(tmp_path):
 def test_two_job_joblib_sweep_trains_the_teacher_once(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     cache, sweep = tmp_path / "cache", tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "kdmtl_cli", "train", "-m", "hydra/launcher=joblib",
-                           "hydra.launcher.n_jobs=2", *FAST, "student.width=8,12", "log.progress=plain",
-                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=_env(cache), capture_output=True,
-                          text=True, timeout=600)
+    proc = run_kdmtl(["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *FAST, "student.width=8,12",
+                      "log.progress=plain", f"hydra.sweep.dir={sweep}"], tmp_path, cache, timeout=600)
     assert proc.returncode == 0, show(proc)
     out = proc.stdout + proc.stderr
     assert out.count("training it") == 1, out

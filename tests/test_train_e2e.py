@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ import yaml
 
 import pytest
 
-from conftest import FAST, read_jsonl, run_kdmtl
+from conftest import FAST, WORKERS, read_jsonl, run_kdmtl
 
 
 def _ok(result):
@@ -65,7 +66,8 @@ def test_train_writes_checkpoints_metrics_tensorboard_summary(workdir, shared_ca
 
 def test_teacher_is_trained_once_and_reused(workdir, tmp_path):
     cache = tmp_path / "fresh_cache"
-    first = _ok(run_kdmtl(["train", *FAST, f"hydra.run.dir={workdir / 'a'}"], workdir, cache))
+    # fresh=True (conftest.run_kdmtl): the last run is compared bit for bit with this one
+    first = _ok(run_kdmtl(["train", *FAST, f"hydra.run.dir={workdir / 'a'}"], workdir, cache, fresh=True))
     assert "training it" in first.stdout and "cached at" in first.stdout
     entries = list((cache / "teachers").iterdir())
     assert len(entries) == 1
@@ -95,7 +97,7 @@ def test_teacher_is_trained_once_and_reused(workdir, tmp_path):
     stored["metrics"]["test/cls/accuracy"] = 0.123456
     planted.write_text(json.dumps(stored))
     # the same run again, now with the cached teacher: the student ends bit-identical
-    _ok(run_kdmtl(["train", *FAST, f"hydra.run.dir={workdir / 'a2'}"], workdir, cache))
+    _ok(run_kdmtl(["train", *FAST, f"hydra.run.dir={workdir / 'a2'}"], workdir, cache, fresh=True))
     again = json.loads((workdir / "a2" / "results.json").read_text())["results"]
     assert again["teacher/test/cls/accuracy"] == 0.123456
     assert {k: v for k, v in again.items() if k.startswith("teacher/test/") and k != "teacher/test/cls/accuracy"} == {
@@ -108,12 +110,14 @@ def test_teacher_is_trained_once_and_reused(workdir, tmp_path):
 def test_resume_gives_identical_results(workdir, shared_cache):
     common = [*FAST, "optim.epochs=2"]
     straight, interrupted = workdir / "straight", workdir / "interrupted"
-    _ok(run_kdmtl(["train", *common, f"hydra.run.dir={straight}"], workdir, shared_cache))
-    stopped = _ok(run_kdmtl(["train", *common, "stop_after_epoch=1", f"hydra.run.dir={interrupted}"], workdir, shared_cache))
+    # fresh=True (conftest.run_kdmtl): runs compared bit for bit, each in an interpreter of its own
+    _ok(run_kdmtl(["train", *common, f"hydra.run.dir={straight}"], workdir, shared_cache, fresh=True))
+    stopped = _ok(run_kdmtl(["train", *common, "stop_after_epoch=1", f"hydra.run.dir={interrupted}"], workdir, shared_cache,
+                            fresh=True))
     assert "stopping after epoch 1" in stopped.stdout
     assert not (interrupted / "results.json").exists()
     assert torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
-    resumed = _ok(run_kdmtl(["train", f"resume={interrupted}", "log.progress=plain"], workdir, shared_cache))
+    resumed = _ok(run_kdmtl(["train", f"resume={interrupted}", "log.progress=plain"], workdir, shared_cache, fresh=True))
     assert "resuming" in resumed.stdout
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(interrupted / "metrics.jsonl")
     assert [r["type"] for r in b] == ["epoch", "epoch", "final"]
@@ -131,10 +135,18 @@ def test_resume_gives_identical_results(workdir, shared_cache):
 
 def test_same_seed_is_bit_reproducible_and_other_seed_differs(workdir, shared_cache):
     runs = {}
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        _ok(run_kdmtl(["train", *FAST, f"seed={seed}", "loss=none", f"hydra.run.dir={workdir / name}"], workdir, shared_cache))
+    # d: glibc's allocator left at its defaults (hardware.keep_freed_memory=false) changes no bit
+    seeds = {"a": 0, "b": 0, "c": 1, "d": 0}
+    extra = {"d": ["hardware.keep_freed_memory=false"]}
+    with ThreadPoolExecutor(WORKERS) as pool:      # fresh=True: compared bit for bit
+        procs = dict(zip(seeds, pool.map(lambda name: run_kdmtl(
+            ["train", *FAST, f"seed={seeds[name]}", "loss=none", *extra.get(name, []), f"hydra.run.dir={workdir / name}"],
+            workdir, shared_cache, fresh=True), seeds)))
+    for name in seeds:
+        _ok(procs[name])
         runs[name] = torch.load(workdir / name / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert all(torch.equal(runs["a"][k], runs["d"][k]) for k in runs["a"])
     assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
 
 
@@ -198,10 +210,13 @@ def test_every_distillation_method_runs_one_short_epoch(workdir, shared_cache):
         "bam": {"train/bam/cls", "train/bam/seg"},
         "[kd,at]": {"train/kd/cls", "train/kd/depth", "train/at/trunk.stages.2"},
     }
-    for loss, terms in expected.items():
-        run_dir = workdir / loss.strip("[]").replace(",", "+")
-        _ok(run_kdmtl(["train", *FAST, f"loss={loss}", f"hydra.run.dir={run_dir}"], workdir, shared_cache))
-        epoch = read_jsonl(run_dir / "metrics.jsonl")[0]
+    run_dirs = {loss: workdir / loss.strip("[]").replace(",", "+") for loss in expected}
+    with ThreadPoolExecutor(WORKERS) as pool:      # independent runs: started together
+        procs = list(pool.map(lambda loss: run_kdmtl(["train", *FAST, f"loss={loss}", f"hydra.run.dir={run_dirs[loss]}"],
+                                                     workdir, shared_cache), expected))
+    for (loss, terms), proc in zip(expected.items(), procs):
+        _ok(proc)
+        epoch = read_jsonl(run_dirs[loss] / "metrics.jsonl")[0]
         assert terms <= set(epoch), (loss, sorted(epoch))
         methods = {k.split("/")[1] for k in epoch if k.startswith("train/") and k.count("/") >= 2} - {"task", "loss", "group", "weight", "grad_norm"}
         assert methods == {t.split("/")[1] for t in terms}, (loss, methods)

@@ -54,10 +54,12 @@ def check_protocol(cfg: DictConfig) -> None:
     check_ranges(cfg, TrainConfig)
 
     from kdmtl_cli.data import check_val_size
+    from kdmtl_cli.engine import teacher_outputs
     from kdmtl_cli.engine.trainer import DEFAULT_MONITOR
     from kdmtl_cli.tasks import check_metric_reduction
 
     check_val_size(cfg.data)
+    teacher_outputs.check_settings(cfg.teacher)   # teacher.cache: before the data is generated
     check_metric_reduction(cfg.test.metric_reduction)
     if cfg.teacher.keep not in ("best", "last", "train_loss"):
         raise KdmtlError(f"teacher.keep must be best, last or train_loss (got '{cfg.teacher.keep}')")

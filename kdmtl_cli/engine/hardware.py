@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.utils.deterministic
 
+from kdmtl_cli.engine.host_memory import keep_freed_memory
 from kdmtl_cli.errors import KdmtlError
 
 PRECISIONS = ("32", "bf16", "16-mixed")
@@ -190,6 +191,8 @@ def setup_hardware(hw_cfg) -> Hardware:
         check_compile(device)
     if hw_cfg.num_threads:
         torch.set_num_threads(int(hw_cfg.num_threads))
+    if getattr(hw_cfg, "keep_freed_memory", True):
+        keep_freed_memory()
     set_determinism(bool(hw_cfg.deterministic), device, compile_on)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise KdmtlError(f"{device} does not support bf16; use hardware.precision=16-mixed or 32")
