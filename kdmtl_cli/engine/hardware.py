@@ -161,8 +161,8 @@ def set_determinism(on: bool, device: torch.device, compile_on: bool = False) ->
     kernel take a deterministic one or warn). CUDA also: cuDNN autotuning off and cuBLAS's fixed
     workspace. Not on CPU: torch's fill of every newly allocated tensor
     (`torch.utils.deterministic.fill_uninitialized_memory`), which only guards against kernels
-    that read memory they never wrote, a CUDA-side concern; on this project's 2-core CPU it cost
-    about 1,000 `fill_` calls and 15-20% of a KD step while changing no result. With the same
+    that read memory they never wrote, a CUDA-side concern; on the CPU it costs a `fill_` call per
+    tensor a step allocates while changing no result. With the same
     thread count a CPU run is bit-identical on rerun and on resume (tests/test_train_e2e.py,
     tests/test_hardware_knobs.py); on CUDA, runs repeat on the same card and software.
     """
