@@ -71,7 +71,8 @@ losses it asserts are the TensorLoader's, bit for bit. Process-global torch flag
 `torch.use_deterministic_algorithms`, `torch.utils.deterministic.fill_uninitialized_memory`,
 cudnn.benchmark (and the thread count when hardware.num_threads is set); they are saved before
 and restored after every side, and the torchdistill and hand sides run with torch's defaults as
-found at start-up (each in its own process now, which makes the restore a formality).
+found at start-up (every measurement runs in a process of its own, so the restore only
+matters between a worker's check pass, fill and timed run).
 (torchdistill's example script also turns cudnn.benchmark on unless told not
 to: on a GPU that is one difference from a stock torchdistill run; on a CPU it does nothing.)
 
@@ -685,7 +686,6 @@ def main() -> None:
         cfg = compose_config([], cache_dir)
         job = build_job(cfg, args.warmup + args.steps)
         sides = build_sides(job, list(dict.fromkeys(KDMTL_VARIANTS + args.variant)), cache_dir)
-        build_order = list(sides)        # a worker's --worker indexes this list
         if args.worker is not None:
             worker(args, sides, job, defaults)
             return
@@ -701,9 +701,10 @@ def main() -> None:
         # training fills (exact) is filled there by one untimed epoch (the store on disk outlives
         # the process: the timed measurements reuse it), a stored-view cache (views) is built there.
         results = {}
-        for index, side in enumerate(list(sides)):
+        worker_index = {side.label: i for i, side in enumerate(sides)}   # what --worker indexes
+        for side in list(sides):
             fill = side.kind == "kdmtl" and str(side.cfg.teacher.cache) != "off"
-            out = measure_in_child(args, cache_dir, index, check=True, fill=fill)
+            out = measure_in_child(args, cache_dir, worker_index[side.label], check=True, fill=fill)
             if "error" in out:
                 if side.kind != "kdmtl" or side.cfg == job.cfg:
                     raise SystemExit(f"{side.label} failed: {out['error']}\n{out['stderr']}")
@@ -718,13 +719,13 @@ def main() -> None:
         print()
         for r in range(args.rounds):
             for side in sides[r % len(sides):] + sides[:r % len(sides)]:
-                out = measure_in_child(args, cache_dir, [s.label for s in build_order].index(side.label))
+                out = measure_in_child(args, cache_dir, worker_index[side.label])
                 if "error" in out:
                     raise SystemExit(f"{side.label} failed: {out['error']}\n{out['stderr']}")
-                m = out["timed"]
-                speeds[side.label].append(m["samples"] / m["seconds"])
-                hits[side.label].append(m["hit_rate"])
-                faults[side.label].append(m["faults"] / args.steps)
+                m = Measurement(**out["timed"])
+                speeds[side.label].append(m.samples_per_s)
+                hits[side.label].append(m.hit_rate)
+                faults[side.label].append(m.faults / args.steps)
             print(f"  round {r + 1}/{args.rounds} done", flush=True)
         report(sides, speeds, hits, faults, job, args)
         print(f"\n1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "

@@ -13,8 +13,8 @@ What it sets (glibc only, once per process; elsewhere nothing): M_MMAP_THRESHOLD
 value (32 MiB on 64-bit: blocks below it come from the heap and return to it) and
 M_TRIM_THRESHOLD at 2 GiB (free memory at the heap's top is kept up to that). The process keeps
 its peak heap as resident memory instead of returning it between steps; no result changes
-(allocation addresses are not inputs of any kernel: tests/test_hardware_knobs.py compares runs
-bit for bit). `hardware.keep_freed_memory=false` leaves glibc's defaults -- in a process where
+(allocation addresses are not inputs of any kernel: tests/test_train_e2e.py compares a run with
+it off bit for bit; tests/test_hardware_knobs.py counts the page faults). `hardware.keep_freed_memory=false` leaves glibc's defaults -- in a process where
 nothing set them before: mallopt's settings cannot be undone.
 """
 
