@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from kdmtl_cli.data import DataBundle
 from kdmtl_cli.data.dataloader_path import DataLoaderPath
@@ -23,11 +22,17 @@ def make_loader(data: DataBundle, split: str, tasks, cfg, hardware: Hardware, *,
     augmentations (loader.ViewTable) for the teacher-output cache."""
     # Per target, how a left-right flip changes it (tasks sharing a target share its kind).
     flips = {t.target: t.kind.flip_target for t in tasks.values()}
-    # Random crop (train only): dense targets are padded with their kind's fill value
-    # (segmentation 255 = ignored; depth and normals 0 = invalid; others 0).
-    pad_values = {t.target: 255 if t.kind.name == "segmentation" else 0 for t in tasks.values()}
+    # Random crop (train only): dense targets are padded with their kind's `pad_value`
+    # (segmentation 255 = ignored; depth and normals 0 = invalid).
+    pad_values = {t.target: t.kind.pad_value for t in tasks.values()}
     crop_padding = int(cfg.data.get("crop_padding", 0) or 0) if train else 0
     scale_crop = cfg.data.get("scale_crop", None) if train else None   # checked by data.check_scale_crop
+    # Random resized crop (train only; torchvision's RandomResizedCrop back to the stored size)
+    from kdmtl_cli.data.loader import DEFAULT_RATIO, check_resized_crop
+
+    check_resized_crop(cfg.data)
+    resized_crop_scale = cfg.data.get("resized_crop_scale", None) if train else None
+    resized_crop_ratio = cfg.data.get("resized_crop_ratio", None)
     tensors = data.splits[split]
     # .get: configs built by hand (tests, scripts) may predate these fields
     choice = str(cfg.data.get("loader", "auto"))
@@ -46,7 +51,9 @@ def make_loader(data: DataBundle, split: str, tasks, cfg, hardware: Hardware, *,
                   hflip=train and cfg.data.hflip, seed=cfg.seed, limit_batches=limit,
                   crop_padding=crop_padding, pad_values=pad_values, views=views,
                   scale_crop=list(scale_crop) if scale_crop else None,
-                  target_kinds={t.target: t.kind.name for t in tasks.values()})
+                  target_kinds={t.target: t.kind.name for t in tasks.values()},
+                  resized_crop_scale=list(resized_crop_scale) if resized_crop_scale is not None else None,
+                  resized_crop_ratio=list(resized_crop_ratio) if resized_crop_ratio is not None else DEFAULT_RATIO)
     if choice == "dataloader":
         return DataLoaderPath(tensors, flips, num_workers=num_workers, **common)
     return TensorLoader(tensors, flips, **common)
@@ -63,9 +70,10 @@ def _fits_resident(tensors: Dict[str, torch.Tensor], flips: Dict, tensor_max_mb:
 
 
 def model_meta(model_cfg, tasks_signature: Dict, data: DataBundle) -> Dict:
-    """What rebuilds a model from its weights and feeds it correctly: architecture fields,
-    task heads, and the input normalisation it was trained with."""
-    arch_keys = ("arch", "width", "depth", "stages", "stem_stride", "decoder_width", "small_input", "head")
-    container = OmegaConf.to_container(model_cfg, resolve=True)
-    return {"model": {k: container[k] for k in arch_keys}, "tasks": tasks_signature,
+    """What rebuilds a model from its weights and feeds it correctly: the architecture's
+    remembered settings (models.remembered_settings), task heads, and the input normalisation
+    it was trained with."""
+    from kdmtl_cli.models import remembered_settings
+
+    return {"model": remembered_settings(model_cfg), "tasks": tasks_signature,
             "input_norm": {"mean": list(data.mean), "std": list(data.std)}}

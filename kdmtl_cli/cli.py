@@ -106,6 +106,7 @@ def _run(command: Callable[[], None], schema: type) -> int:
     """Run a Hydra main with Hydra's own error printing off, so every error reaches us."""
     user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    JobErrors.cli_pid = os.getpid()
     try:
         command()
         if JobErrors.errors:   # a stop signal first: its exit status (75) asks a launcher to requeue
@@ -199,10 +200,16 @@ def main(argv: Optional[List[str]] = None) -> None:
               "(kdmtl --help lists them)", file=sys.stderr)
         sys.exit(2)
     register_resolvers()
-    from kdmtl_cli.schema import EvalConfig, TrainConfig, register_schemas
+    from kdmtl_cli import plugins
+    from kdmtl_cli.schema import EvalConfig, register_schemas, train_schema
 
+    try:   # a user's plug-in files first: the schema Hydra composes against is derived from them
+        plugins.load_user(plugins.config_dir_from_argv(rest))
+    except KdmtlError as err:
+        print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
+        sys.exit(1)
     register_schemas()
-    schema = TrainConfig if name == "train" else EvalConfig
+    schema = train_schema() if name == "train" else EvalConfig
     # No config file names code for Hydra to run (hydra_guard.py); only the command line opts in.
     from kdmtl_cli import hydra_guard
 
@@ -215,8 +222,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
             from kdmtl_cli.schema import check_added_keys, mapping_entry_overrides
 
-            check_added_keys(rest, TrainConfig)
-            rest = mapping_entry_overrides(rest, TrainConfig)
+            check_added_keys(rest, schema)
+            rest = mapping_entry_overrides(rest, schema)
             rest = plan_run_dir(rest, say=print if os.environ.get("RANK", "0") == "0" else (lambda _: None))
             rest = _data_parallel_argv(rest)
         except KdmtlError as err:

@@ -9,6 +9,7 @@ traceback is shown only with ``HYDRA_FULL_ERROR=1``.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from typing import List
@@ -57,6 +58,7 @@ class JobErrors:
     'Error executing job' banner; the CLI re-raises the first after Hydra returns."""
 
     errors: List[BaseException] = []
+    cli_pid = None   # set by cli._run: the process that re-raises `errors` (a launcher's worker has another)
 
     @classmethod
     def guard(cls, job):
@@ -69,6 +71,8 @@ class JobErrors:
             try:
                 return job(cfg)
             except Exception as err:  # noqa: BLE001 - re-raised by _run
+                if os.getpid() != cls.cli_pid:
+                    raise      # a launcher's worker process (joblib): its caller re-raises it in the CLI
                 cls.errors.append(err)
                 return None
 

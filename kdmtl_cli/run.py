@@ -26,14 +26,15 @@ from kdmtl_cli.engine.logging import MetricsLog, NullLog, say
 from kdmtl_cli.engine.optim import build_optimizer, build_scheduler, check_optimizer
 from kdmtl_cli.engine.seeding import seed_everything
 from kdmtl_cli.engine.trainer import Trainer, average_tests, check_monitor, effective_monitor, evaluate
-from kdmtl_cli.errors import KdmtlError, Preempted
-from kdmtl_cli.models import build_model
+from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.models import build_model, without_init_only
+from kdmtl_cli.models import describe as describe_model
 from kdmtl_cli.report import baselines
 from kdmtl_cli.report.delta_m import CONVENTIONS, delta_m_of_run
 from kdmtl_cli.summary import comparison_rows, markdown, print_table
 from kdmtl_cli.tasks import build_tasks, task_signature
 from kdmtl_cli.teachers import prepare_teacher, teacher_skeleton, teacher_task_names
-from kdmtl_cli.weighting import build_weighting
+from kdmtl_cli.weighting import WEIGHTINGS, build_weighting
 
 
 def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> str:
@@ -95,7 +96,8 @@ def _teacher_output_cache(cfg, teacher, train_loader, hardware, data, tasks):
                                         epochs=int(cfg.optim.epochs), say=_say(cfg))
     views = teacher_outputs.plan_views(str(cfg.teacher.cache), int(cfg.teacher.cache_views),
                                        train_loader.num_samples, hflip=train_loader.hflip,
-                                       crop_padding=train_loader.crop_padding, seed=cfg.seed, say=_say(cfg))
+                                       crop_padding=train_loader.crop_padding, seed=cfg.seed, say=_say(cfg),
+                                       resized_crop=train_loader.resized_crop)
     cache = teacher_outputs.open_or_build(
         cache_dir=cfg.cache_dir, teacher=teacher, loader=train_loader, hardware=hardware, teacher_cfg=cfg.teacher,
         data=data, views=views, task_kinds=task_kinds, seed=cfg.seed,
@@ -165,6 +167,27 @@ def _say(cfg):
     return functools.partial(say, cfg.log.progress)
 
 
+def _follow_weights_norm(cfg, data) -> None:
+    """Input normalisation follows pretrained weights: the student's weights file, else that of a
+    teacher trained here from one (ImageNet mean/std for ImageNet weights), replaces data.mean/std.
+    It is recorded in every checkpoint (build.model_meta); a teacher loaded from a kdmtl
+    checkpoint keeps its own, through teachers.Renormalize."""
+    from kdmtl_cli.models import weights_norm
+
+    sources = [("student", cfg.student)]
+    if not cfg.teacher.checkpoint and not cfg.teacher.checkpoints and method_names(cfg.loss):
+        sources.append(("teacher", cfg.teacher))
+    for who, node in sources:
+        norm = weights_norm(node)
+        if norm is None:
+            continue
+        if [list(data.mean), list(data.std)] != [norm["mean"], norm["std"]]:
+            _say(cfg)(f"input normalisation: mean {norm['mean']}, std {norm['std']}, as the weights of the {who} "
+                      f"({node.weights}) expect (instead of data.mean/std)")
+            data.mean, data.std = list(norm["mean"]), list(norm["std"])
+        return
+
+
 def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Optional[float]:
     """The whole run, stoppable by SIGTERM / SIGUSR1 in every phase (engine/preemption.py): the
     work in progress is saved, PREEMPTED is written, and the same command continues it."""
@@ -197,10 +220,12 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
             torch.cuda.set_device(hardware.device)
         distributed.init(ranks, hardware.device)
         distributed.check_batch(cfg.data.batch_size, ranks)
-        if cfg.weighting.name in ("gradnorm", "pcgrad", "cagrad"):
+        if WEIGHTINGS.get(cfg.weighting.name).gradient_based:
+            loss_based = [n for n in WEIGHTINGS.names() if not WEIGHTINGS.get(n).gradient_based]
             raise KdmtlError(f"weighting={cfg.weighting.name} is not supported with several processes yet "
-                             "(its per-task gradients are per rank); use equal, fixed, uncertainty, dwa or famo")
+                             f"(its per-task gradients are per rank); use {', '.join(loss_based)}")
     data = _main_first(ranks, lambda: build_data(cfg.data))   # generated data sets are cached once
+    _follow_weights_norm(cfg, data)
     preemption.check("while the data was prepared")
     tasks = build_tasks(cfg.tasks, data.targets)
     teacher_tasks = teacher_task_names(cfg, tasks)
@@ -233,7 +258,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
                                                                  if methods else ""))
 
     if methods:   # feature names and shapes, on untrained models: fails before any teacher is trained
-        preflight(methods, build_model(OmegaConf.merge(cfg.student, {"weights": None}), tasks),
+        preflight(methods, build_model(without_init_only(cfg.student), tasks),
                   teacher_skeleton(cfg, tasks), probe)
     teacher, teacher_info = None, {}
     if methods:
@@ -315,12 +340,12 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     if cfg.delta_m.record:
         baselines.record(cfg.delta_m.record, tasks, test_metrics, data,
                          {"run_dir": str(run_dir), "seed": int(cfg.seed),
-                          "student": f"{cfg.student.arch} width {cfg.student.width} depth {cfg.student.depth}"})
+                          "student": describe_model(cfg.student)})
     rows = comparison_rows(tasks, "test", test_metrics, teacher_metrics, student_cost, teacher_cost,
                            delta=_delta_rows(results, cfg.delta_m.convention))
     title = f"kdmtl train: {'+'.join(method_names(cfg.loss)) or 'no distillation'} | test split | " + (f"last epoch ({state.epoch})" if monitor == "last" else f"best epoch {state.best_epoch} by {monitor}")
     header = [f"- run dir: `{run_dir}`", f"- teacher: {teacher_info.get('source', 'none')}",
-              f"- student: {cfg.student.arch} width {cfg.student.width} depth {cfg.student.depth}",
+              f"- student: {describe_model(cfg.student)}",
               f"- data: {cfg.data.name} ({data.size('train')} train / {data.size('val')} val / "
               f"{data.size('test')} test)", f"- epochs: {state.epoch}, seed {cfg.seed}",
               f"- weighting: {cfg.weighting.name}",

@@ -8,7 +8,9 @@ Each field's comment is its documentation; units are in the names.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -25,33 +27,32 @@ SEED_MAX = 2**32 - 1
 
 
 @dataclass
-class DataConfig:
-    name: str = "shapes"                  # data set, by registry name (kdmtl_cli/data/)
+class DataCommon:
+    """The `data` keys every data set has; a data set's own keys are its settings dataclass
+    (registered with it in kdmtl_cli/data/<name>.py), added to this by `data_schema`."""
+    name: str = "shapes"                  # data set, by registry name (kdmtl_cli/data/, or a plug-in file)
     root: str = "${cache_dir}/data"       # where the data set lives / is generated
-    generate: bool = True                 # create a missing generated data set (like torchvision's download)
     # pixels per side; 8 is the least any generator draws in (digits_mtl needs 20 and says so)
     image_size: int = at_least(8, default=32)
     train_size: int = at_least(1, default=4000)   # images per split
     val_size: int = at_least(0, default=1000, note="0 = no validation split")
     test_size: int = at_least(1, default=2000)
     seed: int = between(0, SEED_MAX, default=0)   # data generation seed, independent of the training seed
-    min_objects: int = at_least(1, default=2)     # objects per generated scene
-    max_objects: int = at_least("min_objects", default=4)
     batch_size: int = at_least(1, default=64)     # training batch (samples)
     eval_batch_size: int = at_least(1, default=256)
     hflip: bool = True                    # random horizontal flip, applied to image and dense targets alike
     mean: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel normalisation
     std: List[float] = above(0, factory=lambda: [0.25, 0.25, 0.25])   # divides: each > 0
-    download: bool = True                 # cifar*: let torchvision download missing files (needs network)
     # random crop (train only): zero-pad by this many pixels, crop back; 0 = off
     crop_padding: int = at_least(0, default=0)
     # random scale-crop (train only; nyuv2, cityscapes): per sample a scale s from this list, a random
     # (H/s, W/s) window resized back, depth / s (Nash-MTL/CAGrad RandomScaleCrop: [1.0, 1.2, 1.5]); null = off
     scale_crop: Optional[List[float]] = None
-    min_tiles: int = at_least(1, default=2)       # cifar_cls_seg: CIFAR tiles pasted per mosaic
-    max_tiles: int = at_least("min_tiles", default=4)
-    min_tile_size: int = at_least(1, default=16)  # cifar_cls_seg: tile side in pixels (resized from 32x32)
-    max_tile_size: int = at_least("min_tile_size", default=40)  # capped at data.image_size
+    # random resized crop (train only; torchvision's RandomResizedCrop on the stored H x W image): per
+    # sample a window of area fraction in [min, max] and aspect ratio (log-uniform) in resized_crop_ratio,
+    # resized back to H x W (bilinear image, nearest dense targets); null = off. ImageNet: [0.08, 1.0]
+    resized_crop_scale: Optional[List[float]] = above(0, default=None, note="each <= 1; null = off")
+    resized_crop_ratio: List[float] = above(0, factory=lambda: [3 / 4, 4 / 3])
     loader: str = "auto"                  # auto (tensor if the split fits in tensor_max_mb) | tensor | dataloader
     # dataloader path: worker processes building samples (0 = main process)
     num_workers: int = at_least(0, default=2)
@@ -60,7 +61,7 @@ class DataConfig:
 
 
 @dataclass
-class TaskConfig:
+class TaskCommon:
     kind: str = MISSING                   # classification | multilabel | segmentation | depth | normals | regression
     target: Optional[str] = None          # data set target feeding this task; default: the task's name
     auxiliary: bool = False               # trained and reported, but excluded from Δm and from val/loss/task
@@ -83,24 +84,23 @@ class OptimConfig:
 
 
 @dataclass
-class ModelConfig:
-    # convnet | resnet18/34/50 (torchvision) | the CIFAR zoo: resnet8..110, resnet8x4, resnet32x4,
-    # wrn_16_1/16_2/40_1/40_2, vgg8..19, mobilenetv2, shufflenetv1, shufflenetv2 (kdmtl_cli/models/)
+class ModelCommon:
+    """The keys of every student / teacher; a trunk's own keys (convnet's width, a torchvision
+    trunk's weights...) are its settings dataclass, registered with it in kdmtl_cli/models/."""
+    # convnet | torchvision trunks (resnet18/34/50/101, mobilenet_v3_*, efficientnet_*, convnext_tiny,
+    # regnet_*) | timm | the CIFAR zoo (resnet8..110, resnet8x4, resnet32x4, wrn_*, vgg*, mobilenetv2,
+    # shufflenetv1/v2) | segnet, segnet_mtan | a plug-in's name. Ignored when `trunk` or `model` is set.
     arch: str = "convnet"
-    width: int = at_least(1, default=16)          # convnet: channels of the first stage (doubles per stage)
-    depth: int = at_least(1, default=1)           # convnet: residual blocks per stage
-    stages: int = at_least(1, default=3)          # convnet: stages (each after the first halves the resolution)
-    stem_stride: int = at_least(1, default=1)     # convnet: 2 halves the resolution of every stage (4x cheaper)
     decoder_width: int = at_least(1, default=16)  # channels of the dense-task decoders
-    # dense-task heads: auto (the trunk's own: kdmtl's DenseDecoder, or MTAN's attention heads for
-    # segnet_mtan) | mtan (segnet: MTAN's prediction layer, 3x3 conv + 1x1 conv on the decoder output)
-    head: str = "auto"
-    weights: Optional[str] = None         # torchvision trunks: local weights file (nothing is downloaded)
-    small_input: bool = True              # torchvision trunks: 3x3 stem without max-pool, for 32-64 px images
+    # Your own trunk: {_target_: import.path.Class, arg: value...}, a torch.nn.Module whose forward returns
+    # its feature maps (a list, deepest last); kdmtl attaches the task heads (README "Your own model").
+    trunk: Any = None
+    # Your own whole model: {_target_: ..., args}, forward(image) -> {task name: output}; no heads are added.
+    model: Any = None
 
 
 @dataclass
-class TeacherConfig(ModelConfig):
+class TeacherCommon(ModelCommon):
     mode: str = "multitask"               # multitask: one teacher for all its tasks | per_task: one teacher per task
     checkpoint: Optional[str] = None      # load this teacher (.pt from kdmtl or .safetensors) instead of training
     checkpoints: Dict[str, str] = field(default_factory=dict)  # per_task: {task: path}; other tasks are trained
@@ -120,97 +120,20 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
-class KDConfig:
-    """Logit KD (Hinton et al., 2015) for every task the teacher covers (conf/loss/kd.yaml)."""
-    # a number, or {task: number}; official recipe 0.9 with task_weight 0.1. No method defines a
-    # negative distillation weight (it would push the student away from the teacher): every weight is >= 0.
-    weight: Any = at_least(0, default=0.5)
-    temperature: float = above(0, default=4.0)    # T; the KL terms are scaled by T^2
-    dense: str = "l1"                     # depth/regression tasks: l1 | l2 to the teacher's prediction
-
-
-@dataclass
-class DKDConfig:
-    """Decoupled KD (Zhao et al., CVPR 2022), as mdistiller (conf/loss/dkd.yaml)."""
-    weight: Any = at_least(0, default=1.0)        # a number, or {task: number}
-    alpha: float = at_least(0, default=1.0)       # target-class term (TCKD)
-    beta: float = at_least(0, default=8.0)        # non-target-class term (NCKD)
-    temperature: float = above(0, default=4.0)
-    # weight factor min(epoch / warmup_epochs, 1)
-    warmup_epochs: float = at_least(0, default=20.0, note="0 = no warm-up")
-    warmup_schedule: str = "epoch"        # epoch: mdistiller's (1-based epoch, per epoch) | linear: continuous from 0
-
-
-@dataclass
-class FeaturePairsConfig:
-    """Student/teacher features (forward hooks; `[task:]path[/i]`), paired by position."""
-    weight: float = at_least(0, default=1.0)
-    student: List[str] = field(default_factory=lambda: ["trunk.stages.1"])
-    teacher: List[str] = field(default_factory=lambda: ["trunk.stages.1"])
-
-
-@dataclass
-class FitNetConfig(FeaturePairsConfig):
-    """FitNet hints as RepDistiller (conf/loss/fitnet.yaml)."""
-    weight: float = at_least(0, default=100.0)
-    regressor: str = "convreg"            # convreg: RepDistiller's ConvReg | conv1x1: 1x1 conv + BN + resize (any sizes)
-
-
-@dataclass
-class ATConfig(FeaturePairsConfig):
-    """Attention transfer as RepDistiller (conf/loss/at.yaml); weight is the paper's beta."""
-    weight: float = at_least(0, default=1000.0)
-    p: float = above(0, default=2.0)        # attention map mean_c F^p
-    student: List[str] = field(default_factory=lambda: ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"])
-    teacher: List[str] = field(default_factory=lambda: ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"])
-
-
-@dataclass
-class KD4MTLConfig:
-    """Li & Bilen (ECCV-W 2020), as VICO-UoE/KD4MTL (conf/loss/kd4mtl.yaml)."""
-    weight: Any = at_least(0, default=1.0)        # lambda: a number, or {task: number}
-    student: Any = field(default_factory=lambda: ["trunk/-1", "trunk/0"])   # shared features (a name or a list)
-    teacher: Any = field(default_factory=lambda: ["trunk/-1", "trunk/0"])   # each task teacher's features
-    adaptor_lr: float = above(0, default=0.1)     # the adaptors' learning rate (official --alr)
-    # the adaptors' weight decay (official transformer_optimizer)
-    adaptor_weight_decay: float = at_least(0, default=5e-4)
-    adaptor_scheduled: bool = False       # official: the adaptors' optimiser has no schedule; true: the student's applies
-
-
-@dataclass
-class BAMConfig:
-    """Teacher annealing (Clark et al., ACL 2019): target = p*one-hot + (1-p)*teacher softmax."""
-    weight: Any = at_least(0, default=1.0)        # a number, or {task: number}
-    reduction: str = "mean"               # mean over samples / pixels | sum (the official code sums over the batch)
-
-
-@dataclass
-class LossConfig:
-    """Task losses plus the chosen distillation methods (`loss=kd`, `loss=[kd,at]`, `loss=none`)."""
+class LossCommon:
+    """Task losses plus the chosen distillation methods (`loss=kd`, `loss=[kd,at]`, `loss=none`).
+    Each method's section (`loss.kd`, ...) is its settings dataclass, registered with it in
+    kdmtl_cli/distill/<name>.py; `loss_schema` adds one optional section per method."""
     # weight of each task loss: a number, or {task: number}; 0 drops a task's loss (BAM's official setting)
     task_weight: Any = at_least(0, default=1.0)
-    kd: Optional[KDConfig] = None
-    dkd: Optional[DKDConfig] = None
-    fitnet: Optional[FitNetConfig] = None
-    at: Optional[ATConfig] = None
-    kd4mtl: Optional[KD4MTLConfig] = None
-    bam: Optional[BAMConfig] = None
 
 
 @dataclass
-class WeightingConfig:
+class WeightingCommon:
     """How the tasks' losses (each with its distillation terms) become one step (kdmtl_cli/weighting/).
-    Fields a strategy does not use must stay at their defaults (checked)."""
-    name: str = "equal"                   # equal | fixed | uncertainty | dwa | gradnorm | pcgrad | cagrad | famo
-    weights: Any = at_least(0, default=1.0)       # fixed: a number, or {task: number}
-    temperature: float = above(0, default=2.0)    # dwa: T of the softmax over loss-descent rates
-    alpha: float = at_least(0, default=1.5)       # gradnorm: restoring-force strength (0: equal gradient norms)
-    # famo: learning rate of its task logits (gradnorm's follow optim.lr)
-    lr: float = above(0, default=0.025)
-    c: float = at_least(0, default=0.4)           # cagrad: radius of the ball around the mean gradient (0: the mean)
-    gamma: float = at_least(0, default=0.01)      # famo: weight decay of its logits
-    # famo: clip the trunk gradient's norm to this after backward
-    max_norm: float = at_least(0, default=1.0, note="0 = off")
+    A strategy's own keys are its settings dataclass; keys of other strategies must stay at their
+    defaults (checked)."""
+    name: str = "equal"                   # equal | fixed | uncertainty | dwa | gradnorm | pcgrad | cagrad | famo | a plug-in
 
 
 @dataclass
@@ -284,7 +207,7 @@ class PublishedResult:
 
 
 @dataclass
-class TrainConfig:
+class TrainCommon:
     seed: int = between(0, SEED_MAX, default=0)
     cache_dir: str = "~/.cache/kdmtl"     # teacher cache and generated data (env KDMTL_CACHE)
     resume: Any = None                    # true (latest matching run) | path of a run dir | null
@@ -292,12 +215,13 @@ class TrainConfig:
     stop_after_epoch: Optional[int] = at_least(1, default=None)
     limit_train_batches: Optional[int] = at_least(1, default=None)   # batches per epoch; null = all
     limit_eval_batches: Optional[int] = at_least(1, default=None)
-    data: DataConfig = field(default_factory=DataConfig)
-    tasks: Dict[str, TaskConfig] = field(default_factory=dict)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    # the plug-in sections: `train_schema` replaces these types by the derived ones
+    data: DataCommon = field(default_factory=DataCommon)
+    tasks: Dict[str, TaskCommon] = field(default_factory=dict)
+    teacher: TeacherCommon = field(default_factory=TeacherCommon)
+    student: ModelCommon = field(default_factory=ModelCommon)
+    loss: LossCommon = field(default_factory=LossCommon)
+    weighting: WeightingCommon = field(default_factory=WeightingCommon)
     delta_m: DeltaMConfig = field(default_factory=DeltaMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -415,12 +339,19 @@ def unknown_key_message(full_key: str, schema: type) -> str:
     return f"unknown config key '{full_key}'{suggestion}; valid keys in {where}: {', '.join(valid)}"
 
 
-def validate(cfg: DictConfig, schema: type) -> DictConfig:
-    """Merge ``cfg`` onto ``schema``; raise a one-line KdmtlError naming any bad key or value."""
+def validate(cfg: DictConfig, schema: type, explicit=()) -> DictConfig:
+    """Merge ``cfg`` onto ``schema``; raise a one-line KdmtlError naming any bad key or value. A
+    train config is then narrowed to the plug-ins it chose (`narrow`; `explicit`: the keys the
+    command line set)."""
     base = OmegaConf.structured(schema)
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     try:
+        # as plain data: a config composed (or unpickled, in a launcher's worker) against another
+        # derivation of the schema carries that class, which a merge would refuse
+        plain = OmegaConf.create(OmegaConf.to_container(plain, resolve=False))
         merged = OmegaConf.merge(base, plain)
+        if getattr(schema, "__kdmtl_train__", False):
+            merged = narrow(merged, explicit)
         OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except ConfigKeyError as err:
         full_key = getattr(err, "full_key", None) or str(getattr(err, "key", "?"))
@@ -438,9 +369,223 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
 
 def register_schemas() -> None:
     """Put the schemas in Hydra's ConfigStore: train.yaml and eval.yaml list them first in
-    their defaults, so Hydra itself rejects bad keys and types while composing (--cfg job too)."""
+    their defaults, so Hydra itself rejects bad keys and types while composing (--cfg job too).
+    Call it after the plug-ins are loaded (kdmtl_cli/plugins.py): the train schema is derived
+    from them."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    store.store(name="kdmtl_train_schema", node=TrainConfig)
+    store.store(name="kdmtl_train_schema", node=train_schema())
     store.store(name="kdmtl_eval_schema", node=EvalConfig)
+
+
+# -- the schema derived from the plug-ins ------------------------------------------------------
+#
+# A plug-in declares the keys it reads as a dataclass registered with it (`Registry.register(name,
+# settings=...)`). The schema Hydra composes against is the union: a section's common keys plus
+# every plug-in's keys (`data_schema()`...), so any plug-in's keys can be set. `validate` then
+# narrows each section to the chosen plug-in (`data.name`, `student.arch`, `weighting.name`,
+# `tasks.<t>.kind`): a key of another plug-in set away from its default is refused with the
+# chosen plug-in's keys listed, and the run's config holds exactly the chosen plug-in's keys (so
+# adding a plug-in never changes another run's config, its hash or its teacher-cache key).
+
+# TrainConfig field -> (common keys, registry "module:NAME", the key naming the plug-in)
+_SECTIONS = {
+    "data": (DataCommon, "kdmtl_cli.data:DATASETS", "name"),
+    "tasks": (TaskCommon, "kdmtl_cli.tasks:TASK_KINDS", "kind"),
+    "teacher": (TeacherCommon, "kdmtl_cli.models:TRUNKS", "arch"),
+    "student": (ModelCommon, "kdmtl_cli.models:TRUNKS", "arch"),
+    "weighting": (WeightingCommon, "kdmtl_cli.weighting:WEIGHTINGS", "name"),
+}
+_METHODS = "kdmtl_cli.distill:KD_METHODS"
+
+
+def _registry(path: str):
+    import importlib
+
+    from kdmtl_cli.plugins import load_builtin
+
+    load_builtin()
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _generation() -> int:
+    from kdmtl_cli.registry import Registry
+
+    return Registry.generation
+
+
+def _copy_field(f: dataclasses.Field, hint) -> tuple:
+    if f.default is not dataclasses.MISSING:
+        return (f.name, hint, field(default=f.default, metadata=f.metadata))
+    return (f.name, hint, field(default_factory=f.default_factory, metadata=f.metadata))
+
+
+def _default(f: dataclasses.Field):
+    """A field's default as plain data (what OmegaConf.to_container gives for it)."""
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if dataclasses.is_dataclass(value):
+        return OmegaConf.to_container(OmegaConf.structured(value))
+    return value
+
+
+def _plugin_fields(registry, names) -> Dict[str, tuple]:
+    """{key: (field, type hint, owner)} of the settings of the plug-ins `names`. A key two plug-ins
+    declare with different types is a programming error; with different defaults the union has
+    no default (MISSING): each plug-in's own default applies once it is chosen."""
+    out: Dict[str, tuple] = {}
+    for name in names:
+        settings = registry.settings(name)
+        if settings is None:
+            continue
+        hints = typing.get_type_hints(settings)
+        for f in dataclasses.fields(settings):
+            if f.name not in out:
+                out[f.name] = (f, hints[f.name], name)
+                continue
+            first, hint, owner = out[f.name]
+            if hint != hints[f.name]:
+                raise TypeError(f"{registry.kind}s '{owner}' and '{name}' declare '{f.name}' with different "
+                                f"types ({hint} and {hints[f.name]}); rename one")
+            if first is not f and _default(first) != _default(f):
+                out[f.name] = (field(default=MISSING, metadata=first.metadata), hint, "")
+                out[f.name][0].name = f.name
+    return out
+
+
+def _section(base: type, registry, names, suffix: str) -> type:
+    """`base` plus the settings of the plug-ins `names` (cached per plug-in set)."""
+    key = (base, registry.kind, tuple(names), _generation())
+    if key in _DERIVED:
+        return _DERIVED[key]
+    common = {f.name for f in dataclasses.fields(base)}
+    extra = []
+    for name, (f, hint, owner) in _plugin_fields(registry, names).items():
+        if name in common:
+            raise TypeError(f"{registry.kind} '{owner}' declares '{name}', a key every {registry.kind} has; rename it")
+        extra.append(_copy_field(f, hint))
+    cls = dataclasses.make_dataclass(base.__name__.replace("Common", "Config") + suffix, extra, bases=(base,))
+    cls.__module__ = __name__
+    _DERIVED[key] = cls
+    return cls
+
+
+_DERIVED: Dict[tuple, type] = {}
+
+
+def section_schema(section: str, chosen: Optional[str] = "*") -> type:
+    """The schema of one plug-in section: the union over every plug-in (chosen="*"), or the
+    common keys plus the settings of the plug-in `chosen` (None: no plug-in's settings)."""
+    base, path, _ = _SECTIONS[section]
+    registry = _registry(path)
+    if chosen == "*":
+        return _section(base, registry, registry.names(), "")
+    return _section(base, registry, [chosen] if chosen is not None else [], f"_{chosen}")
+
+
+def loss_schema() -> type:
+    """LossCommon plus one optional section per distillation method, typed by its settings."""
+    registry = _registry(_METHODS)
+    key = ("loss", tuple(registry.names()), _generation())
+    if key not in _DERIVED:
+        sections = [(name, Optional[registry.settings(name)], field(default=None))
+                    for name in registry.names() if registry.settings(name) is not None]
+        cls = dataclasses.make_dataclass("LossConfig", sections, bases=(LossCommon,))
+        cls.__module__ = __name__
+        _DERIVED[key] = cls
+    return _DERIVED[key]
+
+
+def train_schema(chosen: Optional[Dict[str, Optional[str]]] = None) -> type:
+    """TrainCommon with its plug-in sections derived: the union of every plug-in (for Hydra's
+    composition), or narrowed to the plug-ins `chosen` ({section: name}; tasks stay the union)."""
+    chosen = dict(chosen or {})
+    key = ("train", tuple(sorted(chosen.items(), key=str)), _generation())
+    if key in _DERIVED:
+        return _DERIVED[key]
+    types = {section: section_schema(section, chosen.get(section, "*")) for section in _SECTIONS}
+    fields_ = []
+    hints = typing.get_type_hints(TrainCommon)
+    for f in dataclasses.fields(TrainCommon):
+        if f.name == "tasks":
+            task_schema = types["tasks"]
+            fields_.append((f.name, Dict[str, task_schema], field(default_factory=dict)))
+        elif f.name in types:
+            fields_.append((f.name, types[f.name], field(default_factory=types[f.name])))
+        elif f.name == "loss":
+            fields_.append((f.name, loss_schema(), field(default_factory=loss_schema())))
+        else:
+            fields_.append(_copy_field(f, hints[f.name]))
+    cls = dataclasses.make_dataclass("TrainConfig", fields_)
+    cls.__module__ = __name__
+    cls.__kdmtl_train__ = True
+    _DERIVED[key] = cls
+    return cls
+
+
+def _chosen(section: str, node: dict) -> Optional[str]:
+    """The plug-in a section's node names (None: an external trunk or model replaces `arch`)."""
+    _, path, selector = _SECTIONS[section]
+    if section in ("student", "teacher") and (node.get("trunk") or node.get("model")):
+        return None
+    name = node.get(selector)
+    registry = _registry(path)
+    if name not in registry:
+        where = f"{section}.{selector}" if section != "tasks" else f"tasks.<task>.{selector}"
+        raise KdmtlError(f"unknown {registry.kind} '{name}' in {where}; choose one of: {', '.join(registry.names())} "
+                         "(a plug-in of your own: its .py file goes in the directory given to --config-dir)")
+    return name
+
+
+def _drop_foreign(section: str, where: str, node: dict, chosen: Optional[str], explicit) -> None:
+    """Remove from `node` the keys of plug-ins other than `chosen`. One set on the command line
+    (`explicit`) away from its default is refused, listing the chosen plug-in's keys; one from a
+    YAML file is dropped (an option may inherit another's keys: teacher=segnet from multitask)."""
+    union = section_schema(section)
+    own = {f.name for f in dataclasses.fields(section_schema(section, chosen))}
+    for f in dataclasses.fields(union):
+        if f.name in own or f.name not in node:
+            continue
+        value = node.pop(f.name)
+        unset = value == "???" if f.default is MISSING else value == _default(f)
+        if not unset and f"{where}.{f.name}" in explicit:
+            _, path, selector = _SECTIONS[section]
+            named = f"{selector}={chosen}" if chosen is not None else "trunk/model"
+            raise KdmtlError(f"{where}.{f.name} is not a setting of {where} {named}; its keys: "
+                             f"{', '.join(sorted(own))} (remove {where}.{f.name}, or choose the "
+                             f"{_registry(path).kind} it belongs to)")
+
+
+def narrow(merged: DictConfig, explicit=()) -> DictConfig:
+    """A validated train config (union schema) narrowed to the plug-ins it chose; `explicit`:
+    the keys the command line set (`resume.touched_keys`)."""
+    explicit = set(explicit)
+    plain = OmegaConf.to_container(merged, resolve=False)
+    chosen = {}
+    for section in _SECTIONS:
+        if section == "tasks":
+            for name, node in (plain.get("tasks") or {}).items():
+                _drop_foreign("tasks", f"tasks.{name}", node, _chosen("tasks", node), explicit)
+            continue
+        chosen[section] = _chosen(section, plain[section])
+        _drop_foreign(section, section, plain[section], chosen[section], explicit)
+    return OmegaConf.merge(OmegaConf.structured(train_schema(chosen)), plain)
+
+
+_NAMES = {"TrainConfig": lambda: train_schema(), "DataConfig": lambda: section_schema("data"),
+          "TaskConfig": lambda: section_schema("tasks"), "ModelConfig": lambda: section_schema("student"),
+          "TeacherConfig": lambda: section_schema("teacher"), "WeightingConfig": lambda: section_schema("weighting"),
+          "LossConfig": loss_schema}
+_METHOD_SETTINGS = {"KDConfig": "kd", "DKDConfig": "dkd", "FitNetConfig": "fitnet", "ATConfig": "at",
+                    "KD4MTLConfig": "kd4mtl", "BAMConfig": "bam"}
+
+
+def __getattr__(name: str):
+    """`schema.TrainConfig`, `schema.ModelConfig`...: the schemas derived from the plug-ins loaded
+    now (the union of every plug-in's settings); `schema.KDConfig`...: a method's settings."""
+    if name in _NAMES:
+        return _NAMES[name]()
+    if name in _METHOD_SETTINGS:
+        return _registry(_METHODS).settings(_METHOD_SETTINGS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

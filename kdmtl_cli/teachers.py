@@ -25,7 +25,7 @@ from kdmtl_cli.engine.seeding import seed_everything
 from kdmtl_cli.engine.teacher_cache import teacher_dir, teacher_key
 from kdmtl_cli.engine.trainer import Trainer
 from kdmtl_cli.errors import KdmtlError
-from kdmtl_cli.models import build_model
+from kdmtl_cli.models import build_model, settings_from_checkpoint, without_init_only
 from kdmtl_cli.tasks import TASK_KINDS, Task, task_signature
 
 
@@ -78,7 +78,8 @@ def read_teacher_file(path: Path):
 
 
 def build_teacher(path: Path, meta: Dict, weights: Dict):
-    model = build_model(OmegaConf.create({**meta["model"], "weights": None}), _tasks_from_signature(meta["tasks"]))
+    model = build_model(settings_from_checkpoint(meta["model"]), _tasks_from_signature(meta["tasks"]),
+                        from_checkpoint=True, key=f"{path}: model")
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -250,9 +251,9 @@ def teacher_skeleton(cfg, tasks: Dict[str, Task]):
     def one(wanted, checkpoint):
         if checkpoint:
             meta, _ = read_teacher_file(Path(checkpoint))
-            return build_model(OmegaConf.create({**meta["model"], "weights": None}),
-                               _tasks_from_signature(meta["tasks"]))
-        return build_model(OmegaConf.merge(cfg.teacher, {"weights": None}), {n: tasks[n] for n in wanted})
+            return build_model(settings_from_checkpoint(meta["model"]), _tasks_from_signature(meta["tasks"]),
+                               from_checkpoint=True, key=f"{checkpoint}: model")
+        return build_model(without_init_only(cfg.teacher), {n: tasks[n] for n in wanted}, key="teacher")
 
     wanted = teacher_task_names(cfg, tasks)
     if cfg.teacher.mode == "per_task":

@@ -239,8 +239,10 @@ def weighting(args) -> None:
                 cfg, hardware, tasks, model, Objective(tasks, cfg.loss.task_weight), optimizer, loader,
                 val_loader, weighting=chosen, grad_norms_every=every))
     step = {label: 1000 * cfg.data.batch_size / statistics.median(v) for label, v in speeds.items()}
+    from kdmtl_cli.models import describe as describe_model
+
     print(f"device {hardware.device}, {torch.get_num_threads()} threads, batch {cfg.data.batch_size}, "
-          f"student {cfg.student.arch} width {cfg.student.width}, {data.size('train')} images, "
+          f"student {describe_model(cfg.student)}, {data.size('train')} images, "
           f"{args.epochs} epochs each (median)")
     for label, names, strategy, every in runs:
         base = runs[0][0] if names[0] == image_level[0] else runs[4][0]

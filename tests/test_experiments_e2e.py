@@ -53,7 +53,9 @@ def fake_cifar(tmp_path_factory):
 
 
 def _run_all(names, fake_cifar, area, cache, extra=()):
-    args = {name: ["train", f"+experiment={name}", *FAST, f"data.root={fake_cifar}", "data.download=false",
+    # data.download is a setting of the CIFAR data sets only (a key of another data set is refused)
+    args = {name: ["train", f"+experiment={name}", *FAST, f"data.root={fake_cifar}",
+                   *(["data.download=false"] if name.startswith("cifar") else []),
                    "data.eval_batch_size=64", *extra, f"hydra.run.dir={area / name}"] for name in names}
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         futures = {name: pool.submit(run_kdmtl, a, area, cache) for name, a in args.items()}

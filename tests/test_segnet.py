@@ -120,8 +120,14 @@ def test_segnet_mtan_head_outputs_and_conventions():
     model = build_model(OmegaConf.structured(ModelConfig(arch="segnet", width=4, head="mtan")), cls)
     assert isinstance(model.heads["label"], PooledLinearHead)
     import pytest
-    with pytest.raises(KdmtlError, match="head"):
-        build_model(OmegaConf.structured(ModelConfig(arch="convnet", head="mtan")), _nyuv2_tasks())
+    # `head` is a setting of segnet / segnet_mtan only: set for another trunk, it is refused by name
+    from kdmtl_cli.schema import narrow, train_schema
+
+    union = OmegaConf.merge(OmegaConf.structured(train_schema()), {"student": {"arch": "convnet", "head": "mtan"}})
+    with pytest.raises(KdmtlError, match="student.head is not a setting of student arch=convnet"):
+        narrow(union, explicit=["student.head"])
+    with pytest.raises(KdmtlError, match="head must be 'auto' or 'mtan'"):
+        build_model(OmegaConf.structured(ModelConfig(arch="segnet", head="nope")), _nyuv2_tasks())
 
 
 def test_mtan_with_open_masks_predicts_from_the_trunk_output():

@@ -14,11 +14,10 @@ from omegaconf import OmegaConf
 
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.schema import WeightingConfig
+from kdmtl_cli.plugins import load_builtin
 from kdmtl_cli.weighting import (
-    DEFAULTS,
     WEIGHTINGS,
     build_weighting,
-    load_weightings,
     weighted_backward,
 )
 
@@ -49,13 +48,18 @@ def roundtrip(module):
 
 # -- registry and config -----------------------------------------------------------------
 
-def test_all_strategies_register_and_defaults_match_the_config_node():
-    load_weightings()
+def test_all_strategies_register_and_their_settings_make_the_config_node():
+    import dataclasses
+
+    load_builtin()
     assert WEIGHTINGS.names() == sorted(["equal", "fixed", "uncertainty", "dwa", "gradnorm",
                                          "pcgrad", "cagrad", "famo"])
-    assert DEFAULTS == {k: getattr(WeightingConfig(), k) for k in DEFAULTS}
-    for name in WEIGHTINGS.names():
-        assert set(WEIGHTINGS.get(name).uses) <= set(DEFAULTS) - {"name"}
+    declared = {f.name: f for name in WEIGHTINGS.names() if WEIGHTINGS.settings(name)
+                for f in dataclasses.fields(WEIGHTINGS.settings(name))}
+    node = WeightingConfig()
+    assert {f.name for f in dataclasses.fields(node)} == {"name", *declared}
+    for key, f in declared.items():
+        assert getattr(node, key) == f.default
 
 
 @pytest.mark.parametrize("fields, message", [

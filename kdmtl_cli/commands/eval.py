@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from kdmtl_cli.errors import JobErrors, KdmtlError
 from kdmtl_cli.ranges import check_ranges
 from kdmtl_cli.runfiles import read_config
-from kdmtl_cli.schema import EvalConfig, TrainConfig, validate
+from kdmtl_cli.schema import EvalConfig, train_schema, validate
 
 
 # The parts of the saved train config eval rebuilds (data, student) or reads (the eval batch limit):
@@ -25,8 +25,8 @@ def saved_train_config(path: Path) -> DictConfig:
     """The run's config.yaml, validated; a bad one is one line naming it."""
     fix = "it is the config kdmtl train saved there: restore it, or pass another run_dir"
     try:
-        train_cfg = validate(read_config(path, fix), TrainConfig)
-        check_ranges(train_cfg, TrainConfig, only=USED_TRAIN_KEYS)
+        train_cfg = validate(read_config(path, fix), train_schema())
+        check_ranges(train_cfg, train_schema(), only=USED_TRAIN_KEYS)
     except KdmtlError as err:
         message = str(err)
         raise KdmtlError(message if str(path) in message else f"{path}: {message}; {fix}") from None

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kdmtl_cli.errors import JobErrors, KdmtlError
-from kdmtl_cli.schema import TrainConfig, validate
+from kdmtl_cli.schema import train_schema, validate
 
 
 def apply_debug(cfg: DictConfig, overrides=()) -> DictConfig:
@@ -50,15 +50,27 @@ def check_protocol(cfg: DictConfig) -> None:
 
     # Every number in its declared range (schema.py), before the imports below pull in torch. The
     # debug node first: debug=fast copies its values over optim.epochs etc., so name the key set.
-    check_ranges(cfg, TrainConfig, only=["debug"])
-    check_ranges(cfg, TrainConfig)
+    check_ranges(cfg, train_schema(), only=["debug"])
+    check_ranges(cfg, train_schema())
 
     from kdmtl_cli.data import check_val_size
+    from kdmtl_cli.data.loader import check_resized_crop
     from kdmtl_cli.engine import teacher_outputs
     from kdmtl_cli.engine.trainer import DEFAULT_MONITOR
     from kdmtl_cli.tasks import check_metric_reduction
 
     check_val_size(cfg.data)
+    from kdmtl_cli.plugins import resolve_target
+
+    for who in ("student", "teacher"):      # a user's trunk / model: importable and a torch.nn.Module
+        for part in ("trunk", "model"):
+            node = cfg[who][part]
+            if node is not None:
+                if not isinstance(node, DictConfig) or "_target_" not in node:
+                    raise KdmtlError(f"{who}.{part} must be a mapping with a _target_ (the import path of a "
+                                     f"torch.nn.Module class) and its arguments; got {node!r}")
+                resolve_target(node._target_, f"{who}.{part}._target_")
+    check_resized_crop(cfg.data)                  # data.resized_crop_*: before the data is generated
     teacher_outputs.check_settings(cfg.teacher)   # teacher.cache: before the data is generated
     check_metric_reduction(cfg.test.metric_reduction)
     if cfg.teacher.keep not in ("best", "last", "train_loss"):
@@ -78,7 +90,10 @@ def check_protocol(cfg: DictConfig) -> None:
 
 
 def effective_config(raw: DictConfig, overrides) -> DictConfig:
-    cfg = apply_debug(validate(raw, TrainConfig), overrides)
+    from kdmtl_cli.resume import touched_keys
+
+    explicit, _ = touched_keys(list(overrides))
+    cfg = apply_debug(validate(raw, train_schema(), explicit), overrides)
     if cfg.resume not in (None, False):
         from kdmtl_cli.resume import merge_for_resume
 
@@ -88,10 +103,20 @@ def effective_config(raw: DictConfig, overrides) -> DictConfig:
         from kdmtl_cli.runfiles import read_config
 
         saved = validate(read_config(saved_path, "it is the config this run started with: restore it, "
-                                                 "or start a new run"), TrainConfig)
-        cfg = validate(merge_for_resume(cfg, saved, overrides), TrainConfig)
+                                                 "or start a new run"), train_schema())
+        cfg = validate(merge_for_resume(cfg, saved, overrides), train_schema(), explicit)
     check_protocol(cfg)
     return cfg
+
+
+def _load_user_plugins(hydra_cfg) -> None:
+    """The plug-in files of --config-dir, in this process too: a launcher's worker process (joblib)
+    starts without them (the CLI loaded them in its own process before composing)."""
+    from kdmtl_cli.plugins import load_user
+
+    for source in hydra_cfg.runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            load_user(source.path)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://kdmtl_cli.conf", config_name="train")
@@ -100,6 +125,7 @@ def _train(raw: DictConfig) -> Optional[float]:
     from kdmtl_cli.engine import run_dir as run_dirs
 
     hydra_cfg = HydraConfig.get()
+    _load_user_plugins(hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     # Owned already when the command line named the directory (resume.plan_run_dir); a default
     # (fresh) directory or a sweep job's is owned here, for the job's whole life.

@@ -43,6 +43,12 @@ class DataBundle:
 DATASETS: Registry = Registry("data set", "data.name")
 
 
+@dataclass
+class GeneratedSettings:
+    """`data.*` keys of a data set generated offline (and cached under data.root)."""
+    generate: bool = True                 # create a missing generated data set (like torchvision's download)
+
+
 def fingerprint_splits(splits: Dict[str, Dict[str, torch.Tensor]], extra: str) -> str:
     """A short hash of every tensor of every split (and `extra`), identifying data read from
     files, for teacher cache keys and Δm baselines."""
@@ -89,9 +95,15 @@ def generated_splits(folder, sizes: Dict[str, int], keys, make, *, name: str, it
     return splits
 
 
-# Data sets that can train on their whole training split (`data.val_size=0`: no validation
-# split, as the papers of the shipped experiments); generated sets always have one.
-NO_VALIDATION_OK = ("cifar10", "cifar100", "nyuv2", "cityscapes")
+def builders_with(trait: str) -> List[str]:
+    """The data sets registered with `trait` true (`DATASETS.register(name, trait=True)`):
+    `no_validation_ok` (can train on its whole training split, `data.val_size=0`, as
+    the papers of the shipped experiments; generated sets always have a validation split),
+    `scale_crop_ok` (dense benchmarks whose official code has the random scale-crop)."""
+    from kdmtl_cli.plugins import load_builtin
+
+    load_builtin()
+    return [name for name in DATASETS.names() if DATASETS.trait(name, trait)]
 
 
 def check_val_size(data_cfg) -> None:
@@ -100,18 +112,14 @@ def check_val_size(data_cfg) -> None:
 
     if data_cfg.val_size < 0:
         raise KdmtlError(f"data.val_size must be >= 0 (got {data_cfg.val_size}); 0 = no validation split")
-    if data_cfg.val_size == 0 and data_cfg.name not in NO_VALIDATION_OK:
-        raise KdmtlError(f"data.val_size=0 (no validation split) is supported for {', '.join(NO_VALIDATION_OK)}, "
+    allowed = builders_with("no_validation_ok")
+    if data_cfg.val_size == 0 and data_cfg.name not in allowed:
+        raise KdmtlError(f"data.val_size=0 (no validation split) is supported for {', '.join(allowed)}, "
                          f"not data={data_cfg.name}; set data.val_size >= 1")
 
 
-# Data sets whose training may use the random scale-crop (`data.scale_crop`): the dense
-# benchmarks whose official code (CAGrad, Nash-MTL) has it.
-SCALE_CROP_OK = ("nyuv2", "cityscapes")
-
-
 def check_scale_crop(data_cfg) -> None:
-    """`data.scale_crop`: null (off) or a non-empty list of scales >= 1, for SCALE_CROP_OK only,
+    """`data.scale_crop`: null (off) or a non-empty list of scales >= 1, for data sets with `scale_crop_ok`,
     without data.crop_padding. One line naming the key."""
     import math
 
@@ -128,16 +136,18 @@ def check_scale_crop(data_cfg) -> None:
     if not scales or any(not math.isfinite(x) or x < 1.0 for x in scales) \
             or any(isinstance(x, bool) for x in value):
         raise KdmtlError(f"data.scale_crop={value}: {hint}")
-    if data_cfg.name not in SCALE_CROP_OK:
-        raise KdmtlError(f"data.scale_crop is supported for {', '.join(SCALE_CROP_OK)} (dense targets), "
+    allowed = builders_with("scale_crop_ok")
+    if data_cfg.name not in allowed:
+        raise KdmtlError(f"data.scale_crop is supported for {', '.join(allowed)} (dense targets), "
                          f"not data={data_cfg.name}; set data.scale_crop=null")
     if int(data_cfg.get("crop_padding", 0) or 0) > 0:
         raise KdmtlError("data.scale_crop and data.crop_padding cannot be combined; set one of them off")
 
 
 def build_data(data_cfg) -> DataBundle:
-    # Import the modules so that they register themselves.
-    from kdmtl_cli.data import cifar, cifar_mosaic, digits, nyuv2, shapes  # noqa: F401
+    from kdmtl_cli.plugins import load_builtin
+
+    load_builtin()   # every module of kdmtl_cli/data/ registers its data set
 
     check_val_size(data_cfg)
     check_scale_crop(data_cfg)

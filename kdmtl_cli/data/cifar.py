@@ -22,6 +22,8 @@ the meta file when present). Images stay uint8 [N,3,32,32]; the loader normalise
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import builtins
 import codecs
 import functools
@@ -194,6 +196,12 @@ def _build(which: str, cfg) -> DataBundle:
                       fingerprint=fingerprint, info={"path": arrays["folder"]})
 
 
-# One data set per layout: cifar10, cifar100.
+@dataclass
+class CifarSettings:
+    """`data.*` keys of cifar10 / cifar100."""
+    download: bool = True                 # let torchvision download missing files (needs network)
+
+
+# One data set per layout: cifar10, cifar100; both can train on the whole training split (data.val_size=0).
 for _name in LAYOUT:
-    DATASETS.register(_name)(functools.partial(_build, _name))
+    DATASETS.register(_name, settings=CifarSettings, no_validation_ok=True)(functools.partial(_build, _name))

@@ -25,15 +25,17 @@ settings and the CIFAR pixels, so the CIFAR files are read on every build).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kdmtl_cli.data import DATASETS, DataBundle, TargetSpec, generated_splits
+from kdmtl_cli.data import DATASETS, DataBundle, GeneratedSettings, TargetSpec, generated_splits
 from kdmtl_cli.data.cifar import load_cifar_arrays
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import at_least
 
 GENERATOR_VERSION = 1
 EXPECTED_KEYS = frozenset({"image", "cls", "seg"})
@@ -98,7 +100,17 @@ def _check(cfg) -> dict:
     return sizes
 
 
-@DATASETS.register("cifar_cls_seg")
+@dataclass
+class MosaicSettings(GeneratedSettings):
+    """`data.*` keys of cifar_cls_seg."""
+    download: bool = True                 # let torchvision download missing CIFAR-10 files (needs network)
+    min_tiles: int = at_least(1, default=2)       # CIFAR tiles pasted per mosaic
+    max_tiles: int = at_least("min_tiles", default=4)
+    min_tile_size: int = at_least(1, default=16)  # tile side in pixels (resized from 32x32)
+    max_tile_size: int = at_least("min_tile_size", default=40)  # capped at data.image_size
+
+
+@DATASETS.register("cifar_cls_seg", settings=MosaicSettings)
 def build_cifar_cls_seg(cfg) -> DataBundle:
     sizes = _check(cfg)
     arrays = load_cifar_arrays("cifar10", cfg.root, cfg.download)

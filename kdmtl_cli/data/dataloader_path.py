@@ -4,7 +4,8 @@ sample, for splits too large to keep on the device (or on request: `data.loader=
 It yields batches bitwise identical to `TensorLoader`'s for the same seed and epoch, so a run
 can resume, and a teacher-output cache can be looked up, whichever path produced the data:
 
-- the epoch's order, flips, crop offsets (or scale-crop scales and offsets) and stored views come from the very same
+- the epoch's order, flips, crop offsets (or scale-crop scales and offsets, or resized-crop windows) and stored
+  views come from the very same
   `TensorLoader.epoch_plan` / `batch_indices` (run in the main process);
 - each sample is computed by `TensorLoader.make_batch` on a batch of one, on the CPU, and the
   collate function concatenates them: gather, crop, normalisation and flips are per-sample
@@ -24,14 +25,14 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kdmtl_cli.data.loader import FlipFn, TensorLoader, ViewTable
+from kdmtl_cli.data.loader import DEFAULT_RATIO, FlipFn, TensorLoader, ViewTable
 
 CPU = torch.device("cpu")
 
 
 class _Samples(Dataset):
-    """Item = (sample index, flip, (dy, dx) / (scale index, top, left) or None), as planned by the main process: the
-    workers hold no randomness, so which worker builds a sample never changes it."""
+    """Item = (sample index, flip, (dy, dx) / (scale index, top, left) / (i, j, h, w) or None), as planned by the
+    main process: the workers hold no randomness, so which worker builds a sample never changes it."""
 
     def __init__(self, loader: "DataLoaderPath"):
         self.loader = loader  # a copy of the DataLoaderPath: the split, the flips, the settings
@@ -95,7 +96,7 @@ class DataLoaderPath(TensorLoader):
                  hflip: bool = False, seed: int = 0, limit_batches: int | None = None,
                  drop_last: bool = False, crop_padding: int = 0, pad_values: dict | None = None,
                  views: ViewTable | None = None, num_workers: int = 0, scale_crop=None,
-                 target_kinds: dict | None = None):
+                 target_kinds: dict | None = None, resized_crop_scale=None, resized_crop_ratio=DEFAULT_RATIO):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (got {num_workers})")
         # Built on the CPU: the split and the normalisation constants stay in host memory, where
@@ -103,7 +104,8 @@ class DataLoaderPath(TensorLoader):
         super().__init__(split, target_flips, batch_size=batch_size, mean=mean, std=std, device=CPU,
                          shuffle=shuffle, hflip=hflip, seed=seed, limit_batches=limit_batches,
                          drop_last=drop_last, crop_padding=crop_padding, pad_values=pad_values, views=views,
-                         scale_crop=scale_crop, target_kinds=target_kinds)
+                         scale_crop=scale_crop, target_kinds=target_kinds, resized_crop_scale=resized_crop_scale,
+                         resized_crop_ratio=resized_crop_ratio)
         self.device = torch.device(device)
         self.num_workers = int(num_workers)
         self._sampler = _PlannedBatches()

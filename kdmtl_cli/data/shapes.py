@@ -18,13 +18,15 @@ Splits are generated once and cached under ``<data.root>/shapes/<fingerprint>/``
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 import json
 from pathlib import Path
 
 import torch
 
-from kdmtl_cli.data import DATASETS, DataBundle, TargetSpec, generated_splits
+from kdmtl_cli.data import DATASETS, DataBundle, GeneratedSettings, TargetSpec, generated_splits
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import at_least
 
 GENERATOR_VERSION = 3  # bump when the generator's output changes, to invalidate caches
 # 2: normal, present, count and near targets
@@ -55,7 +57,14 @@ def _split_sizes(cfg) -> dict:
     return sizes
 
 
-@DATASETS.register("shapes")
+@dataclass
+class ShapesSettings(GeneratedSettings):
+    """`data.*` keys of shapes."""
+    min_objects: int = at_least(1, default=2)     # objects per generated scene
+    max_objects: int = at_least("min_objects", default=4)
+
+
+@DATASETS.register("shapes", settings=ShapesSettings)
 def build_shapes(cfg) -> DataBundle:
     from kdmtl_cli.data.shapes_generator import SHAPE_NAMES, generate_shapes
 

@@ -61,12 +61,10 @@ class LabelTaskMethod(Method):
         self._weights = self.per_task_term_weights(self.label_tasks)
 
 
-def load_methods() -> None:
-    from kdmtl_cli.distill import at, bam, dkd, fitnet, kd4mtl, logit  # noqa: F401  (register methods)
-
-
 def method_names(loss_cfg) -> List[str]:
-    load_methods()
+    from kdmtl_cli.plugins import load_builtin
+
+    load_builtin()   # every module of kdmtl_cli/distill/ registers its method
     return [name for name in KD_METHODS.names() if loss_cfg.get(name) is not None]
 
 

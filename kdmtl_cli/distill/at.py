@@ -6,12 +6,26 @@ AT.LOSS.FEAT_WEIGHT 1000). Maps of different sizes: the larger is average-pooled
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import List
+
+from kdmtl_cli.ranges import above, at_least
+
 from kdmtl_cli.distill import KD_METHODS
 from kdmtl_cli.distill.functional import at_loss
-from kdmtl_cli.distill.pairs import FeaturePairMethod
+from kdmtl_cli.distill.pairs import FeaturePairMethod, FeaturePairsConfig
 
 
-@KD_METHODS.register("at")
+@dataclass
+class ATConfig(FeaturePairsConfig):
+    """Attention transfer as RepDistiller (conf/loss/at.yaml); weight is the paper's beta."""
+    weight: float = at_least(0, default=1000.0)
+    p: float = above(0, default=2.0)        # attention map mean_c F^p
+    student: List[str] = field(default_factory=lambda: ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"])
+    teacher: List[str] = field(default_factory=lambda: ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"])
+
+
+@KD_METHODS.register("at", settings=ATConfig)
 class AttentionTransfer(FeaturePairMethod):
     name = "at"
 

@@ -5,12 +5,24 @@ for those tasks to train on the annealed target alone, as in the paper."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from kdmtl_cli.ranges import at_least
+
 from kdmtl_cli.distill import KD_METHODS, LabelTaskMethod
 from kdmtl_cli.distill.functional import bam_loss
 from kdmtl_cli.errors import KdmtlError
 
 
-@KD_METHODS.register("bam")
+@dataclass
+class BAMConfig:
+    """Teacher annealing (Clark et al., ACL 2019): target = p*one-hot + (1-p)*teacher softmax."""
+    weight: Any = at_least(0, default=1.0)        # a number, or {task: number}
+    reduction: str = "mean"               # mean over samples / pixels | sum (the official code sums over the batch)
+
+
+@KD_METHODS.register("bam", settings=BAMConfig)
 class TeacherAnnealing(LabelTaskMethod):
     name = "bam"
 

@@ -7,6 +7,11 @@ ramps continuously from 0 with the fractional epochs done."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from kdmtl_cli.ranges import above, at_least
+
 from kdmtl_cli.distill import KD_METHODS, LabelTaskMethod
 from kdmtl_cli.distill.functional import dkd_loss
 from kdmtl_cli.errors import KdmtlError
@@ -23,7 +28,19 @@ def dkd_warmup(epochs_done: float, warmup_epochs: float, schedule: str = "epoch"
     return min(epochs_done / warmup_epochs, 1.0)
 
 
-@KD_METHODS.register("dkd")
+@dataclass
+class DKDConfig:
+    """Decoupled KD (Zhao et al., CVPR 2022), as mdistiller (conf/loss/dkd.yaml)."""
+    weight: Any = at_least(0, default=1.0)        # a number, or {task: number}
+    alpha: float = at_least(0, default=1.0)       # target-class term (TCKD)
+    beta: float = at_least(0, default=8.0)        # non-target-class term (NCKD)
+    temperature: float = above(0, default=4.0)
+    # weight factor min(epoch / warmup_epochs, 1)
+    warmup_epochs: float = at_least(0, default=20.0, note="0 = no warm-up")
+    warmup_schedule: str = "epoch"        # epoch: mdistiller's (1-based epoch, per epoch) | linear: continuous from 0
+
+
+@KD_METHODS.register("dkd", settings=DKDConfig)
 class DecoupledKD(LabelTaskMethod):
     name = "dkd"
 

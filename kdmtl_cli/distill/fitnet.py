@@ -7,13 +7,24 @@ official) bridges size ratios that ConvReg cannot: a 1x1 conv + BN, then a bilin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from kdmtl_cli.ranges import at_least
+
 from kdmtl_cli.distill import KD_METHODS
 from kdmtl_cli.distill.functional import REGRESSORS, HintRegressor, hint_loss
-from kdmtl_cli.distill.pairs import FeaturePairMethod
+from kdmtl_cli.distill.pairs import FeaturePairMethod, FeaturePairsConfig
 from kdmtl_cli.errors import KdmtlError
 
 
-@KD_METHODS.register("fitnet")
+@dataclass
+class FitNetConfig(FeaturePairsConfig):
+    """FitNet hints as RepDistiller (conf/loss/fitnet.yaml)."""
+    weight: float = at_least(0, default=100.0)
+    regressor: str = "convreg"            # convreg: RepDistiller's ConvReg | conv1x1: 1x1 conv + BN + resize (any sizes)
+
+
+@KD_METHODS.register("fitnet", settings=FitNetConfig)
 class FitNet(FeaturePairMethod):
     name = "fitnet"
 

@@ -18,6 +18,11 @@ teacher every task targets the shared teacher feature."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdmtl_cli.ranges import above, at_least
+
 from kdmtl_cli.distill import KD_METHODS, Method
 from kdmtl_cli.distill.functional import TaskAdaptor, kd4mtl_loss
 from kdmtl_cli.distill.pairs import check_pair_shapes, feature_pairs, require_feature, split_name
@@ -28,7 +33,19 @@ def _key(task: str, index: int) -> str:
     return f"{task}__{index}"
 
 
-@KD_METHODS.register("kd4mtl")
+@dataclass
+class KD4MTLConfig:
+    """Li & Bilen (ECCV-W 2020), as VICO-UoE/KD4MTL (conf/loss/kd4mtl.yaml)."""
+    weight: Any = at_least(0, default=1.0)        # lambda: a number, or {task: number}
+    student: Any = field(default_factory=lambda: ["trunk/-1", "trunk/0"])   # shared features (a name or a list)
+    teacher: Any = field(default_factory=lambda: ["trunk/-1", "trunk/0"])   # each task teacher's features
+    adaptor_lr: float = above(0, default=0.1)     # the adaptors' learning rate (official --alr)
+    # the adaptors' weight decay (official transformer_optimizer)
+    adaptor_weight_decay: float = at_least(0, default=5e-4)
+    adaptor_scheduled: bool = False       # official: the adaptors' optimiser has no schedule; true: the student's applies
+
+
+@KD_METHODS.register("kd4mtl", settings=KD4MTLConfig)
 class KD4MTL(Method):
     name = "kd4mtl"
 

@@ -19,6 +19,11 @@ dense logits), times T^2. The official KD recipe weighs it 0.9 against cross-ent
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from kdmtl_cli.ranges import above, at_least
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,7 +58,17 @@ def dense_regression_kd(student: Tensor, teacher: Tensor, norm: str) -> Tensor:
     return diff.abs().mean() if norm == "l1" else diff.pow(2).mean()
 
 
-@KD_METHODS.register("kd")
+@dataclass
+class KDConfig:
+    """Logit KD (Hinton et al., 2015) for every task the teacher covers (conf/loss/kd.yaml)."""
+    # a number, or {task: number}; official recipe 0.9 with task_weight 0.1. No method defines a
+    # negative distillation weight (it would push the student away from the teacher): every weight is >= 0.
+    weight: Any = at_least(0, default=0.5)
+    temperature: float = above(0, default=4.0)    # T; the KL terms are scaled by T^2
+    dense: str = "l1"                     # depth/regression tasks: l1 | l2 to the teacher's prediction
+
+
+@KD_METHODS.register("kd", settings=KDConfig)
 class LogitKD(Method):
     """kd/<task> for every task the teacher covers, by the task kind's rule (`kind.distill`)."""
 

@@ -16,12 +16,14 @@ module in every task's teacher: a pair then gives one term per teacher task
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from kdmtl_cli.distill import Method
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import at_least
 
 
 def split_name(name: str) -> Tuple[Optional[str], str, Optional[int]]:
@@ -95,6 +97,14 @@ def teacher_names(name: str, teacher_features: Dict[str, object], teacher_tasks:
         return [(None, name)]
     expanded = [(t, f"{t}:{name}") for t in teacher_tasks if f"{t}:{name}" in teacher_features]
     return expanded or [(None, name)]
+
+
+@dataclass
+class FeaturePairsConfig:
+    """Student/teacher features (forward hooks; `[task:]path[/i]`), paired by position."""
+    weight: float = at_least(0, default=1.0)
+    student: List[str] = field(default_factory=lambda: ["trunk.stages.1"])
+    teacher: List[str] = field(default_factory=lambda: ["trunk.stages.1"])
 
 
 class Term(NamedTuple):

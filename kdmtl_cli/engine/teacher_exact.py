@@ -221,6 +221,8 @@ def open_exact(*, cache_dir: str, teacher, loader, hardware, teacher_cfg, data, 
     (`resident`, by default on a CUDA device with room)."""
     if getattr(loader, "scale_crop", None):                    # check_settings refuses it first
         raise KdmtlError(stored.scale_crop_refusal("exact"))
+    if getattr(loader, "resized_crop", None) is not None:     # likewise: windows are not enumerable slots
+        raise KdmtlError(stored.RESIZED_CROP_REFUSAL)
     dtype_name, topk = stored.cache_dtype(teacher_cfg), teacher_cfg.cache_topk
     n, v = loader.num_samples, num_views(loader.hflip, loader.crop_padding)
     rank, world = loader.shard

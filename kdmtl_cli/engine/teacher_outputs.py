@@ -5,8 +5,8 @@ each training sample, so distillation steps skip the teacher's forward pass.
 Why views and not indices: a cache keyed by sample index alone hands the student, under random
 augmentation, teacher targets computed on some other crop or flip (torchdistill's removed
 cache). Teacher and student must see the same input (Beyer et al., CVPR 2022). Here, as in FKD
-(Shen & Xing, ECCV 2022), each sample has K fixed augmentations (flip, crop offsets; a
-`ViewTable` drawn from the run's seed); the cache stores the teacher's outputs on each, and
+(Shen & Xing, ECCV 2022), each sample has K fixed augmentations (flip, crop offsets or random
+resized-crop window; a `ViewTable` drawn from the run's seed); the cache stores the teacher's outputs on each, and
 every epoch the loader picks one of the K views per sample and builds exactly that input with
 the same code (`TensorLoader.make_batch`) that built the cached one. `deterministic` is K = 1
 without augmentation (the student then trains on unaugmented images; the run says so).
@@ -93,6 +93,8 @@ def check_settings(teacher_cfg) -> None:
     data_cfg = root.get("data", None) if root is not None and root is not teacher_cfg else None
     if mode in ("views", "exact") and data_cfg is not None and data_cfg.get("scale_crop", None):
         raise KdmtlError(scale_crop_refusal(mode))
+    if mode == "exact" and data_cfg is not None and data_cfg.get("resized_crop_scale", None) is not None:
+        raise KdmtlError(RESIZED_CROP_REFUSAL)
     if int(teacher_cfg.cache_views) < 1:
         raise KdmtlError(f"teacher.cache_views must be at least 1 (got {teacher_cfg.cache_views})")
     if teacher_cfg.cache_topk is not None and int(teacher_cfg.cache_topk) < 1:
@@ -116,20 +118,29 @@ def scale_crop_refusal(mode: str) -> str:
             "teacher.cache=deterministic (unaugmented views) or teacher.cache=off")
 
 
+# exact keys a view by an enumerable slot (teacher_exact.view_slots); resized-crop windows are not
+# enumerable, and a drawn window almost never recurs, so such a cache would never be read back
+RESIZED_CROP_REFUSAL = ("teacher.cache=exact does not store random resized-crop views (a window almost never "
+                        "recurs); set teacher.cache=views (K stored windows per sample), teacher.cache=deterministic "
+                        "or teacher.cache=off, or data.resized_crop_scale=null")
+
+
 def plan_views(mode: str, num_views: int, num_samples: int, *, hflip: bool, crop_padding: int, seed: int,
-               say=print) -> ViewTable:
-    """The stored augmentations: K per sample for `views`, one unaugmented for `deterministic`."""
+               say=print, resized_crop=None) -> ViewTable:
+    """The stored augmentations: K per sample for `views`, one unaugmented for `deterministic`.
+    `resized_crop`: the train loader's (`TensorLoader.resized_crop`), when on: each view gets a window."""
     if mode == "deterministic":
-        if hflip or crop_padding:
+        if hflip or crop_padding or resized_crop is not None:
             say("teacher.cache=deterministic: the student trains on unaugmented images (no flip, no crop), "
                 "the views the cache stores; use teacher.cache=views to keep the augmentation")
         return ViewTable(torch.zeros(num_samples, 1, dtype=torch.bool), None)
-    if not hflip and not crop_padding:
+    if not hflip and not crop_padding and resized_crop is None:
         if num_views > 1:
             say(f"teacher.cache=views: the data has no random augmentation, so 1 view per sample is stored, "
                 f"not {num_views}")
         num_views = 1
-    return ViewTable.draw(num_samples, num_views, hflip=hflip, crop_padding=crop_padding, seed=seed)
+    return ViewTable.draw(num_samples, num_views, hflip=hflip, crop_padding=crop_padding, seed=seed,
+                          resized_crop=resized_crop)
 
 
 class TeacherOutputCache:
@@ -254,6 +265,10 @@ def open_or_build(*, cache_dir: str, teacher, loader, hardware, teacher_cfg, dat
     mode, topk = str(teacher_cfg.cache), teacher_cfg.cache_topk
     if mode == "views" and getattr(loader, "scale_crop", None):   # check_settings refuses it first
         raise KdmtlError(scale_crop_refusal(mode))
+    if mode == "views" and getattr(loader, "resized_crop", None) is not None and views.windows is None:
+        # the student would silently train without the resized crop
+        raise KdmtlError("teacher.cache=views with data.resized_crop_scale: the stored views have no resized-crop "
+                         "windows (plan_views needs resized_crop=the train loader's); set teacher.cache=off")
     dtype_name = cache_dtype(teacher_cfg)
     n = loader.num_samples
     probe_index = torch.arange(min(n, loader.batch_size))
@@ -266,6 +281,8 @@ def open_or_build(*, cache_dir: str, teacher, loader, hardware, teacher_cfg, dat
         "data": data_content(data, loader, hflip=bool(views.flips.any())),
         "entries": entries,
     }
+    if views.windows is not None:   # the resized-crop windows themselves (absent: keys as before)
+        content["windows"] = hashlib.sha256(views.windows.contiguous().numpy().tobytes()).hexdigest()[:20]
     key = cache_key(content)
     entry = Path(cache_dir).expanduser() / "teacher_outputs" / key
     # Sweep jobs sharing this teacher build the entry once: the others wait, then reuse it.
@@ -357,7 +374,7 @@ def bytes_per_view(spec: dict) -> int:
 def _teacher_batch(teacher, loader, hardware, index: torch.Tensor, views: ViewTable, v: int,
                    with_image: bool = False):
     flip = views.flips[index, v]
-    crop = views.crops[index, v] if views.crops is not None else None
+    crop = views.crop_plan(index, v)
     where = loader.images.device
     batch = loader.make_batch(index.to(where), flip.to(where), crop.to(where) if crop is not None else None)
     image = batch["image"].to(hardware.device)

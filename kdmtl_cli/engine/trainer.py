@@ -30,7 +30,6 @@ from kdmtl_cli.engine.hardware import Hardware
 from kdmtl_cli.engine.logging import MetricsLog, Progress
 from kdmtl_cli.engine.seeding import rng_state, set_rng_state
 from kdmtl_cli.errors import KdmtlError, Preempted
-from kdmtl_cli.schema import WeightingConfig
 from kdmtl_cli.weighting import build_weighting, weighted_backward
 
 
@@ -158,14 +157,15 @@ class Trainer:
         self.ranks = ranks or Ranks()          # data-parallel ranks (kdmtl_cli/engine/distributed.py)
         # How the per-task losses become a step; teachers are trained with equal weights.
         if weighting is None:
-            weighting = build_weighting(OmegaConf.structured(WeightingConfig), list(tasks))
+            weighting = build_weighting(OmegaConf.create({"name": "equal"}), list(tasks))
         self.weighting = weighting
         self.grad_norms_every = max(0, grad_norms_every_n_steps)
         # Gradient-based weightings act on the shared trunk; heads and learned parts of
         # distillation methods get their own gradients.
-        shared_ids = {id(p) for p in model.trunk.parameters()}
+        shared = list(model.shared_parameters())
+        shared_ids = {id(p) for p in shared}
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self.shared = [p for p in model.trunk.parameters() if p.requires_grad]
+        self.shared = [p for p in shared if p.requires_grad]
         self.others = [p for p in params if id(p) not in shared_ids]
         self.optimizer, self.scheduler, self.hw = optimizer, scheduler, hardware
         self.train_loader, self.val_loader = train_loader, val_loader

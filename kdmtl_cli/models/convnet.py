@@ -4,6 +4,7 @@ Parameters grow ~ width^2 * depth, so width 32/depth 2 is ~8x width 16/depth 1."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List
 
 import torch.nn as nn
@@ -11,6 +12,7 @@ import torch.nn as nn
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.models import TRUNKS
 from kdmtl_cli.models.trunk import StagedTrunk
+from kdmtl_cli.ranges import at_least
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -52,6 +54,15 @@ class ConvNetTrunk(StagedTrunk):
         self.reductions = [stem_stride * 2 ** i for i in range(stages)]
 
 
-@TRUNKS.register("convnet")
+@dataclass
+class ConvNetSettings:
+    """`student.*` / `teacher.*` keys of convnet (remembered in checkpoints)."""
+    width: int = at_least(1, default=16)          # channels of the first stage (doubles per stage)
+    depth: int = at_least(1, default=1)           # residual blocks per stage
+    stages: int = at_least(1, default=3)          # stages (each after the first halves the resolution)
+    stem_stride: int = at_least(1, default=1)     # 2 halves the resolution of every stage (4x cheaper)
+
+
+@TRUNKS.register("convnet", settings=ConvNetSettings)
 def build_convnet(cfg) -> ConvNetTrunk:
     return ConvNetTrunk(cfg.width, cfg.depth, cfg.stages, cfg.stem_stride)

@@ -42,6 +42,10 @@ class MultiTaskModel(nn.Module):
         self._captured: Dict[str, object] = {}
         self._hooks = []
 
+    def shared_parameters(self):
+        """The parameters every task's loss reaches: the trunk's (what gradient-based weightings combine)."""
+        return self.trunk.parameters()
+
     def capture_features(self, names: Iterable[str]) -> None:
         """Record the outputs of these modules (by path, e.g. 'trunk.stages.2') on every forward."""
         check_module_names(self, names)
@@ -58,3 +62,34 @@ class MultiTaskModel(nn.Module):
         size = image.shape[-2:]
         outputs = {name: head(features, size) for name, head in self.heads.items()}
         return {"outputs": outputs, "features": dict(self._captured)}
+
+
+class WholeModel(nn.Module):
+    """A user's whole model (`student.model` / `teacher.model`): forward(image) -> {task: output}
+    with every task of the run, each shaped as its kind's head would give it ([N, C] for image-level
+    tasks, [N, C, H, W] at the image's size for dense ones). kdmtl adds no heads; feature
+    distillation addresses its modules as `model.<path>`."""
+
+    def __init__(self, model: nn.Module, tasks: Dict[str, object]):
+        super().__init__()
+        self.model = model
+        self.task_names = list(tasks)
+        self._captured: Dict[str, object] = {}
+        self._hooks = []
+
+    capture_features = MultiTaskModel.capture_features
+
+    def shared_parameters(self):
+        """The model's own `shared_parameters()` when it defines one (its shared trunk, for
+        gradient-based weightings), else every parameter."""
+        own = getattr(self.model, "shared_parameters", None)
+        return own() if callable(own) else self.model.parameters()
+
+    def forward(self, image):
+        self._captured = {}
+        outputs = self.model(image)
+        if not isinstance(outputs, dict) or set(outputs) != set(self.task_names):
+            got = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+            raise KdmtlError(f"model: {type(self.model).__name__}.forward must return {{task: output}} for the tasks "
+                             f"{self.task_names}; it returned {got}")
+        return {"outputs": {name: outputs[name] for name in self.task_names}, "features": dict(self._captured)}

@@ -3,7 +3,7 @@ for NYUv2 / Cityscapes, written for the trunk contract (kdmtl_cli/models/trunk.p
 
 Channel plan c = [w, 2w, 4w, 8w, 8w] with w = ``cfg.width``; ``width: 64`` is the papers'
 [64, 128, 256, 512, 512] (conf/student/segnet.yaml, conf/teacher/segnet.yaml). Note that
-ModelConfig.width defaults to 16, which gives a 16x smaller SegNet: set ``student.width=64``
+`width` defaults to 16, which gives a 16x smaller SegNet: set ``student.width=64``
 for the paper's size.
 
 Every conv is a 3x3 conv (with bias) + BatchNorm + ReLU, as in MTAN's ``conv_layer``.
@@ -43,6 +43,7 @@ output); every task's head is its own attention branch plus MTAN's prediction la
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List
 
 import torch.nn as nn
@@ -51,6 +52,8 @@ import torch.nn.functional as F
 from kdmtl_cli.models import TRUNKS
 from kdmtl_cli.models.heads import TrunkFeatures
 from kdmtl_cli.models.trunk import ReferenceInit, StagedTrunk
+from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import at_least
 
 ENCODER_CONVS = (2, 2, 3, 3, 3)
 DECODER_CONVS = (3, 3, 3, 2, 2)
@@ -159,11 +162,24 @@ class SegNetTrunk(ReferenceInit, StagedTrunk):
         return features
 
 
-@TRUNKS.register("segnet")
+@dataclass
+class SegNetSettings:
+    """`student.*` / `teacher.*` keys of segnet and segnet_mtan (remembered in checkpoints)."""
+    width: int = at_least(1, default=16)          # w of the channel plan [w, 2w, 4w, 8w, 8w]; the papers': 64
+    # dense-task heads: auto (kdmtl's DenseDecoder; segnet_mtan: MTAN's attention heads) | mtan (segnet:
+    # MTAN's prediction layer, 3x3 conv + 1x1 conv on the decoder output)
+    head: str = "auto"
+
+
+@TRUNKS.register("segnet", settings=SegNetSettings)
 def build_segnet(cfg) -> SegNetTrunk:
-    return SegNetTrunk(int(cfg.width), head=str(getattr(cfg, "head", None) or "auto"))
+    if cfg.head not in ("auto", "mtan"):
+        raise KdmtlError(f"head must be 'auto' or 'mtan' (got {cfg.head!r})")
+    return SegNetTrunk(int(cfg.width), head=str(cfg.head))
 
 
-@TRUNKS.register("segnet_mtan")
+@TRUNKS.register("segnet_mtan", settings=SegNetSettings)
 def build_segnet_mtan(cfg) -> SegNetTrunk:
+    if cfg.head not in ("auto", "mtan"):
+        raise KdmtlError(f"head must be 'auto' or 'mtan' (got {cfg.head!r})")
     return SegNetTrunk(int(cfg.width), attention=True)

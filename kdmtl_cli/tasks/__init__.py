@@ -81,6 +81,11 @@ class TaskKind:
     needs_classes: bool = False                  # the target spec must give num_classes
     scaled_output: bool = False                  # head output * train std + train mean (target units)
     softmax_labels: bool = False                 # outputs are class logits, softmax over dim 1
+    # dense targets: the value a random crop pads with (a value the loss and metrics ignore)
+    pad_value: ClassVar[float] = 0
+    # the data set target kinds (TargetSpec.kind) this kind can learn from; empty: its own name only
+    # (a Huber-loss kind of your own reads `regression` targets: reads_targets = ("regression",))
+    reads_targets: ClassVar[tuple] = ()
     higher_is_better: ClassVar[dict[str, bool]] = {}  # every reported metric -> direction
 
     def out_channels(self, spec: TargetSpec) -> int:
@@ -155,14 +160,9 @@ class Task:
 
 
 def _load_kinds() -> None:
-    from kdmtl_cli.tasks import (  # noqa: F401
-        classification,
-        depth,
-        multilabel,
-        normals,
-        regression,
-        segmentation,
-    )
+    from kdmtl_cli.plugins import load_builtin
+
+    load_builtin()   # every module of kdmtl_cli/tasks/ registers its kind
 
 
 def check_metric_reduction(value) -> str:
@@ -194,7 +194,7 @@ def build_tasks(tasks_cfg, data_targets: dict[str, TargetSpec]) -> dict[str, Tas
             raise KdmtlError(f"task '{name}' reads target '{target}', which the data set does not provide; "
                              f"available targets: {', '.join(data_targets)} (set tasks.{name}.target)")
         spec = data_targets[target]
-        if spec.kind != kind.name:
+        if spec.kind != kind.name and spec.kind not in kind.reads_targets:
             raise KdmtlError(f"task '{name}' is a {kind.name} task but target '{target}' holds "
                              f"{spec.kind} labels; set tasks.{name}.kind={spec.kind}")
         if kind.needs_classes and not spec.num_classes:

@@ -45,6 +45,7 @@ class Segmentation(TaskKind):
     dense = True
     needs_classes = True
     softmax_labels = True
+    pad_value = IGNORE_INDEX   # padded pixels are ignored by the loss and the metrics
     higher_is_better: ClassVar[dict[str, bool]] = {"miou": True, "pixel_acc": True}
 
     def out_channels(self, spec):

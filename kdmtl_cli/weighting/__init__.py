@@ -16,6 +16,7 @@ its random generator) lives in its ``state_dict`` so that a resumed run is bit-i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -28,22 +29,22 @@ from kdmtl_cli.registry import Registry
 
 WEIGHTINGS: Registry = Registry("weighting", "weighting")
 
-# The `weighting` config node's fields and defaults; must match the schema (checked by the lead).
-DEFAULTS: dict[str, object] = {
-    "name": "equal",
-    "weights": 1.0,       # fixed: a number or {task: number}
-    "temperature": 2.0,   # dwa: T
-    "alpha": 1.5,         # gradnorm: restoring-force strength
-    "lr": 0.025,          # famo: lr of its own Adam on the task logits
-    "c": 0.4,             # cagrad: radius of the ball around the mean gradient
-    "gamma": 0.01,        # famo: weight decay of its logits
-    "max_norm": 1.0,      # famo: clip of the trunk gradient's norm after backward (0 = off)
-}
+def settings_default(key: str):
+    """The default of the `weighting.<key>` a strategy declares in its settings."""
+    from kdmtl_cli.plugins import load_builtin
+
+    load_builtin()
+    for name in WEIGHTINGS.names():
+        settings = WEIGHTINGS.settings(name)
+        for f in dataclasses.fields(settings) if settings is not None else ():
+            if f.name == key:
+                return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    raise KeyError(f"no weighting declares '{key}'")
 
 
 def field(cfg, key: str):
-    """`cfg.<key>`, or its default when the node lacks it (tests pass plain namespaces)."""
-    return getattr(cfg, key, DEFAULTS[key])
+    """`cfg.<key>`, or its declared default when the node lacks it (tests pass plain namespaces)."""
+    return getattr(cfg, key) if hasattr(cfg, key) else settings_default(key)
 
 
 def number(cfg, key: str) -> float:
@@ -54,19 +55,16 @@ def number(cfg, key: str) -> float:
     return float(value)
 
 
-def _is_default(value, default) -> bool:
-    if isinstance(value, bool) or hasattr(value, "items") or not isinstance(value, (Real, str)):
-        return False  # `true` is not 1.0, a mapping is never the scalar default
-    return value == default
-
-
 class Weighting(torch.nn.Module):
-    """Base of every strategy. Subclasses set ``name``, ``uses`` (the config fields they read
-    besides ``name``) and ``gradient_based``, and implement ``combine`` or ``combine_grads``."""
+    """Base of every strategy. Subclasses set ``name`` and ``gradient_based``, implement
+    ``combine`` or ``combine_grads``, and are registered with the settings dataclass of the
+    `weighting.*` keys they read (``WEIGHTINGS.register(name, settings=...)``). A gradient-based
+    strategy combines per-task gradients, which are per rank with several data-parallel
+    processes: run.py refuses those there (until they are gathered)."""
 
     name = ""
-    uses: tuple = ()
     gradient_based = False
+
     # When set, the engine clips the norm of the shared trunk's gradient to this value after the
     # backward (and after data-parallel averaging), before any `optim.grad_clip_norm` (FAMO).
     shared_clip_norm: float | None = None
@@ -118,28 +116,28 @@ class Weighting(torch.nn.Module):
         return []
 
 
-def load_weightings() -> None:
-    from kdmtl_cli.weighting import (  # noqa: F401
-        cagrad,
-        dwa,
-        equal,
-        famo,
-        fixed,
-        gradnorm,
-        pcgrad,
-        uncertainty,
-    )
+def _is_default(value, default) -> bool:
+    if isinstance(value, bool) or hasattr(value, "items") or not isinstance(value, (Real, str)):
+        return False  # `true` is not 1.0, a mapping is never the scalar default
+    return value == default
 
 
 def build_weighting(cfg, task_names: list[str], seed: int = 0) -> Weighting:
-    """The strategy `cfg.name`, after refusing any field it would silently ignore."""
-    load_weightings()
-    name = field(cfg, "name")
+    """The strategy `cfg.name`, after refusing a key of another strategy that is set (a node
+    validated by schema.validate holds only its own; tests and scripts pass others)."""
+    from kdmtl_cli.plugins import load_builtin
+
+    load_builtin()
+    name = getattr(cfg, "name", "equal")
     cls = WEIGHTINGS.get(name)
-    for key, default in DEFAULTS.items():
-        if key != "name" and key not in cls.uses and not _is_default(field(cfg, key), default):
-            uses = ", ".join(f"weighting.{u}" for u in cls.uses) or "no other setting"
-            raise KdmtlError(f"weighting.{key} is not used by {name} (it uses: {uses}); remove it")
+    settings = WEIGHTINGS.settings(name)
+    uses = [f.name for f in dataclasses.fields(settings)] if settings is not None else []
+    for other in WEIGHTINGS.names():
+        for f in dataclasses.fields(WEIGHTINGS.settings(other) or ()) if WEIGHTINGS.settings(other) else ():
+            if f.name not in uses and hasattr(cfg, f.name) and not _is_default(getattr(cfg, f.name),
+                                                                                 settings_default(f.name)):
+                listed = ", ".join(f"weighting.{u}" for u in uses) or "no other setting"
+                raise KdmtlError(f"weighting.{f.name} is not used by {name} (it uses: {listed}); remove it")
     return cls(cfg, list(task_names), seed)
 
 

@@ -24,10 +24,13 @@ solutions agree to SLSQP's tolerance (tests/test_official_weighting.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import at_least
 from kdmtl_cli.weighting import WEIGHTINGS, Weighting, number
 
 EPS = 1e-8              # the official code's epsilons (nyuv2/utils.py cagrad)
@@ -87,12 +90,17 @@ def solve_weights(gram: np.ndarray, c: float) -> np.ndarray:
     return w
 
 
-@WEIGHTINGS.register("cagrad")
+@dataclass
+class CAGradSettings:
+    """`weighting.*` keys of cagrad."""
+    c: float = at_least(0, default=0.4)           # radius of the ball around the mean gradient (0: the mean)
+
+
+@WEIGHTINGS.register("cagrad", settings=CAGradSettings)
 class CAGrad(Weighting):
     """Maximise the worst task's improvement within a ball of radius c ||g0|| around g0."""
 
     name = "cagrad"
-    uses = ("c",)
     gradient_based = True
 
     def __init__(self, cfg, task_names, seed=0):

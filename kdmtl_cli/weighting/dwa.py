@@ -17,11 +17,14 @@ value, no overflow) and a zero epoch loss is read as 1e-12.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import torch
 
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import above
 from kdmtl_cli.weighting import WEIGHTINGS, Weighting, number
 
 _TINY = 1e-12  # keeps the ratio finite when an epoch's mean loss is exactly 0
@@ -35,12 +38,17 @@ def dwa_weights(previous: list[float], last: list[float], temperature: float) ->
     return [len(exps) * e / sum(exps) for e in exps]
 
 
-@WEIGHTINGS.register("dwa")
+@dataclass
+class DWASettings:
+    """`weighting.*` keys of dwa."""
+    temperature: float = above(0, default=2.0)    # T of the softmax over loss-descent rates
+
+
+@WEIGHTINGS.register("dwa", settings=DWASettings)
 class DWA(Weighting):
     """w_k = K softmax_k(L_k(t-1) / L_k(t-2) / T) from epoch-mean losses; 1 for two epochs."""
 
     name = "dwa"
-    uses = ("temperature",)
 
     def __init__(self, cfg, task_names, seed=0):
         super().__init__(cfg, task_names, seed)

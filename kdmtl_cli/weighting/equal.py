@@ -12,7 +12,6 @@ class Equal(Weighting):
     """total = sum_k L_k; w_k = 1."""
 
     name = "equal"
-    uses = ()
 
     def combine(self, losses):
         stacked = self.stack(losses)

@@ -33,20 +33,31 @@ runs is `weighting.gamma=0.001 weighting.max_norm=0` (NYUv2).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import above, at_least
 from kdmtl_cli.weighting import WEIGHTINGS, Weighting, number
 
 EPS = 1e-8
 
 
-@WEIGHTINGS.register("famo")
+@dataclass
+class FAMOSettings:
+    """`weighting.*` keys of famo."""
+    lr: float = above(0, default=0.025)           # learning rate of its task logits (its own Adam)
+    gamma: float = at_least(0, default=0.01)      # weight decay of its logits
+    # clip the trunk gradient's norm to this after backward
+    max_norm: float = at_least(0, default=1.0, note="0 = off")
+
+
+@WEIGHTINGS.register("famo", settings=FAMOSettings)
 class FAMO(Weighting):
     """total = sum_k z_k log(L_k + eps) / c; z = softmax(xi) adapted from the loss decreases."""
 
     name = "famo"
-    uses = ("lr", "gamma", "max_norm")
 
     def __init__(self, cfg, task_names, seed=0):
         super().__init__(cfg, task_names, seed)

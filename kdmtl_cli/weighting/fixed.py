@@ -5,21 +5,30 @@ that names each task exactly."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import math
 
 import torch
 
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import at_least
 from kdmtl_cli.weighting import WEIGHTINGS, Weighting, field
 
 
-@WEIGHTINGS.register("fixed")
+@dataclass
+class FixedSettings:
+    """`weighting.*` keys of fixed."""
+    weights: Any = at_least(0, default=1.0)       # a number, or {task: number}
+
+
+@WEIGHTINGS.register("fixed", settings=FixedSettings)
 class Fixed(Weighting):
     """total = sum_k w_k L_k; w from `weighting.weights`."""
 
     name = "fixed"
-    uses = ("weights",)
 
     def __init__(self, cfg, task_names, seed=0):
         super().__init__(cfg, task_names, seed)

@@ -26,18 +26,26 @@ not finite (mixed-precision overflow, skipped by the GradScaler) gives theta no 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kdmtl_cli.errors import KdmtlError
+from kdmtl_cli.ranges import at_least
 from kdmtl_cli.weighting import WEIGHTINGS, Weighting, number
 
 
-@WEIGHTINGS.register("gradnorm")
+@dataclass
+class GradNormSettings:
+    """`weighting.*` keys of gradnorm."""
+    alpha: float = at_least(0, default=1.5)       # restoring-force strength (0: equal gradient norms); lr: optim.lr
+
+
+@WEIGHTINGS.register("gradnorm", settings=GradNormSettings)
 class GradNorm(Weighting):
     """Adapt w_k so that each task's weighted gradient norm tracks its relative training rate."""
 
     name = "gradnorm"
-    uses = ("alpha",)
     gradient_based = True
 
     def __init__(self, cfg, task_names, seed=0):

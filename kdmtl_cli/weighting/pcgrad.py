@@ -45,7 +45,6 @@ class PCGrad(Weighting):
     """Project each task's gradient off the others' it conflicts with; sum the results."""
 
     name = "pcgrad"
-    uses = ()
     gradient_based = True
 
     def __init__(self, cfg, task_names, seed=0):

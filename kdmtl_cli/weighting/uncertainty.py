@@ -27,7 +27,6 @@ class Uncertainty(Weighting):
     """total = sum_k L_k / (2 exp(s_k)) + s_k / 2, s_k = log sigma_k^2 learned (init -0.5)."""
 
     name = "uncertainty"
-    uses = ()
 
     def __init__(self, cfg, task_names, seed=0):
         super().__init__(cfg, task_names, seed)
