@@ -23,7 +23,7 @@ CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"},
               {"id": 62, "name": "chair", "supercategory": "furniture"}]
 
 
-def _uncompressed_rle(mask: np.ndarray) -> dict:
+def uncompressed_rle(mask: np.ndarray) -> dict:
     """COCO's uncompressed RLE: run lengths over the column-major flattening, starting with zeros."""
     flat = mask.flatten(order="F").astype(np.uint8)
     counts, value, run = [], 0, 0
@@ -34,7 +34,7 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
             counts.append(run)
             value, run = pixel, 1
     counts.append(run)
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
 
 
 def write(out: Path, n_train: int, n_val: int, seed: int) -> None:
@@ -71,7 +71,7 @@ def write(out: Path, n_train: int, n_val: int, seed: int) -> None:
                         rle = mask_utils.encode(np.asfortranarray(mask))
                         segmentation = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
                     else:
-                        segmentation = _uncompressed_rle(mask)
+                        segmentation = uncompressed_rle(mask)
                 annotations.append({"id": ann_id, "image_id": image_id, "category_id": category["id"],
                                     "segmentation": segmentation, "area": area, "iscrowd": int(kind == 2),
                                     "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]})

@@ -46,17 +46,13 @@ def poly(x0, y0, x1, y1):
 
 
 def uncompressed_rle(m):
-    """Column-major run lengths, starting with a run of zeros (COCO's uncompressed RLE)."""
-    flat = m.flatten(order="F")
-    counts, value, run = [], 0, 0
-    for v in flat:
-        if v == value:
-            run += 1
-        else:
-            counts.append(run)
-            value, run = v, 1
-    counts.append(run)
-    return {"size": list(m.shape), "counts": [int(c) for c in counts]}
+    """COCO's uncompressed RLE (column-major run lengths, starting with zeros), as scripts/fake_coco.py writes it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fake_coco", Path(__file__).resolve().parents[1] / "scripts" / "fake_coco.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.uncompressed_rle(m)
 
 
 def compressed_rle(m):
