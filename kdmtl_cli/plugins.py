@@ -76,9 +76,10 @@ def load_user(directory) -> List[str]:
         if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
             _USER_MODULES[name] = path     # imported already (a worker process unpickling a job)
             continue
-        if loaded is not None:
-            raise KdmtlError(f"plug-in file {path} has the name of the module '{name}' "
-                             f"({getattr(loaded, '__file__', 'built in')}); rename the file")
+        elsewhere = loaded if loaded is not None else _installed(name, directory)
+        if elsewhere is not None:
+            where = getattr(elsewhere, "__file__", None) or getattr(elsewhere, "origin", None) or "built in"
+            raise KdmtlError(f"plug-in file {path} has the name of the module '{name}' ({where}); rename the file")
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
@@ -91,6 +92,17 @@ def load_user(directory) -> List[str]:
             del sys.modules[name], _USER_MODULES[name]
             raise KdmtlError(f"plug-in file {path} failed to import: {type(err).__name__}: {err}") from err
     return names
+
+
+def _installed(name: str, directory: Path):
+    """The spec of a module `name` importable from elsewhere than `directory` (an installed or
+    standard-library module a plug-in file of that name would shadow), or None."""
+    from importlib.machinery import PathFinder
+
+    if name in sys.builtin_module_names:
+        return importlib.util.find_spec(name)
+    others = [p for p in sys.path if Path(p or ".").resolve() != directory]
+    return PathFinder.find_spec(name, others)
 
 
 def config_dir_from_argv(argv: List[str]) -> Optional[str]:
@@ -108,15 +120,18 @@ def user_modules() -> Dict[str, Path]:
     return dict(_USER_MODULES)
 
 
-# Packages whose model builders a config or a checkpoint may name by import path: they are
-# imported without running anything a file chose. A user's own classes are in plug-in files.
+# Packages whose modules a checkpoint may name by import path (importing them runs nothing a file
+# chose), and whose model builder functions a config may call. A user's own classes are in plug-in files.
 MODEL_PACKAGES = ("torchvision.models", "timm", "kdmtl_cli.models")
+BUILDER_PACKAGES = ("torchvision.models", "timm")   # functions: model builders only (not kdmtl's helpers)
+
+
+def _within(module_name: str, packages) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".") for p in packages)
 
 
 def _trusted_module(module_name: str, *, from_checkpoint: bool) -> bool:
-    if any(module_name == p or module_name.startswith(p + ".") for p in MODEL_PACKAGES):
-        return True
-    if module_name.split(".")[0] in _USER_MODULES:
+    if _within(module_name, MODEL_PACKAGES) or module_name.split(".")[0] in _USER_MODULES:
         return True
     return not from_checkpoint
 
@@ -146,7 +161,7 @@ def resolve_target(target: str, key: str, *, from_checkpoint: bool = False):
     if inspect.isclass(obj) and issubclass(obj, torch.nn.Module):
         return obj
     defined_in = getattr(obj, "__module__", "") or ""
-    if inspect.isfunction(obj) and _trusted_module(defined_in, from_checkpoint=True):
+    if inspect.isfunction(obj) and (_within(defined_in, BUILDER_PACKAGES) or defined_in.split(".")[0] in _USER_MODULES):
         return obj
     raise KdmtlError(f"{key}={target} is not a torch.nn.Module class (nor a model builder of "
-                     f"{', '.join(MODEL_PACKAGES)} or of a plug-in file); kdmtl calls nothing else")
+                     f"{', '.join(BUILDER_PACKAGES)} or of a plug-in file); kdmtl calls nothing else")

@@ -167,11 +167,11 @@ def _say(cfg):
     return functools.partial(say, cfg.log.progress)
 
 
-def _follow_weights_norm(cfg, data) -> None:
+def _follow_weights_norm(cfg) -> None:
     """Input normalisation follows pretrained weights: the student's weights file, else that of a
-    teacher trained here from one (ImageNet mean/std for ImageNet weights), replaces data.mean/std.
-    It is recorded in every checkpoint (build.model_meta); a teacher loaded from a kdmtl
-    checkpoint keeps its own, through teachers.Renormalize."""
+    teacher trained here from one (ImageNet mean/std for ImageNet weights), replaces data.mean/std
+    in the run's config before it is saved (so config.yaml, the checkpoints and `kdmtl eval` agree).
+    A teacher loaded from a kdmtl checkpoint keeps its own, through teachers.Renormalize."""
     from kdmtl_cli.models import weights_norm
 
     sources = [("student", cfg.student)]
@@ -181,10 +181,10 @@ def _follow_weights_norm(cfg, data) -> None:
         norm = weights_norm(node)
         if norm is None:
             continue
-        if [list(data.mean), list(data.std)] != [norm["mean"], norm["std"]]:
+        if [list(cfg.data.mean), list(cfg.data.std)] != [norm["mean"], norm["std"]]:
             _say(cfg)(f"input normalisation: mean {norm['mean']}, std {norm['std']}, as the weights of the {who} "
                       f"({node.weights}) expect (instead of data.mean/std)")
-            data.mean, data.std = list(norm["mean"]), list(norm["std"])
+            cfg.data.mean, cfg.data.std = list(norm["mean"]), list(norm["std"])
         return
 
 
@@ -208,6 +208,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     if ranks.is_main:
         (run_dir / PREEMPTED).unlink(missing_ok=True)   # continued now; a new stop writes it again
     config_text = ""
+    _follow_weights_norm(cfg)
     if not ranks.is_main:      # one voice and one writer: rank 0
         cfg.log.progress, cfg.log.tensorboard = "none", False
     else:
@@ -225,7 +226,6 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
             raise KdmtlError(f"weighting={cfg.weighting.name} is not supported with several processes yet "
                              f"(its per-task gradients are per rank); use {', '.join(loss_based)}")
     data = _main_first(ranks, lambda: build_data(cfg.data))   # generated data sets are cached once
-    _follow_weights_norm(cfg, data)
     preemption.check("while the data was prepared")
     tasks = build_tasks(cfg.tasks, data.targets)
     teacher_tasks = teacher_task_names(cfg, tasks)

@@ -29,6 +29,9 @@ def saved_train_config(path: Path) -> DictConfig:
         check_ranges(train_cfg, train_schema(), only=USED_TRAIN_KEYS)
     except KdmtlError as err:
         message = str(err)
+        if "unknown config key" in message or "unknown " in message and "choose one of" in message:
+            fix = ("a run that used plug-ins of your own needs them again: pass the --config-dir DIR it was "
+                   "trained with; " + fix)
         raise KdmtlError(message if str(path) in message else f"{path}: {message}; {fix}") from None
     return train_cfg
 

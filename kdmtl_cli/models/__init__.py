@@ -31,7 +31,10 @@ def instantiate(node, key: str, *, from_checkpoint: bool = False):
 
     from kdmtl_cli.plugins import resolve_target
 
-    args = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    args = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if not isinstance(args, dict):
+        raise KdmtlError(f"{key} must be a mapping {{_target_: import.path, arg: value...}} (got {type(args).__name__})")
+    args = dict(args)
     target = args.pop("_target_", None)
     if target is None:
         raise KdmtlError(f"{key} needs a _target_: the import path of a torch.nn.Module class "
