@@ -45,7 +45,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if name not in self._entries:
             raise KdmtlError(f"unknown {self.kind} '{name}' in {self.config_key}; "
-                             f"choose one of: {', '.join(self.names())}")
+                             f"choose one of: {', '.join(self.names())} (one of your own plug-ins: pass the "
+                             "directory holding its .py file, --config-dir DIR; kdmtl export: config_dir=DIR)")
         return self._entries[name]
 
     def trait(self, name: str, key: str, default=False):

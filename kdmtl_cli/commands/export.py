@@ -20,7 +20,7 @@ import torch
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.runfiles import read_config, read_json
 
-OPTIONS = ("run_dir", "format", "checkpoint", "out")
+OPTIONS = ("run_dir", "format", "checkpoint", "out", "config_dir")   # config_dir: the run's plug-in files
 FORMATS = ("torchscript", "onnx")
 
 
@@ -140,6 +140,12 @@ def export_main(args: List[str]) -> int:
     from kdmtl_cli.engine.hardware import Hardware
 
     options = parse(args)
+    if options.get("config_dir"):   # a run with plug-ins of its own (a trunk, a task kind): import them first
+        from kdmtl_cli.plugins import load_user
+
+        if not Path(options["config_dir"]).expanduser().is_dir():
+            raise KdmtlError(f"config_dir={options['config_dir']} is not a directory; pass the --config-dir the run used")
+        load_user(options["config_dir"])
     run_dir = Path(options["run_dir"]).expanduser()
     config = run_dir / "config.yaml"
     if not config.is_file():
