@@ -171,15 +171,19 @@ class SegNetSettings:
     head: str = "auto"
 
 
-@TRUNKS.register("segnet", settings=SegNetSettings)
-def build_segnet(cfg) -> SegNetTrunk:
+def _checked_head(cfg) -> str:
+    """`head`, one of auto | mtan, or a one-line KdmtlError (SegNetTrunk's ValueError is for code)."""
     if cfg.head not in ("auto", "mtan"):
         raise KdmtlError(f"head must be 'auto' or 'mtan' (got {cfg.head!r})")
-    return SegNetTrunk(int(cfg.width), head=str(cfg.head))
+    return str(cfg.head)
+
+
+@TRUNKS.register("segnet", settings=SegNetSettings)
+def build_segnet(cfg) -> SegNetTrunk:
+    return SegNetTrunk(int(cfg.width), head=_checked_head(cfg))
 
 
 @TRUNKS.register("segnet_mtan", settings=SegNetSettings)
 def build_segnet_mtan(cfg) -> SegNetTrunk:
-    if cfg.head not in ("auto", "mtan"):
-        raise KdmtlError(f"head must be 'auto' or 'mtan' (got {cfg.head!r})")
+    _checked_head(cfg)   # segnet_mtan's heads are MTAN's attention heads whatever it says; still a valid value
     return SegNetTrunk(int(cfg.width), attention=True)

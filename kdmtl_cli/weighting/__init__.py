@@ -132,12 +132,12 @@ def build_weighting(cfg, task_names: list[str], seed: int = 0) -> Weighting:
     cls = WEIGHTINGS.get(name)
     settings = WEIGHTINGS.settings(name)
     uses = [f.name for f in dataclasses.fields(settings)] if settings is not None else []
-    for other in WEIGHTINGS.names():
-        for f in dataclasses.fields(WEIGHTINGS.settings(other) or ()) if WEIGHTINGS.settings(other) else ():
-            if f.name not in uses and hasattr(cfg, f.name) and not _is_default(getattr(cfg, f.name),
-                                                                                 settings_default(f.name)):
-                listed = ", ".join(f"weighting.{u}" for u in uses) or "no other setting"
-                raise KdmtlError(f"weighting.{f.name} is not used by {name} (it uses: {listed}); remove it")
+    declared = [f.name for other in WEIGHTINGS.names() if WEIGHTINGS.settings(other)
+                for f in dataclasses.fields(WEIGHTINGS.settings(other))]
+    for key in declared:
+        if key not in uses and hasattr(cfg, key) and not _is_default(getattr(cfg, key), settings_default(key)):
+            listed = ", ".join(f"weighting.{u}" for u in uses) or "no other setting"
+            raise KdmtlError(f"weighting.{key} is not used by {name} (it uses: {listed}); remove it")
     return cls(cfg, list(task_names), seed)
 
 
