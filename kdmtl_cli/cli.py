@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from kdmtl_cli import completion
 from kdmtl_cli.errors import JobErrors, KdmtlError, one_line
 
 USAGE = """usage: kdmtl <command> [overrides...] [hydra options]
@@ -28,8 +29,9 @@ commands:
   report  one table over runs: kdmtl report multirun/DATE/TIME [group_by=[loss,weighting]] [out=FILE.md]
   export  a run's student (and teacher) to TorchScript/ONNX: kdmtl export run_dir=outputs/... format=torchscript
 
-Each command takes Hydra's options: --help, --cfg job, --info, -m/--multirun,
+train and eval take Hydra's options: --help, --cfg job, --info, -m/--multirun,
 --config-dir DIR (your own configs and experiments), --hydra-help.
+report and export take their own arguments: kdmtl report --help, kdmtl export --help.
 A config may not name code for Hydra to run (hydra.callbacks, other launchers/sweepers, logging
 factories); --allow-hydra-callbacks (command line only) lets hydra.callbacks from trusted configs run.
 Examples:
@@ -37,6 +39,10 @@ Examples:
   kdmtl train +experiment=shapes_cls_seg_depth student=tiny loss.kd.weight=0.5
   kdmtl train -m loss.kd.temperature=2,4,8 seed=0,1,2
   kdmtl train --help
+
+Shell completion (bash, zsh or fish; default: the shell of $SHELL):
+  kdmtl --install-completion [SHELL]   write the completion script where that shell loads it
+  kdmtl --completion-script [SHELL]    print it, e.g. eval "$(kdmtl --completion-script bash)"
 """
 
 # One id per process: two runs started in the same second never share a directory,
@@ -47,6 +53,16 @@ _RUN_ID = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("kdmtl_run_id"):
         OmegaConf.register_new_resolver("kdmtl_run_id", lambda: _RUN_ID, use_cache=True)
+    if not OmegaConf.has_resolver("kdmtl_group_options"):
+        OmegaConf.register_new_resolver("kdmtl_group_options", _group_options)
+
+
+def _group_options(group: str) -> str:
+    """`${kdmtl_group_options:hardware}` (conf/eval.yaml's help): the options of a config group on
+    this command's config search path, so a help text listing them cannot go stale."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    return ", ".join(sorted(GlobalHydra.instance().config_loader().get_group_options(group)))
 
 
 def _commands() -> Dict[str, Callable[[], None]]:
@@ -171,6 +187,12 @@ def _data_parallel_argv(args: List[str]) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in completion.FLAGS:   # shell completion: its scripts and their callback
+        try:
+            sys.exit(completion.run(argv))
+        except KdmtlError as err:
+            print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
+            sys.exit(1)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         sys.exit(0 if argv else 2)
@@ -181,11 +203,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(0)
     name, rest = argv[0], argv[1:]
     if name in ("report", "export"):   # read finished runs: no Hydra composition involved
-        from kdmtl_cli.commands.export import export_main
-        from kdmtl_cli.commands.report import report_main
+        import importlib
 
+        command = importlib.import_module(f"kdmtl_cli.commands.{name}")
+        if any(arg in ("-h", "--help") for arg in rest):
+            print(command.HELP)
+            sys.exit(0)
         try:
-            sys.exit((report_main if name == "report" else export_main)(rest))
+            sys.exit(getattr(command, f"{name}_main")(rest))
         except KdmtlError as err:
             print(f"kdmtl: error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(1)
@@ -194,6 +219,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                 raise
             print(f"kdmtl: error: {type(err).__name__}: {one_line(str(err))}", file=sys.stderr)
             sys.exit(1)
+    if name in ("train", "eval") and any(arg in ("-sc", "--shell-completion") for arg in rest):
+        # Hydra's would complete a program named kdmtl-train, without the subcommand
+        print("kdmtl: error: Hydra's shell completion does not know kdmtl's subcommands; use kdmtl's, which "
+              "covers them all: kdmtl --install-completion [bash|zsh|fish]", file=sys.stderr)
+        sys.exit(1)
     commands = _commands()
     if name not in commands:
         print(f"kdmtl: error: unknown command '{name}'; choose one of: {', '.join([*commands, 'report', 'export'])} "

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 
 from rich.table import Table
 
-from kdmtl_cli.engine.logging import console
+from kdmtl_cli.engine.logging import console, rendered, to_log_file
 
 
 def _fmt(value: Optional[float], kind: str = "metric") -> str:
@@ -46,15 +46,18 @@ def comparison_rows(tasks, split: str, student: Dict[str, float], teacher: Optio
     return rows
 
 
-def print_table(title: str, rows: List[List[str]]) -> None:
-    console.print(f"[bold]{title}[/bold]")
+def print_table(title: str, rows: List[List[str]], progress_mode: str = "plain") -> None:
+    """The table on the terminal (unless log.progress=none) and, as plain text, in the run's log."""
     table = Table()
     table.add_column("metric")
     table.add_column("teacher", justify="right")
     table.add_column("student", justify="right")
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    if progress_mode != "none":
+        console.print(title, style="bold", markup=False)
+        console.print(table)
+    to_log_file(f"{title}\n{rendered(table)}")
 
 
 def markdown(title: str, rows: List[List[str]], header_lines: List[str]) -> str:

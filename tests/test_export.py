@@ -59,3 +59,42 @@ def test_export_onnx_checked_against_pytorch(workdir, shared_cache):
         expected = model(x)["outputs"]
     for name, value in zip(("cls", "seg", "depth"), got):
         assert torch.allclose(torch.from_numpy(value), expected[name], atol=1e-4), name
+
+
+def test_each_exporter_warning_shown_once(monkeypatch):
+    """torch's ONNX exporter changes the warning filters on every call, which makes Python show a
+    warning it has shown already: exporting the student and the teacher printed each twice."""
+    import warnings
+
+    from kdmtl_cli.commands.export import _each_warning_once
+
+    def export_like_torch():
+        warnings.warn("dynamic_axes is not recommended", UserWarning)   # the same place every time
+        warnings.filterwarnings("ignore", message="something else")    # ... and the filters change
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")              # Python's own: once per place, until filters change
+        export_like_torch()
+        export_like_torch()
+        assert shown == ["dynamic_axes is not recommended"] * 2        # what happened without the fix
+        shown.clear()
+        with _each_warning_once():
+            export_like_torch()
+            export_like_torch()
+            warnings.warn("another one", UserWarning)
+    assert shown == ["dynamic_axes is not recommended", "another one"]
+
+
+@pytest.mark.slow  # ~45 s; run with -m slow
+def test_export_onnx_with_teacher_warns_once(workdir, shared_cache):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    run_dir = workdir / "run"
+    assert run_kdmtl(["train", *FAST, f"hydra.run.dir={run_dir}"], workdir, shared_cache).returncode == 0
+    proc = run_kdmtl(["export", f"run_dir={run_dir}", "format=onnx"], workdir, shared_cache, timeout=600)
+    assert proc.returncode == 0, show(proc)
+    assert "teacher" in proc.stdout, show(proc)                       # two models exported
+    warned = [line for line in proc.stderr.splitlines() if "Warning:" in line]
+    assert len(warned) == len(set(warned)), show(proc)

@@ -54,7 +54,7 @@ def _eval(raw: DictConfig) -> float:
     from kdmtl_cli.data import build_data
     from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
     from kdmtl_cli.engine.hardware import setup_hardware
-    from kdmtl_cli.engine.logging import console
+    from kdmtl_cli.engine.logging import console, rendered, to_log_file
     from kdmtl_cli.engine.trainer import evaluate
     from kdmtl_cli.models import build_model
     from kdmtl_cli.tasks import build_tasks
@@ -88,13 +88,16 @@ def _eval(raw: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     atomic_write_text(json.dumps({"checkpoint": str(checkpoint), "epoch": state.get("epoch"),
                                   "split": cfg.split, "metrics": metrics}, indent=2), out_dir / "eval.json")
-    console.print(f"[bold]kdmtl eval: {checkpoint} (epoch {state.get('epoch')}) on {cfg.split}[/bold]")
+    title = f"kdmtl eval: {checkpoint} (epoch {state.get('epoch')}) on {cfg.split}"
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}")
-    console.print(table)
+    if cfg.log.progress != "none":
+        console.print(title, style="bold", markup=False)
+        console.print(table)
+    to_log_file(f"{title}\n{rendered(table)}")     # eval.log holds it too
     return metrics.get(f"{cfg.split}/loss/task", 0.0)
 
 

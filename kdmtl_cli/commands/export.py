@@ -20,6 +20,29 @@ import torch
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.runfiles import read_config, read_json
 
+HELP = """usage: kdmtl export run_dir=RUN [format=torchscript|onnx] [checkpoint=best|last] [out=DIR] [config_dir=DIR]
+
+A finished run's student (and its teacher, when the run had one) as a deployable file, checked
+against the PyTorch model on a batch, then a table comparing them: parameters, FLOPs, file size
+and latency per image on this machine's CPU. The exported module takes an image batch
+[N, 3, H, W] (normalised as in training) and returns the task outputs as a tuple, in the order
+of the tasks the command prints.
+
+arguments:
+  run_dir=RUN              a kdmtl train run directory (required)
+  format=torchscript|onnx  TorchScript, traced (default), or ONNX (pip install kdmtl[onnx])
+  checkpoint=best|last     the run's checkpoint to export (default: best)
+  out=DIR                  where student.* and teacher.* go (default: RUN/export; a run that is
+                           still running can only be exported elsewhere)
+  config_dir=DIR           the --config-dir the run was trained with, when it used plug-ins of
+                           its own (a trunk, a task kind)
+  -h, --help               this text
+
+examples:
+  kdmtl export run_dir=outputs/DATE/TIME-ID
+  kdmtl export run_dir=outputs/DATE/TIME-ID format=onnx checkpoint=last out=deploy
+  kdmtl export run_dir=outputs/DATE/TIME-ID config_dir=my_configs"""
+
 OPTIONS = ("run_dir", "format", "checkpoint", "out", "config_dir")   # config_dir: the run's plug-in files
 FORMATS = ("torchscript", "onnx")
 
@@ -132,6 +155,24 @@ def _export(model, tasks, example, fmt: str, path: Path) -> int:
     return path.stat().st_size
 
 
+@contextlib.contextmanager
+def _each_warning_once():
+    """Show each distinct warning of the block once, when it ends. torch's ONNX exporter changes
+    the warning filters on every call, which makes Python forget the warnings it has shown:
+    exporting the student and then the teacher printed each exporter warning twice."""
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        shown = set()
+        for warning in caught:
+            if (warning.category, str(warning.message)) not in shown:
+                shown.add((warning.category, str(warning.message)))
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno,
+                                     warning.file, warning.line)
+
+
 def export_main(args: List[str]) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -173,12 +214,13 @@ def export_main(args: List[str]) -> int:
     teacher = _load_teacher(teacher_source)
     if teacher is not None:
         models.append(("teacher", teacher))
-    for name, model in models:
-        path = out_dir / f"{name}{suffix}"
-        own_tasks = [t for t in tasks if t in model.heads] if hasattr(model, "heads") else tasks
-        size_bytes = _export(model, own_tasks, example, options["format"], path)
-        cost = measure(model, example, hardware)
-        rows.append((name, cost["params"], cost["flops"], size_bytes, cost["latency_ms"], path))
+    with _each_warning_once():
+        for name, model in models:
+            path = out_dir / f"{name}{suffix}"
+            own_tasks = [t for t in tasks if t in model.heads] if hasattr(model, "heads") else tasks
+            size_bytes = _export(model, own_tasks, example, options["format"], path)
+            cost = measure(model, example, hardware)
+            rows.append((name, cost["params"], cost["flops"], size_bytes, cost["latency_ms"], path))
     table = Table(title=f"kdmtl export: {options['format']}, tasks {', '.join(tasks)} (outputs in this order)")
     for column in ("model", "parameters", "FLOPs / image", "file size", "latency / image (cpu)", "file"):
         table.add_column(column, justify="left" if column in ("model", "file") else "right")

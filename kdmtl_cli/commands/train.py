@@ -7,6 +7,7 @@ resolved config), checkpoints/{last,best}.pt, metrics.jsonl, tensorboard/, teach
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -125,6 +126,7 @@ def _train(raw: DictConfig) -> Optional[float]:
     from kdmtl_cli.engine import run_dir as run_dirs
 
     hydra_cfg = HydraConfig.get()
+    logging.captureWarnings(True)    # Python warnings join the run's log (engine/logging.py)
     _load_user_plugins(hydra_cfg)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     # Owned already when the command line named the directory (resume.plan_run_dir); a default
@@ -136,6 +138,7 @@ def _train(raw: DictConfig) -> Optional[float]:
         if hydra_cfg.mode == RunMode.MULTIRUN:   # a restarted sweep (resume.plan_run_dir) continues its jobs
             found = run_dirs.state(run_dir)
             if found == "finished":
+                # the terminal only: the finished job's log stays as it was
                 print(f"{run_dir}: this job finished before; kept as it is", flush=True)
                 return None
             if found == "interrupted":

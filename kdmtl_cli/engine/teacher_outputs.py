@@ -414,7 +414,7 @@ def _build(entry: Path, meta: dict, teacher, loader, hardware, views: ViewTable,
                             arrays[f"{name}:lse"][rows, v] = lse.cpu().numpy().astype(np.float32)
                         else:
                             arrays[name][rows, v] = stored_array(flat[name], spec["dtype"], name)
-                    progress.batch(None, 0.0)
+                    progress.batch()
                     # A stop signal: the partial entry is discarded (below); the next start rebuilds it.
                     preemption.check(f"while the teacher-output cache was built ({start + len(index)} of {n} "
                                      f"samples, view {v + 1} of {k})")

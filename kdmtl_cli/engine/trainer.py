@@ -27,7 +27,7 @@ from kdmtl_cli.engine.checkpoint import discard_partial_writes, load_checkpoint
 from kdmtl_cli.engine.checkpoint import save_checkpoint as _save_checkpoint
 from kdmtl_cli.engine.distributed import Ranks, average_gradients, mean_across_ranks
 from kdmtl_cli.engine.hardware import Hardware
-from kdmtl_cli.engine.logging import MetricsLog, Progress
+from kdmtl_cli.engine.logging import MetricsLog, Progress, duration, say
 from kdmtl_cli.engine.seeding import rng_state, set_rng_state
 from kdmtl_cli.errors import KdmtlError, Preempted
 from kdmtl_cli.weighting import build_weighting, weighted_backward
@@ -79,6 +79,11 @@ def average_tests(test_history: Dict[int, Dict[str, float]], n: int, last_epoch:
     keys = test_history[epochs[-1]].keys()
     return {f"test_mean_last{n}/" + key.split("/", 1)[1]: sum(test_history[e][key] for e in epochs) / len(epochs)
             for key in keys}
+
+
+def _short(value: float) -> str:
+    """Four significant digits for an epoch line (metrics.jsonl keeps every digit)."""
+    return f"{value:.4g}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
 
 
 class NonFiniteLoss(KdmtlError):
@@ -230,9 +235,8 @@ class Trainer:
         self.restore(checkpoint)
         position = checkpoint.get("position")
         self.log.truncate_after_epoch(checkpoint["epoch"], through_step=checkpoint["global_step"] if position else None)
-        if self.progress_mode != "none":
-            where = f" + {position['batches_done']} steps" if position else ""
-            print(f"{self.label}: resuming from {path} after epoch {checkpoint['epoch']}{where}", flush=True)
+        where = f" + {position['batches_done']} steps" if position else ""
+        say(self.progress_mode, f"{self.label}: resuming from {path} after epoch {checkpoint['epoch']}{where}")
         return checkpoint
 
     def _improved(self, value: Optional[float]) -> bool:
@@ -278,10 +282,7 @@ class Trainer:
                 self._save(state, self.checkpoint_dir / "last.pt")
                 if improved:
                     self._save(state, self.checkpoint_dir / "best.pt")
-                shown = f"{self.monitor} {value:.4f}{'  *best' if improved else ''}" if value is not None \
-                    else "keeping the last epoch"
-                progress.end_epoch(epoch, f"train {train_metrics['train/loss/total']:.4f}  {shown}  "
-                                          f"{train_metrics['train/samples_per_s']:,.0f} samples/s")
+                progress.end_epoch(epoch, self._epoch_line(train_metrics, val_metrics, value, improved))
                 if self._stop_agreed():
                     preemption.stop(f"[{self.label}] checkpoint written after epoch {epoch} "
                                      f"({self.checkpoint_dir / 'last.pt'})")
@@ -290,6 +291,25 @@ class Trainer:
                                      "continue with resume=<run dir>")
                     break
         return self.state
+
+    def _epoch_line(self, train: Dict[str, float], val: Dict[str, float], value, improved: bool) -> str:
+        """What the epoch line says, each number named: the objective optimised (task and
+        distillation terms, weighted; left out when it is the task loss, as for a teacher), the
+        training task loss, the validation task loss, the selection metric when it is another, whether
+        this epoch is the best kept, the epoch's time and throughput."""
+        objective, task = train["train/loss/total"], train["train/loss/task"]
+        parts = [] if objective == task else [f"objective {_short(objective)}"]
+        parts.append(f"task loss {_short(task)}")
+        if val:
+            parts.append(f"val task loss {_short(val['val/loss/task'])}")
+        if self.monitor == LAST:
+            parts.append("(last epoch kept)")
+        elif self.monitor != "val/loss/task":
+            parts.append(f"{self.monitor} {_short(value)}")
+        if improved and self.monitor != LAST:
+            parts[-1] += " *best"
+        parts.append(f"{duration(train['train/epoch_time_s'])} {train['train/samples_per_s']:,.0f} img/s")
+        return "  ".join(parts)
 
     def _train_epoch(self, epoch: int, progress: Progress) -> Dict[str, float]:
         model, hw = self.model, self.hw
@@ -384,10 +404,11 @@ class Trainer:
                                 **{k: v for k, v in means.items()
                                    if k.startswith(("train/weight/", "train/grad_norm/", "train/group/",
                                                     "train/loss/"))}})
-                progress.batch(means["train/loss/total"], samples / max(elapsed, 1e-9))
                 window, window_counts, window_steps, recent_losses = {}, {}, 0, []
-            else:
-                progress.batch(None, 0.0)
+            progress.batch()
+            if progress.due():   # the epoch's running mean objective, not the last window's
+                progress.show(float(sums["loss/total"]) / counts["loss/total"],
+                              samples / max(time.perf_counter() - start, 1e-9))
             self._after_step(epoch, step + 1, sums, counts, samples, recent_losses)
         self._check_finite(recent_losses, epoch)
         elapsed = time.perf_counter() - start
