@@ -26,14 +26,15 @@ Knowledge distillation into multi-task students, driven by Hydra configs.
 commands:
   train   train (or load) the teacher(s), distil into the student, evaluate, checkpoint
   eval    re-evaluate a finished run's checkpoint: kdmtl eval run_dir=outputs/...
-  report  one table over runs: kdmtl report multirun/DATE/TIME [group_by=[loss,weighting]] [out=FILE.md]
-  export  a run's student (and teacher) to TorchScript/ONNX: kdmtl export run_dir=outputs/... format=torchscript
+  report  one table over runs: kdmtl report multirun/DATE/TIME [group_by=[loss,weighting]]
+  export  a run's student (and teacher) to TorchScript/ONNX: kdmtl export run_dir=outputs/...
 
 train and eval take Hydra's options: --help, --cfg job, --info, -m/--multirun,
 --config-dir DIR (your own configs and experiments), --hydra-help.
 report and export take their own arguments: kdmtl report --help, kdmtl export --help.
-A config may not name code for Hydra to run (hydra.callbacks, other launchers/sweepers, logging
-factories); --allow-hydra-callbacks (command line only) lets hydra.callbacks from trusted configs run.
+A config may not name code for Hydra to run (hydra.callbacks other than kdmtl's own, other
+launchers/sweepers, logging factories); --allow-hydra-callbacks (command line only) lets
+hydra.callbacks from trusted configs run.
 Examples:
   kdmtl train
   kdmtl train +experiment=shapes_cls_seg_depth student=tiny loss.kd.weight=0.5
@@ -136,6 +137,9 @@ def _run(command: Callable[[], None], schema: type) -> int:
         if user_wants_traceback:
             raise
         code = getattr(err, "exit_code", 1)
+        sweep = sys.modules.get("kdmtl_cli.report.sweep")
+        if sweep is not None:    # a parallel launcher's failed job stops Hydra before the sweep's summary
+            sweep.summarize_pending()
         if os.environ.get("RANK", "0") == "0":   # data-parallel ranks > 0 fail alike: rank 0 says it once
             print(f"kdmtl: {'stopped' if code == 75 else 'error'}: {_format_error(err, schema)}", file=sys.stderr)
         return code

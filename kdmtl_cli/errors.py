@@ -9,6 +9,7 @@ traceback is shown only with ``HYDRA_FULL_ERROR=1``.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -71,9 +72,38 @@ class JobErrors:
             try:
                 return job(cfg)
             except Exception as err:  # noqa: BLE001 - re-raised by _run
+                _log_job_error(err)
                 if os.getpid() != cls.cli_pid:
                     raise      # a launcher's worker process (joblib): its caller re-raises it in the CLI
                 cls.errors.append(err)
                 return None
 
         return wrapped
+
+
+def job_error_line(err: BaseException) -> str:
+    """The one line a failed job records: a KdmtlError's message, else `TypeName: message`."""
+    text = one_line(str(err))
+    return text if isinstance(err, KdmtlError) else f"{type(err).__name__}: {text}"
+
+
+def _log_job_error(err: BaseException) -> None:
+    """`error: <one line>` in the failed job's own log (<job dir>/train.log, not on the terminal:
+    the CLI prints its error once), where the sweep's summary (report/sweep.py) finds it. Not for
+    a job stopped by a signal (it resumes) or one with nothing to do, and not when another live
+    process owns the job's directory (the job was refused because of it)."""
+    if getattr(err, "exit_code", 1) in (0, Preempted.exit_code):
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        from kdmtl_cli.engine import run_dir
+
+        job_dir = HydraConfig.get().runtime.output_dir
+        if run_dir.is_alive(job_dir) and not run_dir.holds(job_dir):
+            return
+    except (ImportError, ValueError):    # not run by Hydra: no job directory
+        return
+    from kdmtl_cli.engine.logging import to_log_file
+
+    to_log_file(f"error: {job_error_line(err)}", logging.ERROR)

@@ -8,8 +8,10 @@ An experiment file loaded with `--config-dir DIR +experiment=X` could set
 checked as it leaves Hydra's config loader -- before Hydra instantiates callbacks, configures
 logging, builds a launcher/sweeper, prints `--cfg`, or writes anything:
 
-- `hydra.callbacks` must be empty, unless the command line says `--allow-hydra-callbacks` (a flag
-  kdmtl removes before Hydra parses argv, so no config file can opt itself in);
+- `hydra.callbacks` may name only kdmtl's own callbacks (KDMTL_CALLBACKS, e.g. the sweep summary
+  conf/train.yaml registers), with plain values as arguments, unless the command line says
+  `--allow-hydra-callbacks` (a flag kdmtl removes before Hydra parses argv, so no config file can
+  opt itself in);
 - every other `_target_` under `hydra` must be one of the launcher/sweeper plugins kdmtl supports
   (ALLOWED_TARGETS);
 - the logging configs have no `()` factory key, every `class` is a class of the `logging` or
@@ -52,6 +54,10 @@ ALLOWED_TARGETS = frozenset({
     *(f"optuna.samplers.{name}" for name in ("TPESampler", "RandomSampler", "CmaEsSampler", "NSGAIISampler",
                                              "MOTPESampler", "QMCSampler", "GridSampler")),
     "optuna.pruners.HyperbandPruner",
+})
+# kdmtl's own Hydra callbacks, by their exact `_target_`: a config may name these without the opt-in.
+KDMTL_CALLBACKS = frozenset({
+    "kdmtl_cli.report.sweep.SweepSummary",     # the end of `kdmtl train -m` (conf/train.yaml)
 })
 _LOGGING_KEYS = ("job_logging", "hydra_logging")
 _EXT_STREAMS = ("ext://sys.stdout", "ext://sys.stderr")
@@ -97,15 +103,8 @@ def check(cfg: DictConfig, allow_callbacks: bool = False) -> None:
     hydra = _child(cfg, "hydra")
     if not isinstance(hydra, DictConfig):
         return
-    callbacks = _child(hydra, "callbacks")
-    if callbacks and not allow_callbacks:          # None and {} are empty; anything else names code
-        names = list(callbacks.keys()) if isinstance(callbacks, DictConfig) else []
-        key = f"hydra.callbacks.{names[0]}" if names else "hydra.callbacks"
-        entry = _child(callbacks, names[0]) if names else None
-        target = _child(entry, "_target_") if isinstance(entry, DictConfig) else None
-        named = key if target is None else f"{key}._target_ ({target})"
-        raise KdmtlError(f"{named}: a config names a Hydra callback, which Hydra would call; remove {key} from "
-                         f"the config, or pass {OPT_IN} on the command line to run callbacks from configs you trust")
+    if not allow_callbacks:
+        _check_callbacks(_child(hydra, "callbacks"))
     for key in hydra.keys():
         if key == "callbacks":
             continue
@@ -120,6 +119,30 @@ def check(cfg: DictConfig, allow_callbacks: bool = False) -> None:
                 raise KdmtlError(f"{path}: names a function the optuna sweeper would call; remove it "
                                  "(declare the search space in hydra.sweeper.params)")
     _check_sweep(_child(hydra, "sweeper"))
+
+
+def _check_callbacks(callbacks) -> None:
+    """Every entry is one of kdmtl's own callbacks with plain arguments (a nested node could name
+    more code: Hydra instantiates recursively); None and {} are empty."""
+    if not callbacks:
+        return
+    names = list(callbacks.keys()) if isinstance(callbacks, DictConfig) else [None]
+    for name in names:
+        key = "hydra.callbacks" if name is None else f"hydra.callbacks.{name}"
+        entry = _child(callbacks, name) if name is not None else None
+        target = _child(entry, "_target_") if isinstance(entry, DictConfig) else None
+        if _ours(entry, target):
+            continue
+        named = key if target is None else f"{key}._target_ ({target})"
+        raise KdmtlError(f"{named}: a config names a Hydra callback, which Hydra would call; remove {key} from "
+                         f"the config, or pass {OPT_IN} on the command line to run callbacks from configs you trust")
+
+
+def _ours(entry, target) -> bool:
+    """One of KDMTL_CALLBACKS, every argument a plain value (a node could name code to instantiate)."""
+    if not isinstance(target, str) or target not in KDMTL_CALLBACKS:
+        return False
+    return all(not isinstance(_child(entry, k), (DictConfig, ListConfig)) for k in entry)
 
 
 def _check_logging(path: str, key, value) -> None:

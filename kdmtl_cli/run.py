@@ -19,7 +19,7 @@ from kdmtl_cli.engine.checkpoint import atomic_write_text, discard_partial_write
 from kdmtl_cli.resume import recorded_config
 import torch
 
-from kdmtl_cli.engine import distributed, preemption, teacher_exact, teacher_outputs
+from kdmtl_cli.engine import distributed, preemption, run_clock, teacher_exact, teacher_outputs
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
 from kdmtl_cli.engine.logging import MetricsLog, NullLog, say
@@ -56,14 +56,22 @@ def _write_config(cfg: DictConfig, run_dir: Path, resume: bool) -> str:
 
 
 def _hparams(cfg: DictConfig) -> dict:
-    """The settings a sweep varies, flattened (loss, optimiser, student, teacher, data, seed)."""
-    flat = {"seed": cfg.seed}
-    for group in ("loss", "weighting", "optim", "student", "teacher", "data"):
-        node = OmegaConf.to_container(cfg[group], resolve=True)
-        for key, value in node.items():
-            if not isinstance(value, dict):
-                flat[f"{group}.{key}"] = value
-    return flat
+    """Every setting of the resolved config for TensorBoard's HParams view, nested keys flattened
+    with dots (`loss.kd.temperature`), so whichever keys a sweep varies are there. Values are
+    of the types its `hparams()` records: numbers and strings as they are; booleans as
+    "true"/"false" (it would store them as 1.0/0.0); None as "null" (it would drop the key, so a
+    setting unset in one run and set in another would be missing from the first); lists as
+    JSON text."""
+    from kdmtl_cli.resume import flatten_keys
+
+    def value_of(value):
+        if isinstance(value, bool) or value is None:
+            return json.dumps(value)
+        if isinstance(value, (int, float, str)):
+            return value
+        return json.dumps(value, default=str)
+
+    return {key: value_of(value) for key, value in flatten_keys(OmegaConf.to_container(cfg, resolve=True)).items()}
 
 
 def _check_delta_m(delta_cfg, tasks):
@@ -203,6 +211,7 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Option
 
 def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Optional[float]:
     started = time.perf_counter()
+    run_clock.forget_all()
     if not resume and (run_dir / PREEMPTED).exists() and (run_dir / "checkpoints" / "last.pt").exists():
         resume = True    # a job requeued by its launcher (submitit) after a stop signal: continue it
     if ranks.is_main:
@@ -244,6 +253,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     check_student_modules(methods, student)
     train_loader = make_loader(data, "train", tasks, cfg, hardware, train=True, limit=cfg.limit_train_batches)
     train_loader.shard = (ranks.rank, ranks.world)
+    run_clock.expect("student", int(cfg.optim.epochs) * len(train_loader))   # counted while a teacher trains
     val_loader = make_loader(data, "val", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches) \
         if has_val else None
     test_loader = make_loader(data, "test", tasks, cfg, hardware, train=False, limit=cfg.limit_eval_batches)
@@ -362,10 +372,13 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
                                   "results": results, "best": {"epoch": state.best_epoch, **state.best_metrics},
                                   "last": {"epoch": state.epoch, **state.last_metrics},
                                   "teacher": teacher_info}, indent=2), run_dir / "results.json")
-    if cfg.log.progress != "none":
-        print_table(title, rows)
-        if results.get("delta_m/skipped"):
-            print(f"Δm not computed: {results['delta_m/skipped']}", flush=True)
-        print(f"run dir: {run_dir}", flush=True)
+    from kdmtl_cli.report import sweep
+
+    # A sweep's job says one line (the sweep ends with a table of all jobs) and keeps its full table in its log.
+    job_line = sweep.job_line(run_dir, results, cfg) if sweep.in_sweep() else None
+    print_table(title, rows, "none" if job_line else cfg.log.progress)
+    if results.get("delta_m/skipped"):
+        _say(cfg)(f"Δm not computed: {results['delta_m/skipped']}")
+    _say(cfg)(job_line or f"run dir: {run_dir}")
     distributed.shutdown(ranks)
     return state.best_value

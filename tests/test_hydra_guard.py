@@ -4,8 +4,10 @@ Through the real CLI with a user `--config-dir` whose experiment would make Hydr
 builtins.open / shutil.copyfile (callbacks), a foreign launcher, or a logging `()` factory: one
 `kdmtl: error:` line naming the key, exit 1, the marker file never created, nothing written
 (no outputs/, multirun/ or .hydra/) -- for a run, -m and --cfg job, for train and eval. With
-`--allow-hydra-callbacks` on the command line a harmless callback does run. Then the check
-itself on small configs: Hydra's and kdmtl's own settings pass, each kind of code is refused.
+`--allow-hydra-callbacks` on the command line a harmless callback does run. kdmtl's own callbacks
+(hydra_guard.KDMTL_CALLBACKS: the sweep summary conf/train.yaml registers) pass without it; a
+config that points their key at other code is refused. Then the check itself on small configs:
+Hydra's and kdmtl's own settings pass, each kind of code is refused.
 These refusals happen while composing, before torch is imported: well under a second each.
 """
 
@@ -30,6 +32,8 @@ def _experiments(root: Path, marker: Path) -> Path:
         "evil_launcher": {"launcher": {"_target_": "shutil.copyfile"}},
         "evil_logging": {"job_logging": {"handlers": {"evil": {"()": "builtins.open", "file": str(marker),
                                                                "mode": "w"}}}},
+        "evil_ours": {"callbacks": {"kdmtl_sweep_summary": {"_target_": "builtins.open", "file": str(marker),
+                                                            "mode": "w"}}},
         "log_return": {"callbacks": {"done": {
             "_target_": "hydra.experimental.callbacks.LogJobReturnCallback"}}},
     }
@@ -68,6 +72,14 @@ def test_callbacks_from_a_config_are_refused(area, experiment, target):
     line = _refused(area, ["train", "--config-dir", str(area["conf"]), f"+experiment={experiment}", *FAST],
                     "hydra.callbacks.evil", target, "--allow-hydra-callbacks")
     assert "remove hydra.callbacks.evil" in line
+
+
+def test_our_callback_key_pointed_at_other_code_is_refused(area):
+    conf = ["--config-dir", str(area["conf"]), "+experiment=evil_ours"]
+    line = _refused(area, ["train", "-m", *conf, "seed=0,1", *FAST],
+                    "hydra.callbacks.kdmtl_sweep_summary._target_ (builtins.open)", "--allow-hydra-callbacks")
+    assert "remove hydra.callbacks.kdmtl_sweep_summary" in line
+    _refused(area, ["train", *conf, "--cfg", "job"], "hydra.callbacks.kdmtl_sweep_summary._target_")
 
 
 def test_callbacks_refused_in_multirun_and_cfg(area):
@@ -155,6 +167,49 @@ def test_check_refuses_each_kind_of_code():
     _refuses(["hydra.job.env_set.x._target_"], {"job": {"env_set": {"x": {"_target_": "os.system"}}}})
     _refuses(["hydra.launcher._target_", "os.system"], {"launcher": {"_target_": "${t}"}}, t="os.system")
     _refuses(["hydra.launcher._target_", "${hydra.runtime.nope}"], {"launcher": {"_target_": "${hydra.runtime.nope}"}})
+
+
+def test_only_kdmtl_callbacks_pass_without_the_opt_in():
+    import importlib
+
+    from hydra.experimental.callback import Callback
+
+    ours = {"_target_": "kdmtl_cli.report.sweep.SweepSummary"}
+    for target in hydra_guard.KDMTL_CALLBACKS:       # each names a real callback class
+        module, name = target.rsplit(".", 1)
+        assert issubclass(getattr(importlib.import_module(module), name), Callback)
+    _check({"callbacks": {"kdmtl_sweep_summary": ours}})
+    _check({"callbacks": {"renamed": {**ours, "_convert_": "all"}}})          # by target, with plain values
+    _check({"callbacks": {"kdmtl_sweep_summary": {"_target_": "${t}"}}}, t=ours["_target_"])
+    _refuses(["hydra.callbacks.x._target_ (os.system)"], {"callbacks": {"kdmtl_sweep_summary": ours,
+                                                                         "x": {"_target_": "os.system"}}})
+    _refuses(["hydra.callbacks.kdmtl_sweep_summary._target_ (os.system)"],
+             {"callbacks": {"kdmtl_sweep_summary": {"_target_": "os.system"}}})
+    _refuses(["hydra.callbacks.kdmtl_sweep_summary._target_ (os.system)"],
+             {"callbacks": {"kdmtl_sweep_summary": {"_target_": "${t}"}}}, t="os.system")
+    for near in ("kdmtl_cli.report.sweep.summarize", "kdmtl_cli.report.sweep.SweepSummary.on_multirun_end",
+                 "kdmtl_cli.report.sweep.SweepSummaryX"):
+        _refuses([f"({near})"], {"callbacks": {"kdmtl_sweep_summary": {"_target_": near}}})
+    # Hydra instantiates nested nodes too: an argument that names code is code
+    _refuses(["hydra.callbacks.kdmtl_sweep_summary._target_"],
+             {"callbacks": {"kdmtl_sweep_summary": {**ours, "x": {"_target_": "os.system"}}}})
+    _refuses(["hydra.callbacks.kdmtl_sweep_summary._target_"],
+             {"callbacks": {"kdmtl_sweep_summary": {**ours, "_args_": [{"_target_": "os.system"}]}}})
+    _refuses(["hydra.callbacks"], {"callbacks": [ours]})
+
+
+def test_train_config_registers_the_sweep_summary():
+    from hydra import compose, initialize_config_module
+
+    from kdmtl_cli.cli import register_resolvers
+    from kdmtl_cli.schema import register_schemas
+
+    register_resolvers()
+    register_schemas()
+    with initialize_config_module(config_module="kdmtl_cli.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[], return_hydra_config=True)
+    assert set(cfg.hydra.callbacks) == {"kdmtl_sweep_summary"}
+    assert cfg.hydra.callbacks.kdmtl_sweep_summary._target_ in hydra_guard.KDMTL_CALLBACKS
 
 
 def test_check_refuses_logging_factories_and_foreign_classes():

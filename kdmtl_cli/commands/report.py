@@ -12,6 +12,29 @@ from typing import List
 
 from kdmtl_cli.errors import KdmtlError
 
+HELP = """usage: kdmtl report DIR [DIR ...] [group_by=[KEY,...]] [out=FILE.md] [plot=true|false]
+
+One table over finished kdmtl train runs: mean ± std over seeds of each task metric (test at
+the checkpoint chosen on validation, validation at that epoch and at the last), Δm when the
+runs had a baseline, the published number when the experiment stores one; unfinished runs are
+listed. Prints the table and writes it as Markdown and CSV.
+
+arguments:
+  DIR                 a run directory, a multirun directory, or any folder holding runs
+                      (searched recursively); several may be given
+  group_by=[KEY,...]  config keys that make a group (default: the settings that differ between
+                      runs, seeds aside); loss means the distillation methods
+  out=FILE.md         where the Markdown goes, with FILE.csv beside it
+                      (default: DIR/report.md and DIR/report.csv of the first DIR)
+  plot=true|false     also PNG plots beside out (trade-off and learning curves; needs
+                      matplotlib: pip install kdmtl[plot]); default false
+  -h, --help          this text
+
+examples:
+  kdmtl report multirun/DATE/TIME
+  kdmtl report multirun/DATE/TIME group_by=[loss,weighting] out=results.md
+  kdmtl report outputs/DATE/TIME-A outputs/DATE/TIME-B plot=true"""
+
 OPTIONS = ("group_by", "out", "plot")
 
 
@@ -37,22 +60,22 @@ def parse(args: List[str]):
 
 
 def report_main(args: List[str]) -> int:
-    from kdmtl_cli.engine.checkpoint import atomic_write_text
+    from rich.console import Console
+
     from kdmtl_cli.report import table
     from kdmtl_cli.report.runs import find_runs, group_runs
 
     dirs, group_by, out, plot = parse(args)
     runs, unfinished = find_runs(dirs)
     groups = group_runs(runs, group_by) if runs else []
-    rows = table.rows(groups)
-    title = f"kdmtl report: {len(runs)} finished run(s) in {len(groups)} group(s)"
-    table.print_rich(rows, unfinished, title)
-    atomic_write_text(f"# {title}\n\n" + table.markdown(rows, unfinished), out)
-    atomic_write_text(table.to_csv(rows), out.with_suffix(".csv"))
-    print(f"written: {out}, {out.with_suffix('.csv')}")
+    heading = table.title(len(runs), len(groups))
+    console = Console(highlight=False)     # its width: the terminal's (or COLUMNS)
+    table.print_rich(groups, unfinished, heading, console)    # the files below keep every column
+    markdown_path, csv_path = table.write_files(table.rows(groups), unfinished, heading, out)
+    console.print(f"written: {markdown_path}, {csv_path}", markup=False)
     if plot and groups:
         from kdmtl_cli.report.plots import write_plots
 
         paths = write_plots(groups, out.parent)
-        print("plots: " + ", ".join(str(p) for p in paths))
+        console.print("plots: " + ", ".join(str(p) for p in paths), markup=False)
     return 0

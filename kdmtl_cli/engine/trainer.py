@@ -83,7 +83,9 @@ def average_tests(test_history: Dict[int, Dict[str, float]], n: int, last_epoch:
 
 def _short(value: float) -> str:
     """Four significant digits for an epoch line (metrics.jsonl keeps every digit)."""
-    return f"{value:.4g}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:#.4g}".rstrip(".")     # 5.500, not 5.5: the columns of successive lines align
+    return f"{value:.3e}"
 
 
 class NonFiniteLoss(KdmtlError):

@@ -37,12 +37,15 @@ class Run:
     results: dict
     best: dict
     last: dict
+    overrides: List[str] = field(default_factory=list)   # the job's command-line overrides, as typed
+    teacher: dict = field(default_factory=dict)          # where its teacher came from (`source`)
 
 
 @dataclass
 class Group:
     label: str
     runs: List[Run] = field(default_factory=list)
+    short_label: str = ""     # for the terminal: what tells the groups apart, as the user typed it
 
     @property
     def seeds(self) -> List[int]:
@@ -81,7 +84,8 @@ def find_runs(dirs: Sequence[Path]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
                 if not all(isinstance(saved.get(k) or {}, dict) for k in ("config", "results", "best", "last")):
                     raise KdmtlError(f"{results}: config, results, best and last must be JSON objects; {RESULTS_FIX}")
                 runs.append(Run(run_dir, saved["config"], saved["results"], saved.get("best") or {},
-                                saved.get("last") or {}))
+                                saved.get("last") or {}, _strings(saved.get("overrides")),
+                                saved.get("teacher") if isinstance(saved.get("teacher"), dict) else {}))
             elif (run_dir / "PREEMPTED").exists():
                 unfinished.append((run_dir, "preempted (resume with the same command)"))
             elif (run_dir / "checkpoints" / "last.pt").exists():
@@ -117,7 +121,45 @@ def group_runs(runs: List[Run], group_by: Optional[Sequence[str]] = None) -> Lis
         key = key_of(i)
         label = ", ".join(f"{k}={v}" if k != "loss" else str(v) for k, v in key) or "all runs"
         groups.setdefault(key, Group(label)).runs.append(run)
-    return list(groups.values())
+    found = list(groups.values())
+    shorter = None if group_by else _override_labels(found)
+    for group, short in zip(found, shorter or [g.label for g in found], strict=True):
+        group.short_label = short
+    return found
+
+
+def _strings(value) -> List[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def override_items(run: Run) -> Dict[str, str]:
+    """The run's command-line overrides that are settings (not seed, paths, logging...), key -> value."""
+    items = {}
+    for text in run.overrides:
+        key, sep, value = text.partition("=")
+        key = key.lstrip("+~")
+        if sep and _is_setting(key):
+            items[key] = value
+    return items
+
+
+def _override_labels(groups: List[Group]) -> Optional[List[str]]:
+    """Labels made of the overrides that tell the groups apart, as typed (`loss=[kd,fitnet]`,
+    `weighting=pcgrad`) rather than every config key they changed (`loss.kd.weight=0.5, ...`);
+    None when the overrides do not tell every group apart (runs of different experiments)."""
+    if len(groups) < 2:
+        return None
+    shared = []
+    for group in groups:           # the overrides every run of the group has
+        items = [override_items(r) for r in group.runs]
+        shared.append({k: v for k, v in items[0].items() if all(i.get(k) == v for i in items[1:])})
+    keys = list(dict.fromkeys(k for s in shared for k in s))   # in command-line order
+    varying = [k for k in keys if len({s.get(k) for s in shared}) > 1]
+    for default in (None, "(default)"):     # a group without an override of a key: unnamed, if that is clear
+        labels = [", ".join(f"{k}={s.get(k, default)}" for k in varying if k in s or default) for s in shared]
+        if all(labels) and len(set(labels)) == len(labels):
+            return labels
+    return None
 
 
 def _setting(config: dict, flat: dict, key: str):

@@ -1,6 +1,9 @@
 """The report table: one row per (group, metric) with mean ± std over seeds of the test metric
 (checkpoint selected on validation), the validation metric at that best epoch and at the last
-epoch, and the published value with the difference when the experiment stores one.
+epoch, and the published value with the difference when the experiment stores one -- in
+report.md and report.csv. The terminal shows the test metrics only, turned around to fit its
+width: metrics as rows, groups as columns, the teacher once, published rows only where a number
+was published (`print_rich`; several narrower tables when one does not fit).
 
 A published number of `epoch: mean_lastN` (MTAN / Nash-MTL / CAGrad: the mean of the last N
 epochs' test metrics) is compared with the runs' `test_mean_lastN/...` (test.average_last_epochs=N),
@@ -11,7 +14,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-from typing import List, Optional
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from kdmtl_cli.report.runs import Group, mean_std
 
@@ -122,16 +128,250 @@ def to_csv(table: List[dict]) -> str:
     return buffer.getvalue()
 
 
-def print_rich(table: List[dict], unfinished, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def title(n_runs: int, n_groups: int) -> str:
+    return f"kdmtl report: {n_runs} finished run(s) in {n_groups} group(s)"
 
-    view = Table(title=title)
-    for name in HEADER:
-        view.add_column(name, justify="right" if name not in ("group", "metric") else "left")
-    for row in table:
-        view.add_row(*cells(row))
-    console = Console(width=220)
-    console.print(view)
+
+def write_files(table: List[dict], unfinished, heading: str, out: Path) -> Tuple[Path, Path]:
+    """report.md (every column, the unfinished runs) and report.csv beside it; returns both paths."""
+    from kdmtl_cli.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(f"# {heading}\n\n" + markdown(table, unfinished), out)
+    atomic_write_text(to_csv(table), out.with_suffix(".csv"))
+    return out, out.with_suffix(".csv")
+
+
+# ---- the terminal: tables that fit its width ------------------------------------------------------
+# The files keep every column; the terminal shows the test metrics only, as few columns as tell
+# the groups apart, in tables no wider than the console (folded into several when needed).
+
+@dataclass
+class Column:
+    header: str
+    cells: List[str]
+
+
+# A rich table with its default box: one border character per column plus one, one space of
+# padding each side of every cell.
+_BORDER_PER_COLUMN, _BORDER = 3, 1
+_LABEL_MIN = 12          # the row-label column wraps, but not narrower than this
+
+
+def number(mean: Optional[float], std: Optional[float], decimals: int = 4, signed: bool = False) -> str:
+    """`mean ± std`; the mean alone when the std is 0 (one run, or runs that agree) or unknown."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    sign = "+" if signed else ""
+    if not std or math.isnan(std):
+        return f"{mean:{sign}.{decimals}f}"
+    return f"{mean:{sign}.{decimals}f} ± {std:.{decimals}f}"
+
+
+def wrap_header(text: str, width: int) -> str:
+    """A group label on lines of at most `width` characters: between settings (`, `), then after
+    `=` inside one (`loss=` / `[kd,fitnet]`), then after `,` `+` `.`, then anywhere."""
+    lines: List[str] = []
+    for part in text.split(", "):
+        pieces = _fill(_tokens(part, width), width)
+        if lines and len(lines[-1]) + 2 + len(pieces[0]) <= width:
+            lines[-1] += ", " + pieces.pop(0)
+        lines += pieces
+    return "\n".join(lines)
+
+
+def _tokens(part: str, width: int) -> List[str]:
+    out = []
+    for token in re.findall(r"[^=]+=?", part) or [""]:
+        for piece in re.findall(r"[^,+.]+[,+.]?", token) if len(token) > width else [token]:
+            out += [piece[i:i + width] for i in range(0, len(piece), width)] or [""]
+    return out
+
+
+def _fill(tokens: List[str], width: int) -> List[str]:
+    """Tokens joined into as few lines of at most `width` as their order allows."""
+    lines: List[str] = []
+    for token in tokens:
+        if lines and len(lines[-1]) + len(token) <= width:
+            lines[-1] += token
+        else:
+            lines.append(token)
+    return lines
+
+
+def _width(column: Column) -> int:
+    from rich.cells import cell_len
+
+    return max(cell_len(line) for text in [column.header, *column.cells] for line in (text or " ").split("\n"))
+
+
+def _label_width(label: Column, width: int) -> int:
+    """The row labels' width: theirs, or at most a third of the terminal (they wrap beyond it)."""
+    return min(_width(label), max(_LABEL_MIN, width // 3))
+
+
+def fold(label: Column, columns: Sequence[Column], width: int) -> List[List[Column]]:
+    """The value columns in chunks that fit `width` beside the label column (at least one each)."""
+    label_width = _label_width(label, width)
+    chunks: List[List[Column]] = [[]]
+    used = label_width + _BORDER_PER_COLUMN + _BORDER
+    for column in columns:
+        need = _width(column) + _BORDER_PER_COLUMN
+        if chunks[-1] and used + need > width:
+            chunks.append([])
+            used = label_width + _BORDER_PER_COLUMN + _BORDER
+        chunks[-1].append(column)
+        used += need
+    return chunks
+
+
+def fitted_tables(heading: str, build: Callable[[int], Tuple[Column, List[Column]]], width: int) -> list:
+    """Rich tables no wider than `width`: one with 4 decimals if it fits, else one with 3, else
+    as many as needed with 4 (the label column repeated in each)."""
+    from rich.table import Table
+    from rich.text import Text      # not markup: `loss=[kd,fitnet]` is a label, not a style
+
+    for decimals in (4, 3, 4):
+        label, columns = build(decimals)
+        chunks = fold(label, columns, width)
+        if len(chunks) == 1:
+            break
+    label_width = _label_width(label, width)
+    tables = []
+    for i, chunk in enumerate(chunks):
+        view = Table(title=heading if i == 0 else "(continued)", title_justify="left")
+        view.add_column(Text(label.header), overflow="fold", max_width=label_width)
+        for column in chunk:
+            view.add_column(Text(column.header), justify="right", no_wrap=True)
+        for r, text in enumerate(label.cells):
+            view.add_row(Text(text), *(Text(column.cells[r]) for column in chunk))
+        tables.append(view)
+    return tables
+
+
+def _display(metric: str) -> Tuple[str, bool]:
+    """`[teacher/]test/cls/accuracy ↑` -> (`cls/accuracy ↑`, from the teacher); Δm as `Δm% maninis ↑`."""
+    teacher = metric.startswith("teacher/")
+    name = metric[len("teacher/"):] if teacher else metric
+    name = name.split("/", 1)[1] if name.startswith("test/") else name
+    if name.startswith("delta_m/"):
+        name = "Δm% " + name[len("delta_m/"):]
+    return name, teacher
+
+
+@dataclass
+class _Cells:
+    """One model's test metrics in one group: display name -> (mean, std), and the published
+    numbers with the differences: display name -> (published, Δ)."""
+    values: Dict[str, Tuple[float, float]]
+    published: Dict[str, Tuple[float, Optional[float]]]
+
+
+def _group_cells(group: Group) -> Tuple[_Cells, _Cells]:
+    student, teacher = _Cells({}, {}), _Cells({}, {})
+    for row in rows([group]):
+        name, from_teacher = _display(row["metric"])
+        cells = teacher if from_teacher else student
+        cells.values[name] = (row["test mean"], row["test std"])
+        if row["published"] is not None:
+            cells.published[name] = (row["published"], row["Δ vs published"])
+    return student, teacher
+
+
+def _teachers(groups: List[Group], cells: List[_Cells]) -> List[Tuple[_Cells, List[Group]]]:
+    """The distinct teachers (by where they came from and by their test metrics) and their groups."""
+    found: Dict[tuple, Tuple[_Cells, List[Group]]] = {}
+    for group, teacher in zip(groups, cells, strict=True):
+        if not teacher.values:
+            continue          # no distillation: no teacher
+        sources = tuple(sorted({str(r.teacher.get("source", "")) for r in group.runs}))
+        key = (sources, tuple(sorted(teacher.values.items())), tuple(sorted(teacher.published.items())))
+        found.setdefault(key, (teacher, []))[1].append(group)
+    return list(found.values())
+
+
+def _metric_rows(students: List[_Cells], teachers: List[_Cells], tasks: List[str]) -> List[Tuple[str, str]]:
+    """(metric, what its row shows: value / published / delta), the metrics in the order of the
+    runs' `tasks` (as the training table), Δm last; each followed by its published rows when some
+    model has a published number for it."""
+    names = list(dict.fromkeys([n for c in students for n in c.values] + [n for c in teachers for n in c.values]))
+    names.sort(key=lambda n: tasks.index(n.split("/")[0]) if n.split("/")[0] in tasks else len(tasks))
+    out = []
+    for name in names:
+        out.append((name, "value"))
+        if any(name in c.published for c in [*students, *teachers]):
+            out += [(name, "published"), (name, "delta")]
+    return out
+
+
+def _column_cells(cells: _Cells, layout: List[Tuple[str, str]], decimals: int) -> List[str]:
+    out = []
+    for name, kind in layout:
+        signed = name.startswith("Δm")
+        digits = 2 if signed else decimals
+        if kind == "value":
+            out.append(number(*cells.values.get(name, (None, None)), decimals=digits, signed=signed))
+        elif name in cells.published:
+            pub, delta = cells.published[name]
+            out.append(number(pub, 0, digits, signed) if kind == "published" else number(delta, 0, digits, True))
+        else:
+            out.append("")
+    return out
+
+
+_ROW_LABELS = {"published": "  published", "delta": "  Δ vs published"}
+_HEADER_MIN = 9          # a header wraps to its column's numbers, but not narrower than this
+
+
+def _value_column(name: str, n: int, cells: List[str]) -> Column:
+    """A column headed by `name` wrapped to the width of its numbers, and n (the runs it averages)."""
+    from rich.cells import cell_len
+
+    width = max([_HEADER_MIN, *(cell_len(c) for c in cells)])
+    return Column(f"{wrap_header(name, width)}\nn={n}", cells)
+
+
+def terminal_columns(groups: List[Group]):
+    """build(decimals) -> (the metric column, one column per group, then the teacher(s)), and the
+    notes printed under the table."""
+    pairs = [_group_cells(g) for g in groups]
+    students = [s for s, _ in pairs]
+    teachers = _teachers(groups, [t for _, t in pairs])
+    tasks = list(dict.fromkeys(t for g in groups for r in g.runs for t in r.config.get("tasks") or {}))
+    layout = _metric_rows(students, [t for t, _ in teachers], tasks)
+    notes = [("cells: test metric at the checkpoint selected on validation, mean ± std over the group's n runs "
+              "(seeds); the validation metrics are in report.md / report.csv")]
+    if len(teachers) > 1:
+        owners = [", ".join(g.short_label for g in owned) for _, owned in teachers]
+        notes.append("the groups had different teachers: "
+                     + "; ".join(f"teacher {i + 1} for {names}" for i, names in enumerate(owners)))
+    sources = {p.get("source", ""): _epoch_text(p) for g in groups for p in g.published}
+    notes += [f"published: {source} ({epoch})" for source, epoch in sources.items() if source]
+
+    def build(decimals: int) -> Tuple[Column, List[Column]]:
+        label = Column("metric", [_ROW_LABELS.get(kind, name) for name, kind in layout])
+        columns = [_value_column(g.short_label, len(g.runs), _column_cells(s, layout, decimals))
+                   for g, s in zip(groups, students, strict=True)]
+        for i, (teacher, owners) in enumerate(teachers):
+            name = "teacher" if len(teachers) == 1 else f"teacher {i + 1}"
+            columns.append(_value_column(name, sum(len(g.runs) for g in owners),
+                                         _column_cells(teacher, layout, decimals)))
+        return label, columns
+
+    return build, notes
+
+
+def print_rich(groups: List[Group], unfinished, heading: str, console=None) -> None:
+    """Metrics as rows, groups as columns (the teacher once), fitted to the console's width."""
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    if groups:
+        build, notes = terminal_columns(groups)
+        for view in fitted_tables(heading, build, console.width):
+            console.print(view)
+        for note in notes:
+            console.print(note, markup=False)
+    else:
+        console.print(heading, markup=False)
     for path, why in unfinished:
         console.print(f"unfinished: {path}: {why}", markup=False)
