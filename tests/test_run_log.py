@@ -28,11 +28,13 @@ def log_messages(path: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory):
-    """A default run whose teacher is trained here (fresh cache), 2 student epochs."""
+def plain_run(tmp_path_factory, shared_cache):
+    """A default run whose teacher is trained here (a teacher setting no other test uses, so no
+    cached one; the generated data comes from the shared cache), 2 student epochs."""
     root = tmp_path_factory.mktemp("plain")
     run_dir = root / "run"
-    proc = run_kdmtl(["train", *FAST, "optim.epochs=2", f"hydra.run.dir={run_dir}"], root, root / "cache")
+    proc = run_kdmtl(["train", *FAST, "optim.epochs=2", "teacher.optim.lr=0.00271", f"hydra.run.dir={run_dir}"],
+                     root, shared_cache)
     assert proc.returncode == 0, show(proc)
     return proc, run_dir
 

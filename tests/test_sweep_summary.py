@@ -99,7 +99,7 @@ def test_the_summary_fits_narrower_and_wider_terminals(sweep, width):
     assert f"{statistics.fmean(acc):.4f} ± {statistics.stdev(acc):.4f}" in text
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow)])   # joblib ~14 s: -m slow
 def test_a_failed_job_is_listed_with_its_error_line(tmp_path, shared_cache, launcher):
     """Job 1's setting is refused inside the job (test.average_last_epochs > optim.epochs): the
     sweep still ends with its summary, the failed job with the error line the CLI prints."""
