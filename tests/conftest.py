@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 # (about 2.5x the CPU time of a one-thread run on 2 cores). Set before anything imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Small, fast settings shared by end-to-end runs: tiny splits, two batches per epoch.
-FAST = ["debug=fast", "log.progress=plain", "log.efficiency=false"]
+# Small, fast settings shared by end-to-end runs: tiny splits, two batches per epoch; no TensorBoard
+# events (its validation panels are most of a short run's logging time): tests of it add TB.
+FAST = ["debug=fast", "log.progress=plain", "log.efficiency=false", "log.tensorboard=false"]
+TB = "log.tensorboard=true"
 WORKERS = 3  # concurrent CLI processes in module fixtures (2 cores; imports overlap with I/O)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST, WORKERS, assert_one_line_error, read_jsonl, run_kdmtl, show
+from conftest import FAST, TB, WORKERS, assert_one_line_error, read_jsonl, run_kdmtl, show
 
 VANILLA = [*FAST, "loss=none"]
 
@@ -41,7 +41,7 @@ def mtl(tmp_path_factory, shared_cache):
         "convention": [*VANILLA, "delta_m.convention=libmtl"],
     }
     second = {
-        "uncertainty": [*VANILLA, "tasks=seg_depth", "weighting=uncertainty", f"delta_m.baseline={base}",
+        "uncertainty": [*VANILLA, TB, "tasks=seg_depth", "weighting=uncertainty", f"delta_m.baseline={base}",
                         "log.every_n_steps=1", "log.grad_norms_every_n_steps=1"],
         "aux": [*VANILLA, "tasks=seg_depth_aux_normal", f"delta_m.baseline={base}", "delta_m.convention=per_task"],
         "baseline_lacks_task": [*VANILLA, "tasks=cls_seg_depth", f"delta_m.baseline={base}"],

@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import torch
-from conftest import FAST, run_kdmtl, show
+from conftest import FAST, TB, run_kdmtl, show
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -44,7 +44,7 @@ def test_validation_panel_and_hparams(workdir, shared_cache):
     from kdmtl_cli.engine.panel import GAP, MIN_TILE, line_height
 
     run_dir = workdir / "tb"
-    proc = run_kdmtl(["train", *FAST, "optim.epochs=2", "loss.kd.temperature=3.5", f"hydra.run.dir={run_dir}"],
+    proc = run_kdmtl(["train", *FAST, TB, "optim.epochs=2", "loss.kd.temperature=3.5", f"hydra.run.dir={run_dir}"],
                      workdir, shared_cache)
     assert proc.returncode == 0, show(proc)
     accs = _events(run_dir)

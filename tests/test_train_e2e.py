@@ -11,7 +11,7 @@ import yaml
 
 import pytest
 
-from conftest import FAST, WORKERS, read_jsonl, run_kdmtl
+from conftest import FAST, TB, WORKERS, read_jsonl, run_kdmtl
 
 
 def _ok(result):
@@ -29,7 +29,7 @@ def _tensorboard_tags(run_dir: Path) -> set:
 
 def test_train_writes_checkpoints_metrics_tensorboard_summary(workdir, shared_cache):
     run_dir = workdir / "run"
-    result = _ok(run_kdmtl(["train", *FAST, "log.efficiency=true", f"hydra.run.dir={run_dir}"], workdir, shared_cache))
+    result = _ok(run_kdmtl(["train", *FAST, "log.efficiency=true", TB, f"hydra.run.dir={run_dir}"], workdir, shared_cache))
     for name in ("config.yaml", "results.json", "summary.md", "metrics.jsonl", ".hydra/config.yaml",
                  "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run_dir / name).exists(), name
@@ -185,7 +185,7 @@ def test_bf16_precision_and_teacher_subset(workdir, shared_cache):
 
 @pytest.mark.slow  # ~13 s; tests/test_run_ownership.py covers resume=true (with a run dir, and skipping live runs); run with -m slow
 def test_resume_true_continues_the_newest_interrupted_run(workdir, shared_cache):
-    _ok(run_kdmtl(["train", *FAST, "optim.epochs=2", "stop_after_epoch=1"], workdir, shared_cache))
+    _ok(run_kdmtl(["train", *FAST, TB, "optim.epochs=2", "stop_after_epoch=1"], workdir, shared_cache))
     (run_dir,) = [p.parent.parent for p in (workdir / "outputs").glob("*/*/checkpoints/last.pt")]
     assert not (run_dir / "results.json").exists()
     resumed = _ok(run_kdmtl(["train", "resume=true", "log.progress=plain"], workdir, shared_cache))
