@@ -206,6 +206,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"kdmtl {__version__}")
         sys.exit(0)
     name, rest = argv[0], argv[1:]
+    from kdmtl_cli.provenance import remember_command
+
+    remember_command(argv)      # each run records the command as typed (kdmtl_cli/provenance.py)
     if name in ("report", "export"):   # read finished runs: no Hydra composition involved
         import importlib
 

@@ -19,6 +19,7 @@ from kdmtl_cli.engine.checkpoint import atomic_write_text, discard_partial_write
 from kdmtl_cli.resume import recorded_config
 import torch
 
+from kdmtl_cli import provenance
 from kdmtl_cli.engine import distributed, preemption, run_clock, teacher_exact, teacher_outputs
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
@@ -235,6 +236,10 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
             raise KdmtlError(f"weighting={cfg.weighting.name} is not supported with several processes yet "
                              f"(its per-task gradients are per rank); use {', '.join(loss_based)}")
     data = _main_first(ranks, lambda: build_data(cfg.data))   # generated data sets are cached once
+    origin, code_diff = provenance.collect(OmegaConf.to_container(cfg, resolve=True), hardware.device,
+                                           data.fingerprint)
+    if ranks.is_main:
+        provenance.write_patch(run_dir, code_diff)
     preemption.check("while the data was prepared")
     tasks = build_tasks(cfg.tasks, data.targets)
     teacher_tasks = teacher_task_names(cfg, tasks)
@@ -274,6 +279,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     if methods:
         preemption.check("before the teacher was prepared")
         teacher, teacher_info = _main_first(ranks, lambda: prepare_teacher(cfg, tasks, data, hardware, run_dir))
+        provenance.with_teacher(origin, teacher_info)
         preemption.check("after the teacher was prepared (it is cached)")
     # Reseed: training continues the same whether the teacher was trained here or loaded.
     seed_everything(cfg.seed)
@@ -346,6 +352,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     log.scalars({k: v for k, v in results.items() if k.startswith(("test/", "teacher/test/", "test_mean_last"))},
                 state.global_step)
     log.hparams(_hparams(cfg), {k: v for k, v in results.items() if k.startswith("test/")})
+    log.text("provenance", provenance.markdown(origin), state.global_step)
     log.close()
     if cfg.delta_m.record:
         baselines.record(cfg.delta_m.record, tasks, test_metrics, data,
@@ -365,13 +372,14 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     if mean_tests:
         header.append(f"- test, mean of the last {cfg.test.average_last_epochs} epochs: " + ", ".join(
             f"{k.split('/', 1)[1]} {v:.4f}" for k, v in mean_tests.items() if k.split("/")[1] not in ("task", "loss")))
-    atomic_write_text(markdown(title, rows, header), run_dir / "summary.md")
+    atomic_write_text(markdown(title, rows, header) + "\n## Provenance\n\n" + provenance.markdown(origin),
+                      run_dir / "summary.md")
     # Machine-readable for sweep aggregation: what this job changed, and its best / last / final metrics.
     # Written last: results.json marks a finished run (engine/run_dir.state), so every other file exists.
     atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
                                   "results": results, "best": {"epoch": state.best_epoch, **state.best_metrics},
                                   "last": {"epoch": state.epoch, **state.last_metrics},
-                                  "teacher": teacher_info}, indent=2), run_dir / "results.json")
+                                  "teacher": teacher_info, "provenance": origin}, indent=2), run_dir / "results.json")
     from kdmtl_cli.report import sweep
 
     # A sweep's job says one line (the sweep ends with a table of all jobs) and keeps its full table in its log.

@@ -63,7 +63,7 @@ def report_main(args: List[str]) -> int:
     from rich.console import Console
 
     from kdmtl_cli.report import table
-    from kdmtl_cli.report.runs import find_runs, group_runs
+    from kdmtl_cli.report.runs import find_runs, group_runs, provenance_notes
 
     dirs, group_by, out, plot = parse(args)
     runs, unfinished = find_runs(dirs)
@@ -72,6 +72,8 @@ def report_main(args: List[str]) -> int:
     console = Console(highlight=False)     # its width: the terminal's (or COLUMNS)
     table.print_rich(groups, unfinished, heading, console)    # the files below keep every column
     markdown_path, csv_path = table.write_files(table.rows(groups), unfinished, heading, out)
+    for line in provenance_notes(groups):
+        console.print(line, markup=False)
     console.print(f"written: {markdown_path}, {csv_path}", markup=False)
     if plot and groups:
         from kdmtl_cli.report.plots import write_plots

@@ -89,6 +89,11 @@ class MetricsLog:
         if self.writer is not None:
             self.writer.add_image(name, image, step)
 
+    def text(self, name: str, text: str, step: int) -> None:
+        """Markdown to TensorBoard's text tab."""
+        if self.writer is not None:
+            self.writer.add_text(name, text, step)
+
     def hparams(self, params: Dict, metrics: Dict[str, float]) -> None:
         """One row of TensorBoard's HParams table per run, so sweeps compare side by side.
         run_name='.' keeps it in this run's event files instead of a new sub-run."""
@@ -265,6 +270,9 @@ class NullLog:
         pass
 
     def hparams(self, hparams, metrics) -> None:
+        pass
+
+    def text(self, name, text, step) -> None:
         pass
 
     def image(self, name, image, step) -> None:

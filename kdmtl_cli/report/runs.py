@@ -39,6 +39,7 @@ class Run:
     last: dict
     overrides: List[str] = field(default_factory=list)   # the job's command-line overrides, as typed
     teacher: dict = field(default_factory=dict)          # where its teacher came from (`source`)
+    provenance: dict = field(default_factory=dict)       # its code, environment and data (kdmtl_cli/provenance.py)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Group:
     label: str
     runs: List[Run] = field(default_factory=list)
     short_label: str = ""     # for the terminal: what tells the groups apart, as the user typed it
+    apart: str = ""           # other code / data than runs of the same settings (split_by_provenance)
 
     @property
     def seeds(self) -> List[int]:
@@ -85,7 +87,8 @@ def find_runs(dirs: Sequence[Path]) -> Tuple[List[Run], List[Tuple[Path, str]]]:
                     raise KdmtlError(f"{results}: config, results, best and last must be JSON objects; {RESULTS_FIX}")
                 runs.append(Run(run_dir, saved["config"], saved["results"], saved.get("best") or {},
                                 saved.get("last") or {}, _strings(saved.get("overrides")),
-                                saved.get("teacher") if isinstance(saved.get("teacher"), dict) else {}))
+                                saved.get("teacher") if isinstance(saved.get("teacher"), dict) else {},
+                                saved.get("provenance") if isinstance(saved.get("provenance"), dict) else {}))
             elif (run_dir / "PREEMPTED").exists():
                 unfinished.append((run_dir, "preempted (resume with the same command)"))
             elif (run_dir / "checkpoints" / "last.pt").exists():
@@ -125,7 +128,45 @@ def group_runs(runs: List[Run], group_by: Optional[Sequence[str]] = None) -> Lis
     shorter = None if group_by else _override_labels(found)
     for group, short in zip(found, shorter or [g.label for g in found], strict=True):
         group.short_label = short
-    return found
+    return [part for group in found for part in split_by_provenance(group)]
+
+
+def split_by_provenance(group: Group) -> List[Group]:
+    """A group's runs made by other code (another commit, or other uncommitted changes) or on other
+    data are not pooled: one group each, labelled by what differs (`[code 1a2b3c4]`, `[data 9f8e]`).
+    Runs without a provenance record (older kdmtl) join the first part."""
+    from kdmtl_cli.provenance import identity
+
+    parts: Dict[tuple, List[Run]] = {}
+    for run in group.runs:
+        key = identity(run.provenance) if run.provenance else None
+        if key is None and parts:
+            key = next(iter(parts))
+        parts.setdefault(key, []).append(run)
+    if len(parts) == 1:
+        return [group]
+    code_differs = len({k[0] for k in parts if k}) > 1
+    data_differs = len({k[1] for k in parts if k}) > 1
+    out = []
+    for key, runs in parts.items():
+        what = []
+        if key and code_differs:
+            commit, patch = key[0]
+            what.append(f"code {(commit or 'unknown')[:7]}" + (f"+{patch[:6]}" if patch else ""))
+        if key and data_differs:
+            what.append(f"data {key[1]}")
+        apart = ", ".join(what)
+        out.append(Group(f"{group.label} [{apart}]", runs, f"{group.short_label or group.label} [{apart}]", apart))
+    return out
+
+
+def provenance_notes(groups: List[Group]) -> List[str]:
+    """What the report says when runs of the same settings came from other code or data."""
+    apart = [g for g in groups if g.apart]
+    if not apart:
+        return []
+    return ["runs of the same settings but other code or data are not pooled (results.json `provenance`):",
+            *(f"  {g.label}: {', '.join(str(r.path) for r in g.runs)}" for g in apart)]
 
 
 def _strings(value) -> List[str]:
