@@ -45,7 +45,7 @@ MARKER = "# kdmtl shell completion"   # an installed file carrying it is ours to
 # The value of a key=... argument: a fixed choice, or a path on disk.
 DIRS, PATHS = "<directory>", "<path>"
 Values = str | tuple[str, ...]
-REPORT_ARGS: dict[str, Values] = {"group_by": (), "out": PATHS, "plot": ("true", "false")}
+REPORT_ARGS: dict[str, Values] = {"group_by": (), "reference": (), "out": PATHS, "plot": ("true", "false")}
 # export.py imports torch, so its OPTIONS / FORMATS are mirrored here (tests/test_completion.py
 # checks they agree).
 EXPORT_ARGS: dict[str, Values] = {"run_dir": DIRS, "format": ("torchscript", "onnx"),

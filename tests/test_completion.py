@@ -141,7 +141,7 @@ def test_bash_report_directories_and_options(bash_script, kdmtl_bin, tmp_path):
     (tmp_path / "multirun").mkdir()
     (tmp_path / "notes.txt").write_text("")
     listed = words_of(bash_complete("kdmtl report ", bash_script, kdmtl_bin, cwd=tmp_path))
-    assert listed == {"multirun/", "group_by=", "out=", "plot="}, listed    # directories, not files
+    assert listed == {"multirun/", "group_by=", "reference=", "out=", "plot="}, listed    # directories, not files
     assert bash_complete("kdmtl report mul", bash_script, kdmtl_bin, cwd=tmp_path) == ["multirun/"]
     assert set(bash_complete("kdmtl report multirun plot=", bash_script, kdmtl_bin, cwd=tmp_path)) == \
         {"plot=true ", "plot=false "}

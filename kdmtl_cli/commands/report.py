@@ -12,18 +12,22 @@ from typing import List
 
 from kdmtl_cli.errors import KdmtlError
 
-HELP = """usage: kdmtl report DIR [DIR ...] [group_by=[KEY,...]] [out=FILE.md] [plot=true|false]
+HELP = """usage: kdmtl report DIR [DIR ...] [group_by=[KEY,...]] [reference=GROUP] [out=FILE.md] [plot=true|false]
 
 One table over finished kdmtl train runs: mean ± std over seeds of each task metric (test at
 the checkpoint chosen on validation, validation at that epoch and at the last), Δm when the
 runs had a baseline, the published number when the experiment stores one; unfinished runs are
-listed. Prints the table and writes it as Markdown and CSV.
+listed. Prints the table and writes it as Markdown and CSV; the files add each test mean's 95%
+intervals (bootstrap over seeds; t) and each group against the reference group (Welch's and the
+paired t-test, Holm-adjusted p, better / worse / no evidence, the seeds needed for 80% power).
 
 arguments:
   DIR                 a run directory, a multirun directory, or any folder holding runs
                       (searched recursively); several may be given
   group_by=[KEY,...]  config keys that make a group (default: the settings that differ between
                       runs, seeds aside); loss means the distillation methods
+  reference=GROUP     the group the others are compared with, by its label in report.csv
+                      (default: the first group)
   out=FILE.md         where the Markdown goes, with FILE.csv beside it
                       (default: DIR/report.md and DIR/report.csv of the first DIR)
   plot=true|false     also PNG plots beside out (trade-off and learning curves; needs
@@ -35,7 +39,7 @@ examples:
   kdmtl report multirun/DATE/TIME group_by=[loss,weighting] out=results.md
   kdmtl report outputs/DATE/TIME-A outputs/DATE/TIME-B plot=true"""
 
-OPTIONS = ("group_by", "out", "plot")
+OPTIONS = ("group_by", "reference", "out", "plot")
 
 
 def parse(args: List[str]):
@@ -56,7 +60,7 @@ def parse(args: List[str]):
     plot = options.get("plot", "false").lower()
     if plot not in ("true", "false"):
         raise KdmtlError(f"plot must be true or false (got '{options['plot']}')")
-    return dirs, group_by, out, plot == "true"
+    return dirs, group_by, out, plot == "true", options.get("reference")
 
 
 def report_main(args: List[str]) -> int:
@@ -65,13 +69,17 @@ def report_main(args: List[str]) -> int:
     from kdmtl_cli.report import table
     from kdmtl_cli.report.runs import find_runs, group_runs, provenance_notes
 
-    dirs, group_by, out, plot = parse(args)
+    from kdmtl_cli.report.stats import add_evidence
+
+    dirs, group_by, out, plot, reference = parse(args)
     runs, unfinished = find_runs(dirs)
     groups = group_runs(runs, group_by) if runs else []
     heading = table.title(len(runs), len(groups))
     console = Console(highlight=False)     # its width: the terminal's (or COLUMNS)
     table.print_rich(groups, unfinished, heading, console)    # the files below keep every column
-    markdown_path, csv_path = table.write_files(table.rows(groups), unfinished, heading, out)
+    rows = table.rows(groups)
+    add_evidence(rows, reference)
+    markdown_path, csv_path = table.write_files(rows, unfinished, heading, out)
     for line in provenance_notes(groups):
         console.print(line, markup=False)
     console.print(f"written: {markdown_path}, {csv_path}", markup=False)

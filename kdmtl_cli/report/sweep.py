@@ -186,7 +186,11 @@ def summarize(sweep_dir: Path, quiet: bool = False, console=None) -> None:
     except KdmtlError:          # no job left a directory (all refused before Hydra made one)
         return
     groups = group_runs(runs) if runs else []
-    report, _ = table.write_files(table.rows(groups), unfinished, table.title(len(runs), len(groups)),
+    from kdmtl_cli.report.stats import add_evidence
+
+    rows = table.rows(groups)
+    add_evidence(rows)          # the same file as `kdmtl report` writes
+    report, _ = table.write_files(rows, unfinished, table.title(len(runs), len(groups)),
                                   sweep_dir / "report.md")
     if quiet:
         return

@@ -22,7 +22,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from kdmtl_cli.report.runs import Group, mean_std
 
 COLUMNS = ["group", "seeds", "n", "metric", "test mean", "test std", "val best mean", "val best std",
-           "val last mean", "val last std", "published", "Δ vs published", "source"]
+           "val last mean", "val last std", "published", "Δ vs published", "source",
+           # report/stats.py: the test mean's 95% intervals, and the comparison with the reference group
+           "CI95 low", "CI95 high", "CI method", "t CI95 low", "t CI95 high", "reference", "Δ vs reference",
+           "Welch p", "paired p", "Holm p", "evidence", "seeds needed"]
 
 
 def higher_is_better(metric: str, config: dict) -> bool:
@@ -88,6 +91,7 @@ def rows(groups: List[Group]) -> List[dict]:
                 "published": pub["value"] if pub else None,
                 "Δ vs published": (compared - pub["value"]) if pub and not math.isnan(compared) else None,
                 "source": f"{pub.get('source', '')} ({_epoch_text(pub)})" if pub else "",
+                "_values": {int(r.config.get("seed", 0)): r.results[metric] for r in group.runs if metric in r.results},
             })
     return out
 
@@ -103,15 +107,35 @@ def cells(row: dict) -> List[str]:
     return [row["group"], row["seeds"], str(row["n"]), row["metric"], _pm(row["test mean"], row["test std"]),
             _pm(row["val best mean"], row["val best std"]), _pm(row["val last mean"], row["val last std"]),
             "–" if pub is None else f"{pub:.4f}",
-            "–" if row["Δ vs published"] is None else f"{row['Δ vs published']:+.4f}"]
+            "–" if row["Δ vs published"] is None else f"{row['Δ vs published']:+.4f}",
+            _intervals(row), _versus(row)]
+
+
+def _intervals(row: dict) -> str:
+    if row.get("CI95 low") is None:
+        return "–"
+    text = f"[{row['CI95 low']:.4f}, {row['CI95 high']:.4f}] {row['CI method']}"
+    if row.get("t CI95 low") is not None:
+        text += f"; t [{row['t CI95 low']:.4f}, {row['t CI95 high']:.4f}]"
+    return text
+
+
+def _versus(row: dict) -> str:
+    if row.get("Δ vs reference") is None:
+        return "–" if row.get("reference") is None else "(reference)"
+    p = row.get("Holm p")
+    parts = [f"{row['Δ vs reference']:+.4f}", "p –" if p is None else f"p {p:.3g}", row["evidence"]]
+    if row.get("seeds needed") is not None:
+        parts.append(f"{row['seeds needed']} seeds")
+    return ", ".join(parts)
 
 
 HEADER = ["group", "seeds", "n", "metric", "test (best ckpt)", "val, best epoch", "val, last epoch",
-          "published", "Δ vs published"]
+          "published", "Δ vs published", "test 95% CI (bootstrap; t)", "vs reference: Δ, Holm p, evidence, seeds needed"]
 
 
 def markdown(table: List[dict], unfinished) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * 3 + "---|" + "---:|" * 5]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * 3 + "---|" + "---:|" * 7]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in table]
     if unfinished:
         lines += ["", f"Unfinished runs ({len(unfinished)}), not in the table:", ""]
@@ -121,7 +145,7 @@ def markdown(table: List[dict], unfinished) -> str:
 
 def to_csv(table: List[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for row in table:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
