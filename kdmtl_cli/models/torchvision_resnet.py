@@ -204,7 +204,24 @@ def _stem_at_stride_1(parent: nn.Sequential) -> int:
 
 
 class _SteppedTrunk(nn.Module):
-    """Runs `_steps()` in order and returns the outputs of the steps in `_keep`."""
+    """A torchvision model's feature steps, run in order; returns the outputs of the steps in `_keep`.
+    A subclass takes its parts from the model (`_adopt`, returning the part whose first conv is the
+    stem's) and lists its steps (`_steps`)."""
+
+    def __init__(self, arch: str, weights: str | None, small_input: bool):
+        super().__init__()
+        net = _torchvision_model(arch)
+        if weights:
+            load_torchvision_weights(net, weights, arch)
+        stem = self._adopt(net)
+        self._select_maps()
+        if small_input:
+            stride = _stem_at_stride_1(stem)
+            self.reductions = [r // stride for r in self.reductions]
+        self.input_norm = imagenet_norm() if weights else None
+
+    def _adopt(self, net: nn.Module) -> nn.Sequential:
+        raise NotImplementedError
 
     def _steps(self) -> Iterable[nn.Module]:
         raise NotImplementedError
@@ -242,17 +259,9 @@ class _SteppedTrunk(nn.Module):
 class FeaturesTrunk(_SteppedTrunk):
     """MobileNet / EfficientNet / ConvNeXt: torchvision's `features` Sequential as `self.features`."""
 
-    def __init__(self, arch: str, weights: str | None, small_input: bool):
-        super().__init__()
-        net = _torchvision_model(arch)
-        if weights:
-            load_torchvision_weights(net, weights, arch)
+    def _adopt(self, net):
         self.features = net.features
-        self._select_maps()
-        if small_input:
-            stride = _stem_at_stride_1(self.features[0])
-            self.reductions = [r // stride for r in self.reductions]
-        self.input_norm = imagenet_norm() if weights else None
+        return self.features[0]
 
     def _steps(self):
         return self.features
@@ -261,18 +270,9 @@ class FeaturesTrunk(_SteppedTrunk):
 class RegNetTrunk(_SteppedTrunk):
     """RegNet: torchvision's `stem` and `trunk_output` (block1..block4)."""
 
-    def __init__(self, arch: str, weights: str | None, small_input: bool):
-        super().__init__()
-        net = _torchvision_model(arch)
-        if weights:
-            load_torchvision_weights(net, weights, arch)
-        self.stem = net.stem
-        self.trunk_output = net.trunk_output
-        self._select_maps()
-        if small_input:
-            stride = _stem_at_stride_1(self.stem)
-            self.reductions = [r // stride for r in self.reductions]
-        self.input_norm = imagenet_norm() if weights else None
+    def _adopt(self, net):
+        self.stem, self.trunk_output = net.stem, net.trunk_output
+        return self.stem
 
     def _steps(self):
         return [self.stem, *self.trunk_output]
