@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 
 from rich.table import Table
 
-from kdmtl_cli.engine.logging import console, rendered, to_log_file
+from kdmtl_cli.engine.logging import show_table
 
 
 def _fmt(value: Optional[float], kind: str = "metric") -> str:
@@ -54,10 +54,7 @@ def print_table(title: str, rows: List[List[str]], progress_mode: str = "plain")
     table.add_column("student", justify="right")
     for row in rows:
         table.add_row(*row)
-    if progress_mode != "none":
-        console.print(title, style="bold", markup=False)
-        console.print(table)
-    to_log_file(f"{title}\n{rendered(table)}")
+    show_table(title, table, progress_mode)
 
 
 def markdown(title: str, rows: List[List[str]], header_lines: List[str]) -> str:

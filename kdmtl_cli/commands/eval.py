@@ -54,7 +54,7 @@ def _eval(raw: DictConfig) -> float:
     from kdmtl_cli.data import build_data
     from kdmtl_cli.engine.checkpoint import atomic_write_text, load_checkpoint
     from kdmtl_cli.engine.hardware import setup_hardware
-    from kdmtl_cli.engine.logging import console, rendered, to_log_file
+    from kdmtl_cli.engine.logging import show_table
     from kdmtl_cli.engine.trainer import evaluate
     from kdmtl_cli.models import build_model
     from kdmtl_cli.tasks import build_tasks
@@ -94,10 +94,7 @@ def _eval(raw: DictConfig) -> float:
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}")
-    if cfg.log.progress != "none":
-        console.print(title, style="bold", markup=False)
-        console.print(table)
-    to_log_file(f"{title}\n{rendered(table)}")     # eval.log holds it too
+    show_table(title, table, cfg.log.progress)     # eval.log holds it too
     return metrics.get(f"{cfg.split}/loss/task", 0.0)
 
 

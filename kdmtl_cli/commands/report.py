@@ -69,17 +69,13 @@ def report_main(args: List[str]) -> int:
     from kdmtl_cli.report import table
     from kdmtl_cli.report.runs import find_runs, group_runs, provenance_notes
 
-    from kdmtl_cli.report.stats import add_evidence
-
     dirs, group_by, out, plot, reference = parse(args)
     runs, unfinished = find_runs(dirs)
     groups = group_runs(runs, group_by) if runs else []
     heading = table.title(len(runs), len(groups))
     console = Console(highlight=False)     # its width: the terminal's (or COLUMNS)
     table.print_rich(groups, unfinished, heading, console)    # the files below keep every column
-    rows = table.rows(groups)
-    add_evidence(rows, reference)
-    markdown_path, csv_path = table.write_files(rows, unfinished, heading, out)
+    markdown_path, csv_path = table.write_report(groups, unfinished, heading, out, reference)
     for line in provenance_notes(groups):
         console.print(line, markup=False)
     console.print(f"written: {markdown_path}, {csv_path}", markup=False)

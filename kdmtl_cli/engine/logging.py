@@ -142,11 +142,16 @@ def to_log_file(text: str, level: int = logging.INFO) -> None:
     log.log(level, text, extra={"terminal": False})
 
 
-def rendered(renderable, width: int = 100) -> str:
-    """A rich renderable (a table) as plain text, for the log file."""
+def show_table(title: str, table, progress_mode: str) -> None:
+    """A titled rich table on the terminal (unless log.progress=none) and, as plain text 100
+    columns wide, in the run's log."""
+    if progress_mode != "none":
+        console.print(title, style="bold", markup=False)
+        console.print(table)
     buffer = io.StringIO()
-    Console(file=buffer, width=width, color_system=None, highlight=False).print(renderable)
-    return buffer.getvalue().rstrip("\n")
+    Console(file=buffer, width=100, color_system=None, highlight=False).print(table)
+    text = buffer.getvalue().rstrip("\n")
+    to_log_file(f"{title}\n{text}")
 
 
 @contextlib.contextmanager
@@ -214,7 +219,6 @@ class Progress:
         if self._bar is not None:
             self._lines.__exit__(*exc)
             self._bar.stop()
-        self._clock.finish()
 
     def start_epoch(self, epoch: int, batches: int, completed_epochs: int) -> None:
         self._clock.start_epoch(batches, completed_epochs)

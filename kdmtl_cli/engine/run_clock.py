@@ -59,10 +59,6 @@ class Phase:
         self.completed_epochs += 1
         self.done_in_epoch = 0
 
-    def finish(self) -> None:
-        self.measured_steps = 0
-        self._started = None
-
     def seconds_per_step(self) -> Optional[float]:
         if self._started is None or self.measured_steps == 0:
             return None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.report.runs import Group, mean_std
+from kdmtl_cli.report.table import kind_directions
 from kdmtl_cli.runfiles import read_jsonl
 
 METRICS_FIX = "delete or repair it (that run then has no curves), or report without plot=true"
@@ -82,16 +83,6 @@ def _metric_name(metric: str) -> str:
     return METRIC_NAMES.get(metric, metric.replace("_", " "))
 
 
-def _kind_directions(kind: str) -> dict[str, bool] | None:
-    """The kind's {metric: higher is better}, in its reported order; None for a kind this
-    process does not know (a user's plug-in, which `kdmtl report` does not load)."""
-    from kdmtl_cli.plugins import load_builtin
-    from kdmtl_cli.tasks import TASK_KINDS
-
-    load_builtin()
-    return dict(TASK_KINDS.get(kind).higher_is_better) if kind in TASK_KINDS else None
-
-
 def _group_colours(groups: list[Group]) -> dict[str, str]:
     return {g.label: f"C{i % 10}" for i, g in enumerate(groups)}
 
@@ -145,7 +136,7 @@ def task_panels(groups: list[Group], logs: EpochLogs) -> list[TaskPanel]:
     panels = []
     for name, node in tasks.items():
         kind = str(node.get("kind", ""))
-        directions = _kind_directions(kind)
+        directions = kind_directions(kind)
         if directions:
             metric = next(iter(directions))
             higher = directions[metric]
@@ -330,7 +321,7 @@ def _direction(metric: str, groups: list[Group]) -> bool | None:
     for group in groups:
         node = (group.runs[0].config.get("tasks") or {}).get(task)
         if node:
-            return (_kind_directions(str(node.get("kind", ""))) or {}).get(name)
+            return (kind_directions(str(node.get("kind", ""))) or {}).get(name)
     return None
 
 

@@ -144,17 +144,12 @@ def _swept_keys(sweep_dir: Path) -> set[str] | None:
 
 def headline_metrics(tasks: Mapping) -> list[tuple[str, str]]:
     """(`test/<task>/<metric>`, `<task>/<metric> ↑`) of each main task: the first metric its kind reports."""
-    from kdmtl_cli.errors import KdmtlError
-    from kdmtl_cli.tasks import TASK_KINDS, _load_kinds
+    from kdmtl_cli.report.table import kind_directions
 
-    _load_kinds()
     out = []
     for name, task in tasks.items():
-        if task.get("auxiliary"):
-            continue
-        try:
-            directions = TASK_KINDS.get(task["kind"]).higher_is_better
-        except KdmtlError:         # a plug-in kind this process has not loaded
+        directions = None if task.get("auxiliary") else kind_directions(task["kind"])
+        if not directions:         # auxiliary, or a plug-in kind this process has not loaded
             continue
         metric, higher = next(iter(directions.items()))
         out.append((f"test/{name}/{metric}", f"{name}/{metric} {'↑' if higher else '↓'}"))
@@ -186,11 +181,7 @@ def summarize(sweep_dir: Path, quiet: bool = False, console=None) -> None:
     except KdmtlError:          # no job left a directory (all refused before Hydra made one)
         return
     groups = group_runs(runs) if runs else []
-    from kdmtl_cli.report.stats import add_evidence
-
-    rows = table.rows(groups)
-    add_evidence(rows)          # the same file as `kdmtl report` writes
-    report, _ = table.write_files(rows, unfinished, table.title(len(runs), len(groups)),
+    report, _ = table.write_report(groups, unfinished, table.title(len(runs), len(groups)),
                                   sweep_dir / "report.md")
     if quiet:
         return

@@ -28,6 +28,16 @@ COLUMNS = ["group", "seeds", "n", "metric", "test mean", "test std", "val best m
            "Welch p", "paired p", "Holm p", "evidence", "seeds needed"]
 
 
+def kind_directions(kind: str) -> Optional[Dict[str, bool]]:
+    """A task kind's {metric: higher is better}, in its reported order (the first is its headline
+    metric); None for a kind this process does not know (a user's plug-in, which `kdmtl report`
+    does not load)."""
+    from kdmtl_cli.tasks import TASK_KINDS, _load_kinds
+
+    _load_kinds()
+    return dict(TASK_KINDS.get(kind).higher_is_better) if kind in TASK_KINDS else None
+
+
 def higher_is_better(metric: str, config: dict) -> bool:
     """Direction of `[teacher/]split/task/metric` from the task's kind (a run's config); Δm is
     higher-is-better, losses are not."""
@@ -156,10 +166,16 @@ def title(n_runs: int, n_groups: int) -> str:
     return f"kdmtl report: {n_runs} finished run(s) in {n_groups} group(s)"
 
 
-def write_files(table: List[dict], unfinished, heading: str, out: Path) -> Tuple[Path, Path]:
-    """report.md (every column, the unfinished runs) and report.csv beside it; returns both paths."""
+def write_report(groups: List[Group], unfinished, heading: str, out: Path,
+                 reference: Optional[str] = None) -> Tuple[Path, Path]:
+    """report.md (every column, the unfinished runs) and report.csv beside it, for `groups` (`kdmtl
+    report` and a sweep's end write the same): the rows with their intervals and the comparisons
+    with the `reference` group (report/stats.py). Returns both paths."""
     from kdmtl_cli.engine.checkpoint import atomic_write_text
+    from kdmtl_cli.report.stats import add_evidence
 
+    table = rows(groups)
+    add_evidence(table, reference)
     atomic_write_text(f"# {heading}\n\n" + markdown(table, unfinished), out)
     atomic_write_text(to_csv(table), out.with_suffix(".csv"))
     return out, out.with_suffix(".csv")
