@@ -236,9 +236,10 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
             raise KdmtlError(f"weighting={cfg.weighting.name} is not supported with several processes yet "
                              f"(its per-task gradients are per rank); use {', '.join(loss_based)}")
     data = _main_first(ranks, lambda: build_data(cfg.data))   # generated data sets are cached once
-    origin, code_diff = provenance.collect(OmegaConf.to_container(cfg, resolve=True), hardware.device,
-                                           data.fingerprint)
+    origin = {}       # rank 0 writes the run's files: only it asks git and torch where the run comes from
     if ranks.is_main:
+        origin, code_diff = provenance.collect(OmegaConf.to_container(cfg, resolve=True), hardware.device,
+                                               data.fingerprint)
         provenance.write_patch(run_dir, code_diff)
     preemption.check("while the data was prepared")
     tasks = build_tasks(cfg.tasks, data.targets)

@@ -120,7 +120,10 @@ def _sweep_dir_of(job_dir: Path) -> Path | None:
 def swept_overrides(overrides: Sequence[str], sweep_dir: Path | None) -> list[str]:
     """The overrides of a job whose key the sweep varies (`loss=kd`, `seed=1`), not those every job
     shares (`debug=fast`); all of them when the sweep's record cannot be read."""
-    keys = _swept_keys(sweep_dir) if sweep_dir is not None else None
+    return _only_swept(overrides, _swept_keys(sweep_dir) if sweep_dir is not None else None)
+
+
+def _only_swept(overrides: Sequence[str], keys: set[str] | None) -> list[str]:
     if keys is None:
         return list(overrides)
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
@@ -186,16 +189,17 @@ def summarize(sweep_dir: Path, quiet: bool = False, console=None) -> None:
     if quiet:
         return
     console = console or Console(highlight=False)
+    swept = _swept_keys(sweep_dir)
     heading = f"kdmtl sweep: {len(runs)} of {len(runs) + len(unfinished)} job(s) finished, in {_shown(sweep_dir)}"
     if groups:
-        for view in table.fitted_tables(heading, summary_columns(groups, _swept_keys(sweep_dir)), console.width):
+        for view in table.fitted_tables(heading, summary_columns(groups, swept), console.width):
             console.print(view)
         over_seeds = ", mean ± std over seeds (n runs)" if any(len(g.runs) > 1 for g in groups) else ""
         console.print(f"test metrics at the checkpoint selected on validation{over_seeds}", markup=False)
     else:
         console.print(heading, markup=False)
     console.print(f"full report: {_shown(report)} (and report.csv)", markup=False)
-    for line in unfinished_lines(sweep_dir, unfinished):
+    for line in unfinished_lines(sweep_dir, unfinished, swept):
         console.print(line, markup=False)
 
 
@@ -242,16 +246,15 @@ def row_labels(groups, swept: set[str] | None) -> list[str]:
     return labels if all(labels) and len(set(labels)) == len(labels) else [g.short_label for g in groups]
 
 
-def unfinished_lines(sweep_dir: Path, unfinished: Sequence[tuple[Path, str]]) -> list[str]:
+def unfinished_lines(sweep_dir: Path, unfinished: Sequence[tuple[Path, str]],
+                     keys: set[str] | None) -> list[str]:
     """`failed: job 1 test.average_last_epochs=5: error: ...` for a job that logged an error during
     this sweep; `not finished: job 3 ...: <why>` for one that did not (stopped, never started)."""
     since = _started(sweep_dir)
-    keys = _swept_keys(sweep_dir)
     lines = []
     for job_dir, why in unfinished:
         name = os.path.relpath(job_dir, sweep_dir)
-        overrides = _job_overrides(job_dir)
-        swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys] if keys is not None else overrides
+        swept = _only_swept(_job_overrides(job_dir), keys)
         error = last_error(job_dir / "train.log", since)
         what = f"job {name}" + (f" {' '.join(swept)}" if swept else "")
         lines.append(f"failed: {what}: {error}" if error else f"not finished: {what}: {why}")
