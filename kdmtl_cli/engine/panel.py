@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdmtl_cli.tasks import LegendItem
+
 MIN_TILE = 192          # px: a tile's shorter side after upscaling (32 px images -> x6)
 GAP = 4                 # px of background between tiles and around them
 PAD = 6                 # px above and below a line of text
@@ -80,34 +82,12 @@ class Layout:
         return self.header + GAP + row * (self.tile_h + GAP), GAP + column * (self.tile_w + GAP)
 
 
-# ---- legends: (swatch RGB 0..255 or a ramp, text) entries, laid out left to right -------------
-
-@dataclass
-class LegendItem:
-    text: str
-    colour: tuple[int, int, int] | None = None      # a swatch
-    ramp: tuple[tuple[float, float, float], ...] | None = None   # a colour bar (stops in [0, 1])
-
+# ---- legends: each task kind's `legend` entries (tasks/__init__.py LegendItem), laid out left to right ---
 
 def legend_items(task) -> list[LegendItem]:
-    """What the task's colours mean: classes for segmentation, the ramp for depth, the axes
-    for normals; nothing for other kinds (their `show` explains itself or they have no legend)."""
-    from kdmtl_cli.tasks.depth import DEPTH_RAMP, Depth
-    from kdmtl_cli.tasks.normals import Normals
-    from kdmtl_cli.tasks.segmentation import IGNORE_INDEX, PALETTE, Segmentation
-
-    kind = task.kind
-    if isinstance(kind, Segmentation):
-        names = list(task.spec.class_names or [])
-        items = [LegendItem(f"{c} {names[c]}" if c < len(names) else str(c), colour=PALETTE[c % len(PALETTE)])
-                 for c in range(int(task.spec.num_classes or 0))]
-        return [LegendItem("classes:"), *items, LegendItem(f"ignored ({IGNORE_INDEX})", colour=(0, 0, 0))]
-    if isinstance(kind, Depth):
-        return [LegendItem("depth: near"), LegendItem("far", ramp=DEPTH_RAMP),
-                LegendItem("(each column scaled to its own min..max; black: no depth)")]
-    if isinstance(kind, Normals):
-        return [LegendItem("normals: RGB = (unit normal + 1) / 2, x -> R, y -> G, z -> B; black: invalid")]
-    return []
+    """What the task's colours mean (its kind says: classes for segmentation, the ramp for depth,
+    the axes for normals; nothing for kinds whose `show` explains itself)."""
+    return task.kind.legend(task.spec)
 
 
 def _item_width(font, item: LegendItem) -> int:

@@ -73,6 +73,16 @@ def _batch_mean_class():
     return BatchMean
 
 
+@dataclass(frozen=True)
+class LegendItem:
+    """One entry of a picture's legend (TaskKind.legend): text, after a colour swatch (RGB 0..255)
+    or a colour bar (RGB stops in [0, 1]) when one is given."""
+
+    text: str
+    colour: tuple[int, int, int] | None = None
+    ramp: tuple[tuple[float, float, float], ...] | None = None
+
+
 class TaskKind:
     """Base of every task kind; subclasses register themselves in TASK_KINDS."""
 
@@ -127,6 +137,10 @@ class TaskKind:
         """A float RGB batch [N,3,H,W] in [0, 1] picturing a prediction or a target (dense
         kinds), or None for image-level kinds, which `describe` instead."""
         return None
+
+    def legend(self, spec: TargetSpec) -> list[LegendItem]:
+        """What the colours of `show` mean, for the TensorBoard panel (engine/panel.py); none by default."""
+        return []
 
     def describe(self, output: Tensor, spec: TargetSpec) -> list[str]:
         """One line per sample. Default: the sample's values (image-level kinds) or its size."""

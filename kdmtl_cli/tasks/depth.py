@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from kdmtl_cli.tasks import TASK_KINDS, TaskKind, batch_mean
+from kdmtl_cli.tasks import TASK_KINDS, LegendItem, TaskKind, batch_mean
 
 # Colour ramp from near (0) to far (1), RGB in [0, 1], evenly spaced stops, linear in between.
 DEPTH_RAMP = ((1.0, 1.0, 0.6), (1.0, 0.65, 0.1), (0.85, 0.2, 0.3), (0.45, 0.1, 0.55), (0.1, 0.05, 0.35))
@@ -75,6 +75,10 @@ class Depth(TaskKind):
         # float32 at least (half-precision outputs are upcast; float64 stays float64)
         output = output if output.dtype == torch.float64 else output.float()
         return output.squeeze(1)[valid], target[valid]
+
+    def legend(self, spec):
+        return [LegendItem("depth: near"), LegendItem("far", ramp=DEPTH_RAMP),
+                LegendItem("(each column scaled to its own min..max; black: no depth)")]
 
     def show(self, output, spec):
         """A prediction [N,1,H,W] or a target [N,H,W] as colours; near is bright."""

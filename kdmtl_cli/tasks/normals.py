@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdmtl_cli.tasks import TASK_KINDS, TaskKind, batch_mean
+from kdmtl_cli.tasks import TASK_KINDS, LegendItem, TaskKind, batch_mean
 
 _EPS = 1e-12
 
@@ -176,6 +176,9 @@ class Normals(TaskKind):
 
     def distill(self, student_out, teacher_out, temperature, dense_norm):
         return mean_one_minus_cos(student_out, teacher_out, valid_pixels(teacher_out))
+
+    def legend(self, spec):
+        return [LegendItem("normals: RGB = (unit normal + 1) / 2, x -> R, y -> G, z -> B; black: invalid")]
 
     def show(self, output, spec):
         vectors = output.detach().float()

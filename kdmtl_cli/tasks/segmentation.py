@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdmtl_cli.distill.logit import kl_with_temperature
-from kdmtl_cli.tasks import TASK_KINDS, TaskKind
+from kdmtl_cli.tasks import TASK_KINDS, LegendItem, TaskKind
 
 IGNORE_INDEX = 255  # pixels with this label count in neither loss nor metrics
 
@@ -67,6 +67,12 @@ class Segmentation(TaskKind):
 
     def distill(self, student_out, teacher_out, temperature, dense_norm):
         return kl_with_temperature(student_out, teacher_out, temperature)
+
+    def legend(self, spec):
+        names = list(spec.class_names or [])
+        items = [LegendItem(f"{c} {names[c]}" if c < len(names) else str(c), colour=PALETTE[c % len(PALETTE)])
+                 for c in range(int(spec.num_classes or 0))]
+        return [LegendItem("classes:"), *items, LegendItem(f"ignored ({IGNORE_INDEX})", colour=(0, 0, 0))]
 
     def show(self, output, spec):
         """Logits [N,C,H,W] (coloured by their argmax) or a label map [N,H,W]."""
