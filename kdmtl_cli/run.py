@@ -236,11 +236,10 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
             raise KdmtlError(f"weighting={cfg.weighting.name} is not supported with several processes yet "
                              f"(its per-task gradients are per rank); use {', '.join(loss_based)}")
     data = _main_first(ranks, lambda: build_data(cfg.data))   # generated data sets are cached once
-    origin = {}       # rank 0 writes the run's files: only it asks git and torch where the run comes from
-    if ranks.is_main:
+    origin, code_diff = {}, ""   # rank 0 writes the run's files: only it asks git and torch where the run comes from
+    if ranks.is_main:            # the code as it starts; its diff is written with the results
         origin, code_diff = provenance.collect(OmegaConf.to_container(cfg, resolve=True), hardware.device,
                                                data.fingerprint)
-        provenance.write_patch(run_dir, code_diff)
     preemption.check("while the data was prepared")
     tasks = build_tasks(cfg.tasks, data.targets)
     teacher_tasks = teacher_task_names(cfg, tasks)
@@ -375,6 +374,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
             f"{k.split('/', 1)[1]} {v:.4f}" for k, v in mean_tests.items() if k.split("/")[1] not in ("task", "loss")))
     atomic_write_text(markdown(title, rows, header) + "\n## Provenance\n\n" + provenance.markdown(origin),
                       run_dir / "summary.md")
+    provenance.write_patch(run_dir, code_diff)   # beside results.json; a refused run leaves none
     # Machine-readable for sweep aggregation: what this job changed, and its best / last / final metrics.
     # Written last: results.json marks a finished run (engine/run_dir.state), so every other file exists.
     atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
