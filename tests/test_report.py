@@ -84,6 +84,12 @@ def test_report_bad_inputs_are_one_line_errors(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kdmtl_cli", "report", str(tmp_path), "colour=red"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert_one_line_error(bad, "unknown report option 'colour'")
+    _run(tmp_path / "runs", "a", "kd", 0, 0.5, 0.5, 0.5)
+    _run(tmp_path / "runs", "b", "none", 0, 0.4, 0.4, 0.4)
+    wrong = subprocess.run([sys.executable, "-m", "kdmtl_cli", "report", str(tmp_path / "runs"), "reference=nope"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert_one_line_error(wrong, "reference=nope is not a group")
+    assert wrong.stdout == "" and not (tmp_path / "runs" / "report.md").exists()   # refused before any output
 
 
 def test_report_plots_are_png_files(tmp_path):

@@ -68,10 +68,12 @@ def report_main(args: List[str]) -> int:
 
     from kdmtl_cli.report import table
     from kdmtl_cli.report.runs import find_runs, group_runs, provenance_notes
+    from kdmtl_cli.report.stats import check_reference
 
     dirs, group_by, out, plot, reference = parse(args)
     runs, unfinished = find_runs(dirs)
     groups = group_runs(runs, group_by) if runs else []
+    check_reference(reference, [g.label for g in groups])
     heading = table.title(len(runs), len(groups))
     console = Console(highlight=False)     # its width: the terminal's (or COLUMNS)
     table.print_rich(groups, unfinished, heading, console)    # the files below keep every column

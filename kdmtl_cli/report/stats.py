@@ -149,16 +149,20 @@ def judge(comparisons: List[Comparison], higher_is_better: bool, alpha: float = 
             c.verdict = "better" if (c.difference > 0) == higher_is_better else "worse"
 
 
+def check_reference(reference: Optional[str], labels: Sequence[str]) -> None:
+    """`reference=` names one of the report's groups (checked before anything is printed or written)."""
+    if reference is not None and reference not in labels:
+        from kdmtl_cli.errors import KdmtlError
+
+        raise KdmtlError(f"reference={reference} is not a group of this report; choose one of: {'; '.join(labels)}")
+
+
 def add_evidence(table: List[dict], reference: Optional[str] = None) -> Optional[str]:
     """The report's rows (report/table.rows, each with its `_values` {seed: value}) get their test
     mean's intervals and, per student metric, the comparison of each group with the reference
-    group (`reference`: a group's label, default the first group), Holm-adjusted over the groups
-    compared on that metric. Returns the reference group's label."""
+    group (`reference`: a group's label, checked by check_reference; default the first group),
+    Holm-adjusted over the groups compared on that metric. Returns the reference group's label."""
     groups = list(dict.fromkeys(row["group"] for row in table))
-    if reference is not None and reference not in groups:
-        from kdmtl_cli.errors import KdmtlError
-
-        raise KdmtlError(f"reference={reference} is not a group of this report; choose one of: {'; '.join(groups)}")
     reference = reference or (groups[0] if groups else None)
     for row in table:
         values = list(row["_values"].values())
