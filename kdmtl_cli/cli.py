@@ -106,7 +106,12 @@ def _format_error(err: BaseException, schema: type) -> str:
         return f"bad value for config key '{cause.full_key}': {str(cause).splitlines()[0]}"
     if isinstance(err, MissingConfigException) or "Could not find" in text:
         text = text.split("Config search path:")[0]
-        text += "\n(choose one of the available options, or add a config with --config-dir)"
+        plugin = re.search(r"'hydra/(sweeper|launcher)/(\w+)'", text)
+        extra = {"optuna": "optuna", "joblib": "joblib", "submitit_local": "slurm", "submitit_slurm": "slurm"}
+        if plugin and plugin.group(2) in extra:      # a Hydra plug-in kdmtl supports, not installed
+            text += f"\n(it is an optional extra: pip install 'kdmtl[{extra[plugin.group(2)]}]')"
+        else:
+            text += "\n(choose one of the available options, or add a config with --config-dir)"
         return one_line(text)
     if isinstance(err, KdmtlError):
         return one_line(text)

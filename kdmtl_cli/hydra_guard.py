@@ -58,6 +58,7 @@ ALLOWED_TARGETS = frozenset({
 # kdmtl's own Hydra callbacks, by their exact `_target_`: a config may name these without the opt-in.
 KDMTL_CALLBACKS = frozenset({
     "kdmtl_cli.report.sweep.SweepSummary",     # the end of `kdmtl train -m` (conf/train.yaml)
+    "kdmtl_cli.search.SearchObjectives",       # an Optuna search's objectives (conf/train.yaml)
 })
 _LOGGING_KEYS = ("job_logging", "hydra_logging")
 _EXT_STREAMS = ("ext://sys.stdout", "ext://sys.stderr")

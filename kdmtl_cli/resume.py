@@ -71,9 +71,15 @@ def _check_sweep_continues(sweep: Path, args: List[str], say) -> None:
     from kdmtl_cli.engine import run_dir as run_dirs
 
     try:
-        made_by = list(OmegaConf.load(sweep / "multirun.yaml").hydra.overrides.task)
+        record = OmegaConf.load(sweep / "multirun.yaml")
+        made_by = list(record.hydra.overrides.task)
     except Exception:  # noqa: BLE001 - missing or unreadable: not a sweep this command made
-        made_by = None
+        record, made_by = None, None
+    from kdmtl_cli.search import is_search
+
+    if record is not None and is_search(record.hydra):   # its sampler would give new trials the old jobs' numbers
+        raise KdmtlError(f"hydra.sweep.dir={sweep} holds an Optuna search, which does not continue: choose "
+                         "another hydra.sweep.dir (its finished trials stay there, `kdmtl report` reads them)")
     if made_by != task_overrides(args):
         raise KdmtlError(f"hydra.sweep.dir={sweep} already holds "
                          + ("a sweep made by another command line (" + " ".join(made_by or []) + ")"

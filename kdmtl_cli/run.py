@@ -19,7 +19,7 @@ from kdmtl_cli.engine.checkpoint import atomic_write_text, discard_partial_write
 from kdmtl_cli.resume import recorded_config
 import torch
 
-from kdmtl_cli import provenance
+from kdmtl_cli import provenance, search
 from kdmtl_cli.engine import distributed, preemption, run_clock, teacher_exact, teacher_outputs
 from kdmtl_cli.engine.efficiency import measure
 from kdmtl_cli.engine.hardware import setup_hardware
@@ -377,8 +377,11 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     provenance.write_patch(run_dir, code_diff)   # beside results.json; a refused run leaves none
     # Machine-readable for sweep aggregation: what this job changed, and its best / last / final metrics.
     # Written last: results.json marks a finished run (engine/run_dir.state), so every other file exists.
+    best = {"epoch": state.best_epoch, **state.best_metrics}
     atomic_write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "overrides": _overrides(),
-                                  "results": results, "best": {"epoch": state.best_epoch, **state.best_metrics},
+                                  "results": results, "best": best,
+                                  # what a search (kdmtl_cli/search.py) optimises, in search.objectives' order
+                                  "objectives": search.values(search.objectives(cfg), results, best),
                                   "last": {"epoch": state.epoch, **state.last_metrics},
                                   "teacher": teacher_info, "provenance": origin}, indent=2), run_dir / "results.json")
     from kdmtl_cli.report import sweep

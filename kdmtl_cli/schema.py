@@ -188,6 +188,14 @@ class LogConfig:
 
 
 @dataclass
+class SearchConfig:
+    # what a search (`-m hydra/sweeper=optuna`, kdmtl_cli/search.py) optimises: validation metrics at
+    # the selected checkpoint (val/<task>/<metric>, val/task/<task>, val/loss/task) and student costs
+    # (student/params, student/flops, student/latency_ms); several: a Pareto front. null: checkpoint.monitor
+    objectives: Optional[List[str]] = None
+
+
+@dataclass
 class DebugConfig:
     epochs: int = at_least(1, default=1)          # epochs of teacher and student
     max_batches: int = at_least(1, default=2)     # batches per epoch and per evaluation
@@ -228,6 +236,7 @@ class TrainCommon:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     test: TestConfig = field(default_factory=TestConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     debug: Optional[DebugConfig] = None
     published: List[PublishedResult] = field(default_factory=list)  # set by experiments
 

@@ -198,7 +198,7 @@ def test_only_kdmtl_callbacks_pass_without_the_opt_in():
     _refuses(["hydra.callbacks"], {"callbacks": [ours]})
 
 
-def test_train_config_registers_the_sweep_summary():
+def test_train_config_registers_kdmtls_callbacks():
     from hydra import compose, initialize_config_module
 
     from kdmtl_cli.cli import register_resolvers
@@ -208,8 +208,8 @@ def test_train_config_registers_the_sweep_summary():
     register_schemas()
     with initialize_config_module(config_module="kdmtl_cli.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[], return_hydra_config=True)
-    assert set(cfg.hydra.callbacks) == {"kdmtl_sweep_summary"}
-    assert cfg.hydra.callbacks.kdmtl_sweep_summary._target_ in hydra_guard.KDMTL_CALLBACKS
+    assert set(cfg.hydra.callbacks) == {"kdmtl_sweep_summary", "kdmtl_search_objectives"}
+    assert {c._target_ for c in cfg.hydra.callbacks.values()} == set(hydra_guard.KDMTL_CALLBACKS)
 
 
 def test_check_refuses_logging_factories_and_foreign_classes():

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kdmtl_cli import search
 from kdmtl_cli.errors import JobErrors, KdmtlError
 from kdmtl_cli.schema import train_schema, validate
 
@@ -74,6 +75,8 @@ def check_protocol(cfg: DictConfig) -> None:
     check_resized_crop(cfg.data)                  # data.resized_crop_*: before the data is generated
     teacher_outputs.check_settings(cfg.teacher)   # teacher.cache: before the data is generated
     check_metric_reduction(cfg.test.metric_reduction)
+    if cfg.search.objectives:     # named for a search: each one a run measures, never a test metric
+        search.check(cfg)
     if cfg.teacher.keep not in ("best", "last", "train_loss"):
         raise KdmtlError(f"teacher.keep must be best, last or train_loss (got '{cfg.teacher.keep}')")
     n = cfg.test.average_last_epochs
@@ -140,7 +143,7 @@ def _train(raw: DictConfig) -> Optional[float]:
             if found == "finished":
                 # the terminal only: the finished job's log stays as it was
                 print(f"{run_dir}: this job finished before; kept as it is", flush=True)
-                return None
+                return _trial_value(hydra_cfg, run_dir)
             if found == "interrupted":
                 from kdmtl_cli.resume import check_config_unedited
 
@@ -155,10 +158,16 @@ def _train(raw: DictConfig) -> Optional[float]:
             raise
         from kdmtl_cli.run import run_training
 
-        return run_training(cfg, run_dir, resume=cfg.resume not in (None, False))
+        best_value = run_training(cfg, run_dir, resume=cfg.resume not in (None, False))
+        return search.trial_value(run_dir) if search.is_search(hydra_cfg) else best_value
     finally:
         if owner:
             run_dirs.release(run_dir)
+
+
+def _trial_value(hydra_cfg, run_dir: Path):
+    """An Optuna search's trial returns its objectives (kdmtl_cli/search.py); other jobs nothing."""
+    return search.trial_value(run_dir) if search.is_search(hydra_cfg) else None
 
 
 def train_main() -> None:
