@@ -141,6 +141,10 @@ def _run(command: Callable[[], None], schema: type) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI boundary: turn anything into one line
         if user_wants_traceback:
             raise
+        if JobErrors.errors and not isinstance(err, KdmtlError):
+            # a sweeper that stops on a failed job (Optuna: "Return value must be float-castable")
+            # says less than the job's own error
+            err = JobErrors.errors[0]
         code = getattr(err, "exit_code", 1)
         sweep = sys.modules.get("kdmtl_cli.report.sweep")
         if sweep is not None:    # a parallel launcher's failed job stops Hydra before the sweep's summary

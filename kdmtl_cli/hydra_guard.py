@@ -58,7 +58,7 @@ ALLOWED_TARGETS = frozenset({
 # kdmtl's own Hydra callbacks, by their exact `_target_`: a config may name these without the opt-in.
 KDMTL_CALLBACKS = frozenset({
     "kdmtl_cli.report.sweep.SweepSummary",     # the end of `kdmtl train -m` (conf/train.yaml)
-    "kdmtl_cli.search.SearchObjectives",       # an Optuna search's objectives (conf/train.yaml)
+    "kdmtl_cli.search.OptunaSearch",           # an Optuna search's record (conf/train.yaml)
 })
 _LOGGING_KEYS = ("job_logging", "hydra_logging")
 _EXT_STREAMS = ("ext://sys.stdout", "ext://sys.stderr")
@@ -78,7 +78,8 @@ def strip_opt_in(argv: List[str]) -> Tuple[List[str], bool]:
 
 def install(allow_callbacks: bool) -> None:
     """Check every config Hydra composes in this process (run, -m and each of its jobs, --cfg,
-    --help, --info) before Hydra uses it. Calling it again only updates allow_callbacks."""
+    --help, --info) before Hydra uses it; an Optuna search's config also gets its objectives'
+    directions there (kdmtl_cli/search.prepare). Calling it again only updates allow_callbacks."""
     global _allow_callbacks
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
@@ -93,6 +94,9 @@ def install(allow_callbacks: bool) -> None:
     def load_configuration(self, *args, **kwargs):
         cfg = original(self, *args, **kwargs)
         check(cfg, allow_callbacks=_allow_callbacks)
+        from kdmtl_cli import search
+
+        search.prepare(cfg)     # an Optuna search: objectives checked, directions set, before any job
         return cfg
 
     load_configuration._kdmtl_guard = True

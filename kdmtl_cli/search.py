@@ -14,10 +14,10 @@ objectives are named by `search.objectives` (default: the checkpoint's `checkpoi
   Optuna keeps the Pareto front; `kdmtl report plot=true` draws it).
 
 Each objective's direction follows from what it measures (a task kind's `higher_is_better`;
-losses and costs are minimised). `SearchObjectives`, a Hydra callback registered in
-conf/train.yaml, checks the names and sets `hydra.sweeper.direction` before the sweeper is made,
-so a search cannot optimise the wrong way round; a `direction` given on the command line must
-agree. A search never continues in a directory that already holds trials (its job numbers would
+losses and costs are minimised). `prepare` checks the names and sets `hydra.sweeper.direction`
+as Hydra composes the sweep's config (before any job), so a search cannot optimise the wrong way
+round; a `direction` given on the command line must agree. `OptunaSearch`, a Hydra callback
+registered in conf/train.yaml, records the sweep as Hydra's basic sweeper does. A search never continues in a directory that already holds trials (its job numbers would
 be given to new trials): resume.py refuses it.
 """
 
@@ -143,25 +143,43 @@ def _directions_given(sweeper) -> Optional[List[str]]:
     return [getattr(d, "name", str(d)) for d in items]
 
 
-class SearchObjectives(Callback):
-    """Before the Optuna sweeper is made: check the objectives and give the sweeper their
-    directions. A direction set on the command line must agree (it would otherwise optimise the
-    wrong way); one left at the sweeper's default is replaced."""
+def prepare(cfg) -> None:
+    """For a composed `-m hydra/sweeper=optuna` config, before the sweeper is made from it: check
+    the objectives and give the sweeper their directions. A direction set on the command line
+    must agree (it would otherwise optimise the wrong way); one left at the sweeper's default is
+    replaced. Called by hydra_guard's hook on every config Hydra composes (Hydra's callbacks
+    cannot refuse a sweep: it turns their errors into warnings)."""
+    from hydra.types import RunMode
+
+    hydra = cfg.get("hydra") if hasattr(cfg, "get") else None
+    if hydra is None or not is_search(hydra) or OmegaConf.select(hydra, "mode") != RunMode.MULTIRUN:
+        return
+    names = check(cfg)
+    wanted = [direction(n, cfg.tasks) for n in names]
+    given = _directions_given(hydra.sweeper)
+    typed = any(str(o).lstrip("+").startswith("hydra.sweeper.direction=") for o in hydra.overrides.hydra)
+    if typed and given != wanted:
+        raise KdmtlError(f"hydra.sweeper.direction={given} disagrees with the objectives {names} "
+                         f"({', '.join(wanted)}); leave it out: kdmtl sets it from search.objectives")
+    with read_write(hydra), open_dict(hydra):
+        hydra.sweeper.direction = wanted[0] if len(wanted) == 1 else wanted
+
+
+class OptunaSearch(Callback):
+    """At the start of an Optuna search: the sweep's record and quieter libraries."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        if not is_search(config.hydra):
-            return
-        names = check(config)
-        wanted = [direction(n, config.tasks) for n in names]
-        given = _directions_given(config.hydra.sweeper)
-        typed = any(str(o).lstrip("+").startswith("hydra.sweeper.direction=") for o in config.hydra.overrides.hydra)
-        if typed and given != wanted:
-            raise KdmtlError(f"hydra.sweeper.direction={given} disagrees with the objectives {names} "
-                             f"({', '.join(wanted)}); leave it out: kdmtl sets it from search.objectives")
-        with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.sweeper.direction = wanted[0] if len(wanted) == 1 else wanted
-        _record_sweep(config)
-        _quiet_libraries()
+        if is_search(config.hydra):
+            _record_sweep(config)
+            _quiet_libraries()
+
+
+def _record_sweep(config) -> None:
+    """multirun.yaml in the sweep directory, as Hydra's basic sweeper writes it (the Optuna sweeper
+    does not): the sweep summary and `kdmtl report` read the swept keys from it."""
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")
 
 
 def _quiet_libraries() -> None:
@@ -174,11 +192,3 @@ def _quiet_libraries() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _record_sweep(config) -> None:
-    """multirun.yaml in the sweep directory, as Hydra's basic sweeper writes it (the Optuna sweeper
-    does not): the sweep summary and `kdmtl report` read the swept keys from it."""
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, sweep_dir / "multirun.yaml")

@@ -208,7 +208,7 @@ def test_train_config_registers_kdmtls_callbacks():
     register_schemas()
     with initialize_config_module(config_module="kdmtl_cli.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[], return_hydra_config=True)
-    assert set(cfg.hydra.callbacks) == {"kdmtl_sweep_summary", "kdmtl_search_objectives"}
+    assert set(cfg.hydra.callbacks) == {"kdmtl_sweep_summary", "kdmtl_optuna_search"}
     assert {c._target_ for c in cfg.hydra.callbacks.values()} == set(hydra_guard.KDMTL_CALLBACKS)
 
 

@@ -249,5 +249,6 @@ def test_terminal_table_published_rows_and_different_teachers(tmp_path):
     kd_mean = sum(_mtl_values(GROUPS["loss=kd"][2], s)["test/cls/accuracy"] for s in (0, 1, 2)) / 3
     assert f"{kd_mean - 0.5:+.4f}" in delta_row and f"{TEACHER['test/cls/accuracy'] - 0.8:+.4f}" in delta_row, out
     assert f"{other_teacher['test/cls/accuracy'] - 0.8:+.4f}" in delta_row, out
-    assert out.count("published") == 2 + 1, out      # the two rows, and the source note
+    tables = sum(line.startswith("┏") for line in out.splitlines())
+    assert out.count("published") == 2 * tables + 1, out      # the two rows of each table, and the source note
     assert "published: Paper (last epoch)" in out

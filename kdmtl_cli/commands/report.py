@@ -17,17 +17,23 @@ HELP = """usage: kdmtl report DIR [DIR ...] [group_by=[KEY,...]] [reference=GROU
 One table over finished kdmtl train runs: mean ± std over seeds of each task metric (test at
 the checkpoint chosen on validation, validation at that epoch and at the last), Δm when the
 runs had a baseline, the published number when the experiment stores one; unfinished runs are
-listed. Prints the table and writes it as Markdown and CSV; the files add each test mean's 95%
-intervals (bootstrap over seeds; t) and each group against the reference group (Welch's and the
-paired t-test, Holm-adjusted p, better / worse / no evidence, the seeds needed for 80% power).
+listed. Prints the table and writes it as Markdown and CSV. Each group is compared with the
+reference group (paired t-test on the same seeds, else Welch's; p adjusted by Holm): the
+terminal marks each value ▲ better, ▼ worse or = no evidence and shows under it the bootstrap
+95% CI over seeds, the Holm p and the seeds needed for 80% power; the files add the t interval,
+both p-values and the difference. A published number is checked against the runs: inside or
+outside their 95% CI, the difference in seed standard deviations, and whether the runs tested
+the same epoch as the paper (last / best / mean of the last N).
 
 arguments:
   DIR                 a run directory, a multirun directory, or any folder holding runs
                       (searched recursively); several may be given
   group_by=[KEY,...]  config keys that make a group (default: the settings that differ between
                       runs, seeds aside); loss means the distillation methods
-  reference=GROUP     the group the others are compared with, by its label in report.csv
-                      (default: the first group)
+  reference=GROUP     the group the others are compared with: its label in report.csv, its
+                      column header in the terminal, or KEY:VALUE for the one group with that
+                      setting (reference=loss:none, reference=loss:fitnet+kd,
+                      reference=weighting:pcgrad); default the first group
   out=FILE.md         where the Markdown goes, with FILE.csv beside it
                       (default: DIR/report.md and DIR/report.csv of the first DIR)
   plot=true|false     also PNG plots beside out (trade-off and learning curves; needs
@@ -37,6 +43,7 @@ arguments:
 examples:
   kdmtl report multirun/DATE/TIME
   kdmtl report multirun/DATE/TIME group_by=[loss,weighting] out=results.md
+  kdmtl report multirun/DATE/TIME reference=loss:none
   kdmtl report outputs/DATE/TIME-A outputs/DATE/TIME-B plot=true"""
 
 OPTIONS = ("group_by", "reference", "out", "plot")
@@ -68,18 +75,24 @@ def report_main(args: List[str]) -> int:
 
     from kdmtl_cli.report import table
     from kdmtl_cli.report.runs import find_runs, group_runs, provenance_notes
+    from kdmtl_cli.report.pareto import best_lines, find_search
     from kdmtl_cli.report.stats import check_reference
+    from kdmtl_cli.report.sweep import job_settings
 
     dirs, group_by, out, plot, reference = parse(args)
     runs, unfinished = find_runs(dirs)
     groups = group_runs(runs, group_by) if runs else []
-    check_reference(reference, [g.label for g in groups])
+    reference = check_reference(reference, groups)      # a label, or KEY:VALUE resolved to one
     heading = table.title(len(runs), len(groups))
     console = Console(highlight=False)     # its width: the terminal's (or COLUMNS)
-    table.print_rich(groups, unfinished, heading, console)    # the files below keep every column
+    table.print_rich(groups, unfinished, heading, console, reference)    # the files below keep every column
     markdown_path, csv_path = table.write_report(groups, unfinished, heading, out, reference)
     for line in provenance_notes(groups):
         console.print(line, markup=False)
+    found = find_search(runs) if runs else None      # the runs were trials of a search (kdmtl_cli/search.py)
+    if found:
+        for line in best_lines(found, lambda trial: job_settings(trial.run)):
+            console.print(line, markup=False, soft_wrap=True)
     console.print(f"written: {markdown_path}, {csv_path}", markup=False)
     if plot and groups:
         from kdmtl_cli.report.plots import write_plots

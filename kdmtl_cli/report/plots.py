@@ -8,6 +8,8 @@ kdmtl[plot]`):
   training `train/loss/task`), per group against the epoch: mean over seeds with a ±std band.
   Only quantities every student is measured on: a KD student's objective (task + distillation
   terms) is not comparable with a vanilla student's, so no total objective is drawn there;
+- `search.png`, when the runs were trials of a search (kdmtl_cli/search.py, report/pareto.py):
+  its Pareto front (several objectives), or each trial's objective with the best so far;
 - `curves_loss_terms.png`: one panel per group with that group's objective (`train/loss/total`)
   and each of its named, unweighted loss terms (task/<t>, kd/<t>, fitnet/<layer>, ...).
 
@@ -356,10 +358,15 @@ def tradeoff(groups: list[Group], metric: str, out_dir: Path) -> Path:
 
 
 def write_plots(groups: list[Group], out_dir: Path) -> list[Path]:
+    from kdmtl_cli.report.pareto import figure as search_figure, find_search
+
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = sorted({k for g in groups for r in g.runs for k in r.results
                       if k.startswith("test/") and k.count("/") == 2 and k.split("/")[1] not in ("task", "loss")})
     paths = [tradeoff(groups, m, out_dir) for m in metrics]
+    found = find_search([r for g in groups for r in g.runs])
+    if found:                       # the runs were trials of a search: its front (report/pareto.py)
+        paths.append(search_figure(found, out_dir))
     logs = read_epoch_logs(groups)
     if not any(logs.values()):
         return paths      # no run has epoch records: nothing to draw curves from

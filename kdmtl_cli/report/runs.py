@@ -11,6 +11,7 @@ jobs). They are listed, never silently dropped.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,28 @@ def _setting(config: dict, flat: dict, key: str):
         if name in flat:
             return flat[name]
     raise KdmtlError(f"group_by key '{key}' is not a config key of the runs; e.g. group_by=[loss,weighting.name]")
+
+
+def groups_with_setting(groups: Sequence[Group], key: str, value: str) -> List[Group]:
+    """The groups whose every run has `key` set to `value`, compared the way group_runs labels
+    groups: `loss` by its distillation methods joined with `+` in sorted order (so `fitnet+kd`,
+    `kd+fitnet` and `[kd,fitnet]` all name the same group; `none` without one), a group node such as
+    `weighting` by its name or arch, any other key by its value as typed (true / false / null)."""
+    def canonical(text) -> str:
+        if key == "loss":
+            return "+".join(sorted(m for m in re.split(r"[+,\[\]\s]+", str(text)) if m)) or "none"
+        if isinstance(text, bool) or text is None:
+            return json.dumps(text)
+        return re.sub(r"[\s\"']", "", str(text))
+
+    def matches(run: Run) -> bool:
+        flat = {k: v for k, v in _flatten(run.config).items() if _is_setting(k)}
+        try:
+            return canonical(_setting(run.config, flat, key)) == canonical(value)
+        except KdmtlError:          # a key these runs do not have
+            return False
+
+    return [g for g in groups if g.runs and all(matches(r) for r in g.runs)]
 
 
 def mean_std(values: List[float]) -> Tuple[float, float, int]:

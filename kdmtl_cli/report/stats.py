@@ -133,7 +133,10 @@ def compare(group: Dict[int, float], reference: Dict[int, float]) -> Comparison:
     seeds = sorted(set(group) & set(reference))
     if len(seeds) >= 2 and seeds == sorted(group) == sorted(reference):
         deltas = [group[s] - reference[s] for s in seeds]
-        if len(set(deltas)) > 1:
+        # differences equal up to rounding (a constant shift per seed) have no spread to test:
+        # scipy would turn the rounding into t ~ 1e16 and p ~ 1e-32
+        scale = max(abs(v) for v in [*a, *b])
+        if max(deltas) - min(deltas) > 1e-12 * scale:
             paired = float(stats.ttest_rel([group[s] for s in seeds], [reference[s] for s in seeds]).pvalue)
     return Comparison(difference, welch, paired, seeds_needed(a, b))
 
@@ -149,18 +152,38 @@ def judge(comparisons: List[Comparison], higher_is_better: bool, alpha: float = 
             c.verdict = "better" if (c.difference > 0) == higher_is_better else "worse"
 
 
-def check_reference(reference: Optional[str], labels: Sequence[str]) -> None:
-    """`reference=` names one of the report's groups (checked before anything is printed or written)."""
-    if reference is not None and reference not in labels:
-        from kdmtl_cli.errors import KdmtlError
+def check_reference(reference: Optional[str], groups: Sequence) -> Optional[str]:
+    """The label of the group `reference=` names (None when not given): a group's label (as in
+    report.csv), its column header in the terminal (`loss=none`, as typed on the command line), or
+    `KEY:VALUE` for the one group whose runs all have that setting (`loss:none`, `loss:fitnet+kd`,
+    `weighting:pcgrad`; report/runs.groups_with_setting). Checked before anything is printed or
+    written: no such group, or several, is an error that lists the groups."""
+    if reference is None:
+        return None
+    labels = [g.label for g in groups]
+    if reference in labels:
+        return reference
+    headed = [g.label for g in groups if getattr(g, "short_label", "") == reference]
+    if len(headed) == 1:
+        return headed[0]
+    from kdmtl_cli.errors import KdmtlError
+    from kdmtl_cli.report.runs import groups_with_setting
 
-        raise KdmtlError(f"reference={reference} is not a group of this report; choose one of: {'; '.join(labels)}")
+    choose = f"choose a group label or KEY:VALUE (e.g. loss:none) of one of: {'; '.join(labels)}"
+    key, sep, value = reference.partition(":")
+    if not sep:
+        raise KdmtlError(f"reference={reference} is not a group of this report; {choose}")
+    found = groups_with_setting(groups, key, value)
+    if len(found) != 1:
+        which = "no group" if not found else f"{len(found)} groups ({'; '.join(g.label for g in found)})"
+        raise KdmtlError(f"reference={reference} matches {which} of this report; {choose}")
+    return found[0].label
 
 
 def add_evidence(table: List[dict], reference: Optional[str] = None) -> Optional[str]:
     """The report's rows (report/table.rows, each with its `_values` {seed: value}) get their test
     mean's intervals and, per student metric, the comparison of each group with the reference
-    group (`reference`: a group's label, checked by check_reference; default the first group),
+    group (`reference`: a group's label, as check_reference resolves it; default the first group),
     Holm-adjusted over the groups compared on that metric. Returns the reference group's label."""
     groups = list(dict.fromkeys(row["group"] for row in table))
     reference = reference or (groups[0] if groups else None)

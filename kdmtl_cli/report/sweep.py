@@ -26,6 +26,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from kdmtl_cli.report import pareto
+
 _SWEEP_RECORD = "multirun.yaml"      # Hydra's record of the sweep's command line, in the sweep directory
 _ERROR_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ERROR (.*)$")   # conf/hydra/job_logging/kdmtl.yaml
 
@@ -95,7 +97,7 @@ def job_line(run_dir: Path, results: Mapping[str, object], config: Mapping) -> s
     metrics = [f"{name.rsplit(' ', 1)[0]} {_plain(results[key], key)}"
                for key, name in headline_metrics(config["tasks"]) + _delta_m(results, _convention(config))
                if key in results]
-    job = " ".join([f"job {hydra_cfg.job.num}", *swept])
+    job = " ".join([f"job {hydra_cfg.job.num}", *map(short_override, swept)])
     return f"{job}: {'  '.join(metrics)}  ({_shown(run_dir)})"
 
 
@@ -107,6 +109,37 @@ def _shown(path: Path) -> str:
 
 def _plain(value, key: str) -> str:
     return f"{value:+.2f}" if "/delta_m/" in key else f"{value:.4f}"
+
+
+def sweeper_of(job_dir: Path) -> str | None:
+    """The `_target_` of the sweeper that ran the sweep a job directory lies in (None: not a job
+    of a recorded sweep)."""
+    sweep_dir = _sweep_dir_of(job_dir)
+    return None if sweep_dir is None else _recorded_sweeper(sweep_dir)
+
+
+def _recorded_sweeper(sweep_dir: Path) -> str | None:
+    import yaml
+
+    try:
+        hydra = (yaml.safe_load((sweep_dir / _SWEEP_RECORD).read_text()) or {}).get("hydra") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return str((hydra.get("sweeper") or {}).get("_target_") or "") or None
+
+
+def short_override(override: str) -> str:
+    """`loss.kd.temperature=6.536781365768524` -> `loss.kd.temperature=6.537`: the values a search
+    samples, with 4 significant digits (the job's files keep every digit)."""
+    key, sep, value = override.partition("=")
+    if sep and re.fullmatch(r"-?\d+\.\d{5,}(e-?\d+)?", value):
+        return f"{key}={float(value):.4g}"
+    return override
+
+
+def job_settings(run) -> str:
+    """A finished job's swept values as the summary shows them (`loss.kd.temperature=6.537`)."""
+    return " ".join(map(short_override, swept_overrides(run.overrides, _sweep_dir_of(run.path))))
 
 
 def _sweep_dir_of(job_dir: Path) -> Path | None:
@@ -191,21 +224,28 @@ def summarize(sweep_dir: Path, quiet: bool = False, console=None) -> None:
     console = console or Console(highlight=False)
     swept = _swept_keys(sweep_dir)
     heading = f"kdmtl sweep: {len(runs)} of {len(runs) + len(unfinished)} job(s) finished, in {_shown(sweep_dir)}"
+    found = pareto.find_search(runs) if runs else None
     if groups:
-        for view in table.fitted_tables(heading, summary_columns(groups, swept), console.width):
+        objectives = [(n, found.arrow(n)) for n in found.objectives] if found else []
+        for view in table.fitted_tables(heading, summary_columns(groups, swept, objectives), console.width):
             console.print(view)
         over_seeds = ", mean ± std over seeds (n runs)" if any(len(g.runs) > 1 for g in groups) else ""
         console.print(f"test metrics at the checkpoint selected on validation{over_seeds}", markup=False)
     else:
         console.print(heading, markup=False)
     console.print(f"full report: {_shown(report)} (and report.csv)", markup=False)
+    if found:
+        for line in pareto.best_lines(found, lambda trial: job_settings(trial.run)):
+            console.print(line, markup=False, soft_wrap=True)
     for line in unfinished_lines(sweep_dir, unfinished, swept):
         console.print(line, markup=False)
 
 
-def summary_columns(groups, swept: set[str] | None = None):
+def summary_columns(groups, swept: set[str] | None = None, objectives=()):
     """build(decimals) for table.fitted_tables: a row per group (the settings that vary), n when
-    seeds vary, then each task's headline metric (and Δm) as columns."""
+    seeds vary, a search's objectives ([(name, arrow)], validation and costs), then each task's
+    headline test metric (and Δm) as columns."""
+    from kdmtl_cli import search
     from kdmtl_cli.report import table
     from kdmtl_cli.report.runs import mean_std
 
@@ -215,6 +255,13 @@ def summary_columns(groups, swept: set[str] | None = None):
 
     def build(decimals: int):
         columns = [table.Column("n", [str(len(g.runs)) for g in groups])] if seeds_vary else []
+        for name, arrow in objectives:
+            cells = []
+            for group in groups:
+                found = [search.values([name], r.results, r.best).get(name) for r in group.runs]
+                mean, std, _ = mean_std([v for v in found if v is not None])
+                cells.append(pareto.number(mean) if mean == mean and not std else table.number(mean, std, decimals))
+            columns.append(table.Column(f"{name} {arrow}", cells))
         for key, name in metrics:
             delta = "/delta_m/" in key
             cells = []
@@ -241,7 +288,8 @@ def row_labels(groups, swept: set[str] | None) -> list[str]:
     labels = []
     for group in groups:
         items = [override_items(r) for r in group.runs]
-        shared = [f"{k}={v}" for k, v in items[0].items() if k in swept and all(i.get(k) == v for i in items[1:])]
+        shared = [short_override(f"{k}={v}") for k, v in items[0].items()
+                  if k in swept and all(i.get(k) == v for i in items[1:])]
         labels.append(" ".join(shared))
     return labels if all(labels) and len(set(labels)) == len(labels) else [g.short_label for g in groups]
 
