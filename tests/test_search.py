@@ -154,6 +154,24 @@ def test_a_failed_trial_is_named_by_its_own_error(tmp_path, shared_cache):
     assert "failed: job 0 optim.lr=-1.0" in proc.stdout        # the sweep's summary lists it
 
 
+def test_max_failure_rate_keeps_the_search_going(tmp_path, shared_cache):
+    """hydra.sweeper.max_failure_rate=1.0: a failed trial is Optuna's FAIL and the search goes on;
+    the sweep still ends with exit status 1 and the failed trial's error line."""
+    sweep = tmp_path / "sweep"
+    proc = run_kdmtl([*SEARCH, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1",
+                      "hydra.sweeper.max_failure_rate=1.0", "optim.lr=choice(-1.0,0.001)", *FAST,
+                      f"hydra.sweep.dir={sweep}"], tmp_path, shared_cache, timeout=600)
+    assert_one_line_error(proc, "optim.lr must be > 0")
+    finished = [job for job in _jobs(sweep) if (job / "results.json").is_file()]
+    failed = [job for job in _jobs(sweep) if job not in finished]
+    assert len(_jobs(sweep)) == 3 and finished and failed       # sampler seed 0: both values drawn
+    assert all(_results(job)["config"]["optim"]["lr"] == 0.001 for job in finished)
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert best.best_params["optim.lr"] == 0.001
+    assert best.best_value == min(_results(job)["objectives"]["val/loss/task"] for job in finished)
+    assert all(f"failed: job {job.name} optim.lr=-1.0: error: optim.lr must be > 0" in proc.stdout for job in failed)
+
+
 def test_front_matches_optuna_on_random_points():
     """report/pareto.front against Optuna's best_trials on random 2- and 3-objective studies,
     with ties and mixed directions."""

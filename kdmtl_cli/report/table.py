@@ -297,7 +297,8 @@ def fold(label: Column, columns: Sequence[Column], width: int) -> List[List[Colu
 
 def fitted_tables(heading: str, build: Callable[[int], Tuple[Column, List[Column]]], width: int) -> list:
     """Rich tables no wider than `width`: one with 4 decimals if it fits, else one with 3, else
-    as many as needed with 4 (the label column repeated in each)."""
+    as many as needed with 4 (the label column repeated in each; a sub-row that is blank in every
+    column of a table, e.g. `Holm p vs ref` beside the teacher alone, is left out of it)."""
     from rich.table import Table
     from rich.text import Text      # not markup: `loss=[kd,fitnet]` is a label, not a style
 
@@ -314,7 +315,10 @@ def fitted_tables(heading: str, build: Callable[[int], Tuple[Column, List[Column
         for column in chunk:
             view.add_column(Text(column.header), justify="right", no_wrap=True)
         for r, text in enumerate(label.cells):
-            view.add_row(Text(text), *(Text(column.cells[r]) for column in chunk))
+            row = [column.cells[r] for column in chunk]
+            if text.startswith(" ") and not any(cell.strip() for cell in row):
+                continue
+            view.add_row(Text(text), *(Text(cell) for cell in row))
         tables.append(view)
     return tables
 
