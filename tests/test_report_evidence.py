@@ -387,3 +387,60 @@ def test_bad_reference_is_one_line_and_writes_nothing(tmp_path, value, words):
     line = assert_one_line_error(proc, *words)
     assert "loss.kd.weight=0.5" in line                          # the groups are listed
     assert proc.stdout == "" and not (tmp_path / "report.md").exists() and not (tmp_path / "report.csv").exists()
+
+
+# ---- the README's example, recomputed ---------------------------------------------------------------
+
+# Per-seed test metrics (seeds 0..4) of the README's 5-seed sweep `kdmtl train -m 'loss=[kd,fitnet],none'
+# seed=0,1,2,3,4` (README "Evidence over seeds"), transcribed from its results.json files.
+README_SWEEP = {
+    "test/cls/accuracy": {"kd": [0.5339999794960022, 0.5475000143051147, 0.5684999823570251, 0.578499972820282,
+                                 0.5534999966621399],
+                          "vanilla": [0.42250001430511475, 0.37299999594688416, 0.43650001287460327,
+                                      0.414000004529953, 0.4415000081062317]},
+    "test/seg/miou": {"kd": [0.3831515312194824, 0.41307979822158813, 0.435075581073761, 0.4332597255706787,
+                             0.40949153900146484],
+                      "vanilla": [0.31798505783081055, 0.28653714060783386, 0.3216426968574524,
+                                  0.30083227157592773, 0.30169588327407837]},
+    "test/depth/abs_err": {"kd": [0.9371277093887329, 0.9381710290908813, 0.9315658211708069, 0.9513440132141113,
+                                  0.9210354089736938],
+                           "vanilla": [0.9960262179374695, 1.0175204277038574, 1.0073362588882446,
+                                       1.025268793106079, 0.9989425539970398]},
+}
+
+
+def test_the_readme_example_is_recomputed_by_hand(tmp_path):
+    """The README's KD-against-vanilla report: every student cell of its headline metrics -- mean ±
+    std with the marker, the bootstrap interval, the Holm p, the seeds needed -- recomputed here by
+    hand from the sweep's per-seed values, found in the README's block and in report.csv."""
+    from pathlib import Path
+
+    root = tmp_path / "runs"
+    for group in ("kd", "vanilla"):
+        for i, seed in enumerate(SEEDS):
+            write_run(root, group, seed, {k: v[group][i] for k, v in README_SWEEP.items()}, published=[])
+    proc = report(root, "reference=loss:none", columns=100)
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["group"], r["metric"]): r for r in csv.DictReader((root / "report.csv").open())}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("$ COLUMNS=100 kdmtl report runs/sweep5"):]
+    block = block[:block.index("```")]
+    table = _table_rows("\n".join(line[2:] for line in block.splitlines()))     # the README indents it
+    kd = _kd_label(rows)
+    for metric, by_group in README_SWEEP.items():
+        name = metric.split("/", 1)[1]
+        higher = not name.endswith("abs_err")
+        a, b = by_group["kd"], by_group["vanilla"]
+        p = paired_p(a, b)
+        better = (mean(a) > mean(b)) == higher
+        marker = "=" if p >= 0.05 else ("▲" if better else "▼")
+        shown = f"{name} {'↑' if higher else '↓'}"
+        low, high = bootstrap(a)
+        assert table[(shown, shown)][0] == f"{mean(a):.4f} ± {sd(a):.4f} {marker}"
+        assert table[(shown, shown)][1] == f"{mean(b):.4f} ± {sd(b):.4f}"
+        assert table[(shown, "95% CI")][0] == f"[{low:.4f}, {high:.4f}]"
+        assert table[(shown, "Holm p vs ref")][0] == f"{p:.3g}"
+        assert table[(shown, "seeds needed")][0] == str(seeds_needed(a, b))
+        row = rows[(kd, f"{metric} {'↑' if higher else '↓'}")]
+        assert float(row["paired p"]) == pytest.approx(p, rel=1e-9)
+        assert float(row["Welch p"]) == pytest.approx(welch_p(a, b), rel=1e-9)
