@@ -597,7 +597,7 @@ def report(sides: List[Side], speeds: dict, hits: dict, faults: dict, job: Job, 
         hit = f"  teacher-cache hit rate {', '.join(f'{h:.2f}' for h in rates)}" if rates else ""
         print(f"  {side.label:52s} {med[side.label]:8.1f}  ({', '.join(f'{v:.1f}' for v in speeds[side.label])})"
               f"  page faults/step {statistics.median(faults[side.label]):,.0f}" + hit)
-    print(f"\n| mode | samples/s | vs torchdistill |\n|---|---:|---:|")
+    print("\n| mode | samples/s | vs torchdistill |\n|---|---:|---:|")
     for side in sides:
         print(f"| {side.label} | {med[side.label]:.1f} | {med[side.label] / base:.2f}x |")
     ms = lambda label: 1000 * job.batch_size / med[label]  # noqa: E731
