@@ -119,9 +119,9 @@ def _label_outputs():
 
 # ---------------------------------------------------------------- YAML defaults
 def test_yaml_defaults_are_the_ones_these_tests_compute_with():
-    assert dict(_cfg("kd")) == {"weight": 0.5, "temperature": 4.0, "dense": "l1"}
+    assert dict(_cfg("kd")) == {"weight": 0.5, "temperature": 4.0, "dense": "l1", "standardize": False}
     assert dict(_cfg("dkd")) == {"weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20.0,
-                                 "warmup_schedule": "epoch"}
+                                 "warmup_schedule": "epoch", "standardize": False}
     at = _cfg("at")
     assert (at.weight, at.p) == (1000.0, 2.0)
     assert list(at.student) == list(at.teacher) == ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"]

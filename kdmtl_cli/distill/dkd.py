@@ -3,7 +3,12 @@ on classification and, per pixel, segmentation tasks: (alpha * TCKD + beta * NCK
 the warm-up factor. mdistiller: `min(kwargs["epoch"] / self.warmup, 1.0)` with its trainer's
 epoch counted from 1 (mdistiller/engine/trainer.py), so the factor is 1/W in the first epoch
 and constant within an epoch: `loss.dkd.warmup_schedule=epoch` (default). `linear` (kdmtl's own)
-ramps continuously from 0 with the fractional epochs done."""
+ramps continuously from 0 with the fractional epochs done.
+
+`loss.dkd.standardize=true`: student and teacher logits are Z-scored over the classes first (per
+sample; per pixel for segmentation), as "Logit Standardization in Knowledge Distillation" (Sun et al.,
+CVPR 2024) does to DKD (`dkd_loss`, kdmtl_cli/distill/functional.py). DKD only has terms for class-logit
+tasks (classification, segmentation); the setting changes nothing else."""
 
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ class DKDConfig:
     # weight factor min(epoch / warmup_epochs, 1)
     warmup_epochs: float = at_least(0, default=20.0, note="0 = no warm-up")
     warmup_schedule: str = "epoch"        # epoch: mdistiller's (1-based epoch, per epoch) | linear: continuous from 0
+    # Z-score the logits before DKD, as Sun et al. (CVPR 2024); off by default. Their recipe with it on
+    # also sets T 2 and alpha, beta times 9 (conf/loss/dkd.yaml).
+    standardize: bool = False
 
 
 @KD_METHODS.register("dkd", settings=DKDConfig)
@@ -59,5 +67,6 @@ class DecoupledKD(LabelTaskMethod):
     def __call__(self, student_out, teacher_out, batch, progress):
         return {f"dkd/{name}": dkd_loss(student_out["outputs"][name], teacher_out["outputs"][name],
                                         batch["targets"][self.tasks[name].target], float(self.cfg.alpha),
-                                        float(self.cfg.beta), float(self.cfg.temperature))
+                                        float(self.cfg.beta), float(self.cfg.temperature),
+                                        standardize=bool(self.cfg.standardize))
                 for name in self.label_tasks}

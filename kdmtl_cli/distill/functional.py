@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdmtl_cli.distill.logit import compute_dtype, kl_with_temperature
+from kdmtl_cli.distill.logit import compute_dtype, kl_with_temperature, standardize_logits
 
 IGNORE_INDEX = 255
 
@@ -166,7 +166,8 @@ def _check_channels(what: str, student_channels: int, teacher_channels: int) -> 
 
 # ------------------------------------------------------------------------------- DKD
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float,
-             beta: float, temperature: float, ignore_index: Optional[int] = IGNORE_INDEX) -> Tensor:
+             beta: float, temperature: float, ignore_index: Optional[int] = IGNORE_INDEX,
+             standardize: bool = False) -> Tensor:
     """Decoupled Knowledge Distillation (Zhao et al., CVPR 2022).
 
     With ``p = softmax(z / T)`` over the classes (dim 1) and ``g`` the target class:
@@ -177,6 +178,11 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alp
     - ``loss = (alpha * TCKD + beta * NCKD) * T^2``, averaged over samples ([N, C]) or over
       the pixels of the batch whose target is not ``ignore_index`` ([N, C, H, W] with
       target [N, H, W]).
+
+    ``standardize``: ``z`` is first Z-scored over the classes, student and teacher alike
+    (``standardize_logits``: ``(z - mean) / (1e-7 + std)``, unbiased std), as Sun et al., "Logit
+    Standardization in Knowledge Distillation" (CVPR 2024), whose DKD applies it at the top of
+    ``dkd_loss(..., logit_stand)`` (sunshangquan/logit-standardization-KD mdistiller/distillers/DKD.py).
 
     Returns 0 (still connected to the graph) when every pixel is ignored. DKD's linear
     warm-up is not applied here: the caller multiplies by ``min(epoch / warmup, 1)``.
@@ -197,6 +203,8 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alp
     dtype = compute_dtype(student_logits)
     s = _rows(student_logits.to(dtype))[valid]
     t = _rows(teacher_logits.to(dtype))[valid]
+    if standardize:   # per row, i.e. per sample or pixel, over the classes
+        s, t = standardize_logits(s), standardize_logits(t)
     g = target.reshape(-1)[valid].long()
     gt_mask = F.one_hot(g, num_classes).bool()
     T = temperature

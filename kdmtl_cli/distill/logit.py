@@ -15,6 +15,12 @@ The KL is mdistiller's ``kd_loss`` (mdistiller/distillers/KD.py) and RepDistille
 dense logits), times T^2. The official KD recipe weighs it 0.9 against cross-entropy 0.1
 (mdistiller cfg.py KD.LOSS.KD_WEIGHT / CE_WEIGHT; RepDistiller scripts/run_cifar_distill.sh
 ``-r 0.1 -a 0.9``): `loss.task_weight=0.1 loss.kd.weight=0.9`, as the cifar100_*_kd experiments set.
+
+`loss.kd.standardize=true`: logit standardisation (Sun et al., "Logit Standardization in Knowledge
+Distillation", CVPR 2024): student and teacher logits are Z-scored over the classes before the KL
+(`standardize_logits`, per sample; per pixel for segmentation). It applies to the tasks whose
+outputs are class logits (`kind.softmax_labels`: classification, segmentation); the terms of the
+other kinds (multilabel, depth, regression, normals) are unchanged.
 """
 
 from __future__ import annotations
@@ -51,6 +57,27 @@ def kl_with_temperature(student_logits: Tensor, teacher_logits: Tensor, temperat
     return kl.mean() * t * t
 
 
+# sunshangquan/logit-standardization-KD mdistiller/distillers/KD.py (and DKD.py) `normalize`:
+# (logit - mean) / (1e-7 + stdv), the epsilon added to the std (not under a square root), so that
+# a sample whose logits are all equal standardises to zeros instead of 0 / 0.
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize_logits(logits: Tensor) -> Tensor:
+    """Z-score over the classes (dim 1) of every sample (every pixel of [N, C, H, W] logits), as the
+    official `normalize`: ``(z - mean_c z) / (1e-7 + std_c z)`` with torch.std's default, the
+    unbiased std (divisor C - 1). The official code reduces over dim -1, the class dim of its [N, C]
+    logits; over dim 1 the same holds for dense logits, where dim -1 would be the image width.
+    In ``compute_dtype``."""
+    if logits.dim() < 2 or logits.shape[1] < 2:
+        # the unbiased std of a single class is 0 / 0
+        raise ValueError(f"standardize_logits: needs [N, C, ...] logits with C >= 2 (got {tuple(logits.shape)})")
+    z = logits.to(compute_dtype(logits))
+    mean = z.mean(dim=1, keepdim=True)
+    std = z.std(dim=1, keepdim=True)
+    return (z - mean) / (STANDARDIZE_EPS + std)
+
+
 def dense_regression_kd(student: Tensor, teacher: Tensor, norm: str) -> Tensor:
     """Mean |s - t| (norm l1) or mean (s - t)^2 (norm l2) over all elements."""
     dtype = compute_dtype(student)
@@ -66,11 +93,15 @@ class KDConfig:
     weight: Any = at_least(0, default=0.5)
     temperature: float = above(0, default=4.0)    # T; the KL terms are scaled by T^2
     dense: str = "l1"                     # depth/regression tasks: l1 | l2 to the teacher's prediction
+    # Z-score the class logits (classification, segmentation) before the KL, as Sun et al. (CVPR 2024);
+    # off by default. Their recipe with it on also sets T 2 and weight 9 (conf/loss/kd.yaml).
+    standardize: bool = False
 
 
 @KD_METHODS.register("kd", settings=KDConfig)
 class LogitKD(Method):
-    """kd/<task> for every task the teacher covers, by the task kind's rule (`kind.distill`)."""
+    """kd/<task> for every task the teacher covers, by the task kind's rule (`kind.distill`); with
+    `standardize`, class logits (classification, segmentation) are Z-scored first, other kinds as they are."""
 
     name = "kd"
 
@@ -86,6 +117,8 @@ class LogitKD(Method):
         terms = {}
         for name in self.teacher_tasks:
             s_out, t_out = student_out["outputs"][name], teacher_out["outputs"][name]
-            terms[f"kd/{name}"] = self.tasks[name].kind.distill(s_out, t_out, float(self.cfg.temperature),
-                                                                self.cfg.dense)
+            kind = self.tasks[name].kind
+            if self.cfg.standardize and kind.softmax_labels:   # class logits only: a Z-scored depth map means nothing
+                s_out, t_out = standardize_logits(s_out), standardize_logits(t_out)
+            terms[f"kd/{name}"] = kind.distill(s_out, t_out, float(self.cfg.temperature), self.cfg.dense)
         return terms
