@@ -375,7 +375,17 @@ CIFAR100_LOSS = {
     "dkd": {"task_weight": 1.0, "dkd.weight": 1.0, "dkd.alpha": 1.0, "dkd.temperature": 4.0,
             "dkd.warmup_epochs": 20.0, "dkd.warmup_schedule": "epoch"},
 }
-CIFAR100_EXPERIMENTS = [f"cifar100_{pair}_{method}" for pair in CIFAR100_PAIRS for method in CIFAR100_LOSS]
+# Feature methods for resnet32x4 -> resnet8x4 (the pair run_cifar_distill.sh is written for): -a 0 -b beta,
+# -r left at 1 (train_student.py parse_option): SP L11 -b 3000, RKD L17 -b 1, PKT L19 -b 30000, NST L27 -b 50.
+CIFAR100_FEATURE_LOSS = {
+    "sp": {"task_weight": 1.0, "sp.weight": 3000.0},
+    "rkd": {"task_weight": 1.0, "rkd.weight": 1.0, "rkd.distance_weight": 25.0, "rkd.angle_weight": 50.0},
+    "pkt": {"task_weight": 1.0, "pkt.weight": 30000.0},
+    "nst": {"task_weight": 1.0, "nst.weight": 50.0},
+}
+CIFAR100_LOSS.update(CIFAR100_FEATURE_LOSS)
+CIFAR100_EXPERIMENTS = [f"cifar100_{pair}_{method}" for pair in CIFAR100_PAIRS for method in CIFAR100_LOSS
+                        if method not in CIFAR100_FEATURE_LOSS or pair == "resnet32x4_resnet8x4"]
 
 
 def _composed(hydra_compose, name: str) -> dict:
