@@ -30,13 +30,16 @@ from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.ranges import Range, check_ranges, field_range
 
 CONF = REPO / "conf"
-LOSS_METHODS = ("kd", "dkd", "fitnet", "at", "kd4mtl", "bam", "rkd", "dist", "pkt", "sp", "nst", "fsp", "cc", "cwd", "kdsvd")
+LOSS_METHODS = ("kd", "dkd", "fitnet", "at", "kd4mtl", "bam", "rkd", "dist", "pkt", "sp", "nst", "fsp", "cc", "cwd", "kdsvd", "reviewkd", "vid", "ctkd")
 
 # Numeric fields left without a range, and why (anything else numeric must declare one).
 UNRANGED = {
     "DataConfig.mean": "a per-channel shift: any value is valid",
     "DataConfig.scale_crop": "data.check_scale_crop refuses scales < 1 with its own hint, before any work",
     "PublishedResult.value": "a published number as printed, any sign",
+    "CTKDConfig.initial_parameter": "the learned temperature parameter's start: any real (T = t_start + t_span * sigmoid(p))",
+    "CTKDConfig.lambda_start": "the gradient-reversal factor at the curriculum's start: any real (official 0)",
+    "CTKDConfig.lambda_end": "the gradient-reversal factor at its end: any real (official -1)",
 }
 
 
