@@ -16,9 +16,8 @@ is printed (`pytest -s`) as `official-diff <what>: <value>`.
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,13 +26,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.autograd import Function
 
-from kdmtl_cli.data import TargetSpec
+from distill_checks import (assert_terms_logged, build_method, cli_terms, loss_yaml, make_tasks, randn, record_diff,
+                            resume_equals_straight, settings_from_yaml, train_logs_finite_terms)
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.ctkd import CTKDConfig, CurriculumTemperatureKD, curriculum_lambda
 from kdmtl_cli.errors import KdmtlError
-from kdmtl_cli.tasks import TASK_KINDS, Task, _load_kinds
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-9
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,38 +120,23 @@ def as_rows(logits):
 DIFFS = {}
 
 
-def record(what: str, ours: torch.Tensor, official: torch.Tensor) -> float:
-    assert ours.dtype == torch.float64, f"{what}: computed in {ours.dtype}, not float64"
-    diff = float((ours.detach().reshape(-1) - official.detach().reshape(-1)).abs().max())
-    DIFFS[what] = max(diff, DIFFS.get(what, 0.0))
-    print(f"official-diff {what}: {diff:.3e}")
-    assert diff <= ATOL, f"{what}: max abs diff {diff} > {ATOL}"
-    return diff
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+record = functools.partial(record_diff, atol=ATOL, diffs=DIFFS)
 
 
 def _yaml():
-    return OmegaConf.load(REPO / "conf" / "loss" / "ctkd.yaml")
+    return loss_yaml("ctkd")
 
 
 def _cfg(**overrides):
-    return OmegaConf.merge(OmegaConf.structured(CTKDConfig), _yaml(), overrides)
+    return settings_from_yaml(CTKDConfig, "ctkd", **overrides)
 
 
 def _tasks():
-    _load_kinds()
-    kind = lambda name: TASK_KINDS.get(name)()  # noqa: E731
-    return {"cls": Task("cls", kind("classification"), TargetSpec("classification", 100), "cls"),
-            "seg": Task("seg", kind("segmentation"), TargetSpec("segmentation", 7), "seg"),
-            "depth": Task("depth", kind("depth"), TargetSpec("depth", mean=2.0, std=1.0), "depth")}
+    return make_tasks(100, 7)
 
 
 def _method(teacher_tasks=("cls", "seg", "depth"), **overrides):
-    method = CurriculumTemperatureKD(_cfg(**overrides), _tasks(), list(teacher_tasks))
+    method = build_method(CurriculumTemperatureKD, CTKDConfig, "ctkd", _tasks(), teacher_tasks, **overrides)
     method.setup({}, {})
     return method
 
@@ -297,30 +280,12 @@ def test_half_precision_logits_are_computed_in_float32_even_under_autocast(low):
 
 
 # ================================================================ through the real CLI
-def _terms(run_dir: Path, prefix: str) -> dict:
-    from conftest import read_jsonl
-
-    values = {}
-    for row in read_jsonl(run_dir / "metrics.jsonl"):
-        values.update({k: v for k, v in row.items() if f"/{prefix}/" in k or k.startswith(f"{prefix}/")})
-    return values
-
-
 @pytest.mark.parametrize("loss, methods", [("ctkd", ["ctkd"]), ("[ctkd,fitnet]", ["ctkd", "fitnet"])])
 def test_cli_train_with_the_method(loss, methods, workdir, shared_cache):
-    from conftest import FAST, run_kdmtl, show
-
-    run_dir = workdir / "run"
-    proc = run_kdmtl(["train", f"loss={loss}", *FAST, f"hydra.run.dir={run_dir}"], workdir, shared_cache)
-    assert proc.returncode == 0, show(proc)
-    json.loads((run_dir / "results.json").read_text())
-    for method in methods:
-        terms = _terms(run_dir, method)
-        assert terms, f"no {method}/ term in metrics.jsonl\n" + show(proc)
-        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in terms.values()), terms
-    ctkd = _terms(run_dir, "ctkd")
-    for task in ("cls", "seg"):       # the default tasks cls_seg_depth: depth has no ctkd term
-        assert any(k.endswith(f"ctkd/{task}") for k in ctkd), sorted(ctkd)
+    run_dir = train_logs_finite_terms(loss, methods, workdir, shared_cache)
+    # the default tasks cls_seg_depth: depth has no ctkd term
+    assert_terms_logged(run_dir, "ctkd", ("ctkd/cls", "ctkd/seg"))
+    ctkd = cli_terms(run_dir, "ctkd")
     assert not any(k.endswith("ctkd/depth") for k in ctkd), sorted(ctkd)
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["objective"]
     assert {"ctkd.cls.parameter", "ctkd.seg.parameter"} <= set(state)
@@ -328,22 +293,10 @@ def test_cli_train_with_the_method(loss, methods, workdir, shared_cache):
 
 def test_cli_resume_restores_the_temperature(workdir, shared_cache):
     """An interrupted `loss=ctkd` run, resumed, ends with the temperatures of the uninterrupted run, bit for bit."""
-    from conftest import FAST, run_kdmtl, show
-
-    common = ["train", "loss=ctkd", *FAST, "optim.epochs=2"]
-    straight, interrupted = workdir / "straight", workdir / "interrupted"
-    for args in ([f"hydra.run.dir={straight}"], ["stop_after_epoch=1", f"hydra.run.dir={interrupted}"]):
-        proc = run_kdmtl([*common, *args], workdir, shared_cache, fresh=True)
-        assert proc.returncode == 0, show(proc)
-    after_one = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)
-    assert after_one["epoch"] == 1
-    assert set(after_one["objective"]) == {"ctkd.cls.parameter", "ctkd.seg.parameter"}
-    proc = run_kdmtl(["train", f"resume={interrupted}", "log.progress=plain"], workdir, shared_cache, fresh=True)
-    assert proc.returncode == 0 and "resuming" in proc.stdout, show(proc)
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["objective"]
-    b = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)["objective"]
-    assert set(a) == set(b) == set(after_one["objective"])
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    for key in a:     # the temperature moved during the first and the second epoch: the restore is not trivial
+    keys = {"ctkd.cls.parameter", "ctkd.seg.parameter"}
+    # the temperature moved during the first and the second epoch: the restore is not trivial
+    after_one, a, _ = resume_equals_straight("ctkd", workdir, shared_cache, trained=sorted(keys))
+    assert set(after_one["objective"]) == keys
+    assert set(a["objective"]) == set(after_one["objective"])
+    for key in a["objective"]:
         assert not torch.equal(after_one["objective"][key], torch.ones(1)), key
-        assert not torch.equal(after_one["objective"][key], a[key]), key

@@ -19,6 +19,7 @@ is printed (`pytest -s`) as `official-diff <method>: <value>`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -30,13 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kdmtl_cli.data import TargetSpec
+from distill_checks import loss_yaml, make_tasks, randn, record_diff, settings_from_yaml
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.cwd import ChannelWiseDistillation, CWDConfig, cwd_loss
 from kdmtl_cli.distill.kdsvd import KDSVDConfig, SVDDistillation, kdsvd_losses
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.schema import LossConfig
-from kdmtl_cli.tasks import TASK_KINDS, Task, _load_kinds
+from kdmtl_cli.tasks import _load_kinds
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-9
@@ -58,18 +59,7 @@ MMRAZOR_CWD = {"tau": 1.0, "loss_weight": 5.0}
 KDSVD_OFFICIAL = {"weight": 1.0, "k": 1, "extra": 3, "student": STAGES, "teacher": STAGES}
 
 
-def record(method: str, ours: torch.Tensor, official: torch.Tensor) -> float:
-    assert ours.dtype == torch.float64, f"{method}: computed in {ours.dtype}, not the input's float64"
-    diff = float((ours.detach() - official.detach()).abs().max())
-    DIFFS[method] = max(DIFFS.get(method, 0.0), diff)
-    print(f"official-diff {method}: {diff:.3e}")
-    assert diff <= ATOL, f"{method}: max abs diff {diff} > {ATOL}"
-    return diff
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+record = functools.partial(record_diff, atol=ATOL, diffs=DIFFS, flat=False)
 
 
 # ================================================================ official code, transcribed
@@ -225,19 +215,12 @@ def nhwc(x):
 
 
 # ================================================================ kdmtl's side
-def _yaml(name):
-    return OmegaConf.load(REPO / "conf" / "loss" / f"{name}.yaml")
-
-
-def _cfg(settings, name, **overrides):
-    return OmegaConf.merge(OmegaConf.structured(settings), _yaml(name), overrides)
+_yaml = loss_yaml
+_cfg = settings_from_yaml
 
 
 def _tasks(classes=5):
-    kind = lambda name: TASK_KINDS.get(name)()   # noqa: E731
-    return {"cls": Task("cls", kind("classification"), TargetSpec("classification", classes), "cls"),
-            "seg": Task("seg", kind("segmentation"), TargetSpec("segmentation", classes), "seg"),
-            "depth": Task("depth", kind("depth"), TargetSpec("depth", mean=2.0, std=1.0), "depth")}
+    return make_tasks(classes, classes)
 
 
 def _cwd(seg_s, seg_t, s_feats=None, t_feats=None, **overrides):

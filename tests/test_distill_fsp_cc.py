@@ -18,9 +18,7 @@ max abs difference of each comparison is printed (`pytest -s`) as `official-diff
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
+import functools
 
 import numpy as np
 import pytest
@@ -29,12 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from distill_checks import (assert_terms_logged, build_method, loss_yaml, randn, record_diff, resume_equals_straight,
+                            settings_from_yaml, train_logs_finite_terms)
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.cc import CCConfig, CorrelationCongruence, cc_loss
 from kdmtl_cli.distill.fsp import FlowOfSolutionProcedure, FSPConfig, fsp_loss
 from kdmtl_cli.errors import KdmtlError
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-9
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,23 +118,8 @@ def official_feat_last(x):
 
 
 # ================================================================ helpers
-def record(what: str, ours: torch.Tensor, official: torch.Tensor, rel: bool = False) -> float:
-    assert ours.dtype == torch.float64, f"{what}: computed in {ours.dtype}, not the input's float64"
-    ours, official = ours.detach().reshape(-1), official.detach().reshape(-1)
-    diff = float((ours - official).abs().max())
-    print(f"official-diff {what}: {diff:.3e}")
-    bound = ATOL * max(1.0, float(official.abs().max())) if rel else ATOL
-    assert diff <= bound, f"{what}: max abs diff {diff} > {bound}"
-    return diff
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-
-
-def _yaml(name):
-    return OmegaConf.load(REPO / "conf" / "loss" / f"{name}.yaml")
+record = functools.partial(record_diff, atol=ATOL)
+_yaml = loss_yaml
 
 
 SETTINGS = {"fsp": FSPConfig, "cc": CCConfig}
@@ -143,11 +127,11 @@ METHODS = {"fsp": FlowOfSolutionProcedure, "cc": CorrelationCongruence}
 
 
 def _cfg(name, **overrides):
-    return OmegaConf.merge(OmegaConf.structured(SETTINGS[name]), _yaml(name), overrides)
+    return settings_from_yaml(SETTINGS[name], name, **overrides)
 
 
 def _method(name, teacher_tasks=("cls",), **overrides):
-    return METHODS[name](_cfg(name, **overrides), {}, list(teacher_tasks))
+    return build_method(METHODS[name], SETTINGS[name], name, {}, teacher_tasks, **overrides)
 
 
 def _terms_and_total(method, s_feats, t_feats):
@@ -354,54 +338,20 @@ def test_half_precision_inputs_are_computed_in_float32_even_under_autocast(name,
 
 
 # ================================================================ through the real CLI
-def _terms(run_dir: Path, prefix: str) -> dict:
-    from conftest import read_jsonl
-
-    values = {}
-    for row in read_jsonl(run_dir / "metrics.jsonl"):
-        values.update({k: v for k, v in row.items() if f"/{prefix}/" in k or k.startswith(f"{prefix}/")})
-    return values
-
-
 # FSP needs the teacher's channel counts: the default teacher (convnet width 32) with a width-32 student.
 @pytest.mark.parametrize("loss, methods, extra", [("fsp", ["fsp"], ["student.width=32"]), ("cc", ["cc"], []),
                                                   ("[kd,cc]", ["kd", "cc"], [])])
 def test_cli_train_with_the_method(loss, methods, extra, workdir, shared_cache):
-    from conftest import FAST, run_kdmtl, show
-
-    run_dir = workdir / "run"
-    proc = run_kdmtl(["train", f"loss={loss}", *extra, *FAST, f"hydra.run.dir={run_dir}"], workdir, shared_cache)
-    assert proc.returncode == 0, show(proc)
-    json.loads((run_dir / "results.json").read_text())
-    for method in methods:
-        terms = _terms(run_dir, method)
-        assert terms, f"no {method}/ term in metrics.jsonl\n" + show(proc)
-        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in terms.values()), terms
+    run_dir = train_logs_finite_terms(loss, methods, workdir, shared_cache, extra=extra)
     expected = {"fsp": [f"fsp/{a}+{b}" for a, b in zip(STEM_AND_STAGES[:-1], STEM_AND_STAGES[1:])],
                 "cc": ["cc/trunk.stages.2"]}
     for method in methods:
-        for term in expected.get(method, []):
-            assert any(k.endswith(term) for k in _terms(run_dir, method)), (term, sorted(_terms(run_dir, method)))
+        assert_terms_logged(run_dir, method, expected.get(method, []))
 
 
 def test_cli_resume_restores_the_cc_embeddings(workdir, shared_cache):
     """An interrupted `loss=cc` run, resumed, ends with the embeddings of the uninterrupted run, bit for bit."""
-    from conftest import FAST, run_kdmtl, show
-
-    common = ["train", "loss=cc", *FAST, "optim.epochs=2"]
-    straight, interrupted = workdir / "straight", workdir / "interrupted"
-    for args in ([f"hydra.run.dir={straight}"], ["stop_after_epoch=1", f"hydra.run.dir={interrupted}"]):
-        proc = run_kdmtl([*common, *args], workdir, shared_cache, fresh=True)
-        assert proc.returncode == 0, show(proc)
-    after_one = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)
-    assert after_one["epoch"] == 1
+    # the embeddings trained during the second epoch (so the restore is not trivial)
+    after_one, a, _ = resume_equals_straight("cc", workdir, shared_cache, trained=["cc.trunk__stages__2.student.weight"])
     assert {k.split(".", 1)[0] for k in after_one["objective"]} == {"cc"}
-    proc = run_kdmtl(["train", f"resume={interrupted}", "log.progress=plain"], workdir, shared_cache, fresh=True)
-    assert proc.returncode == 0 and "resuming" in proc.stdout, show(proc)
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["objective"]
-    b = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)["objective"]
-    assert set(a) == set(b) == set(after_one["objective"])
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    # the embeddings trained during the second epoch (so the restore above is not trivial)
-    assert not torch.equal(after_one["objective"]["cc.trunk__stages__2.student.weight"],
-                           a["cc.trunk__stages__2.student.weight"])
+    assert set(a["objective"]) == set(after_one["objective"])

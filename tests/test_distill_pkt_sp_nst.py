@@ -18,9 +18,7 @@ max abs difference of each method is printed (`pytest -s`) as `official-diff <me
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
+import functools
 
 import pytest
 import torch
@@ -28,13 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from distill_checks import assert_terms_logged, build_method, loss_yaml, randn, record_diff, settings_from_yaml, train_logs_finite_terms
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.nst import NeuronSelectivityTransfer, NSTConfig, nst_loss
 from kdmtl_cli.distill.pkt import PKTConfig, ProbabilisticKnowledgeTransfer, pkt_loss
 from kdmtl_cli.distill.sp import SimilarityPreserving, SPConfig, sp_loss
 from kdmtl_cli.errors import KdmtlError
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-9
 DIFFS = {}
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,24 +129,8 @@ def official_group(criterion, g_s, g_t):
 
 
 # ================================================================ helpers
-def record(method: str, ours: torch.Tensor, official: torch.Tensor, rel: bool = False) -> float:
-    assert ours.dtype == torch.float64, f"{method}: computed in {ours.dtype}, not the input's float64"
-    ours, official = ours.detach().reshape(-1), official.detach().reshape(-1)
-    diff = float((ours - official).abs().max())
-    DIFFS[method] = max(DIFFS.get(method, 0.0), diff)
-    print(f"official-diff {method}: {diff:.3e}")
-    bound = ATOL * max(1.0, float(official.abs().max())) if rel else ATOL
-    assert diff <= bound, f"{method}: max abs diff {diff} > {bound}"
-    return diff
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-
-
-def _yaml(name):
-    return OmegaConf.load(REPO / "conf" / "loss" / f"{name}.yaml")
+record = functools.partial(record_diff, atol=ATOL, diffs=DIFFS)
+_yaml = loss_yaml
 
 
 SETTINGS = {"pkt": PKTConfig, "sp": SPConfig, "nst": NSTConfig}
@@ -157,11 +139,11 @@ METHODS = {"pkt": ProbabilisticKnowledgeTransfer, "sp": SimilarityPreserving, "n
 
 def _cfg(name, **overrides):
     """A method's node from its YAML, validated by its settings class."""
-    return OmegaConf.merge(OmegaConf.structured(SETTINGS[name]), _yaml(name), overrides)
+    return settings_from_yaml(SETTINGS[name], name, **overrides)
 
 
 def _method(name, teacher_tasks=("cls",), **overrides):
-    return METHODS[name](_cfg(name, **overrides), {}, list(teacher_tasks))
+    return build_method(METHODS[name], SETTINGS[name], name, {}, teacher_tasks, **overrides)
 
 
 def _weighted_total(method, s_feats, t_feats):
@@ -355,30 +337,10 @@ def test_half_precision_inputs_are_computed_in_float32_even_under_autocast(name,
 
 
 # ================================================================ through the real CLI
-def _terms(run_dir: Path, prefix: str) -> dict:
-    from conftest import read_jsonl
-
-    values = {}
-    for row in read_jsonl(run_dir / "metrics.jsonl"):
-        values.update({k: v for k, v in row.items() if f"/{prefix}/" in k or k.startswith(f"{prefix}/")})
-    return values
-
-
 @pytest.mark.parametrize("loss, methods", [("pkt", ["pkt"]), ("sp", ["sp"]), ("nst", ["nst"]),
                                            ("[kd,pkt]", ["kd", "pkt"])])
 def test_cli_train_with_the_method(loss, methods, workdir, shared_cache):
-    from conftest import FAST, run_kdmtl, show
-
-    run_dir = workdir / "run"
-    proc = run_kdmtl(["train", f"loss={loss}", *FAST, f"hydra.run.dir={run_dir}"], workdir, shared_cache)
-    assert proc.returncode == 0, show(proc)
-    assert (run_dir / "results.json").exists(), show(proc)
-    json.loads((run_dir / "results.json").read_text())
-    for method in methods:
-        terms = _terms(run_dir, method)
-        assert terms, f"no {method}/ term in metrics.jsonl\n" + show(proc)
-        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in terms.values()), terms
+    run_dir = train_logs_finite_terms(loss, methods, workdir, shared_cache)
     expected = {"pkt": ["pkt/trunk.stages.2"], "sp": ["sp/trunk.stages.2"], "nst": [f"nst/{s}" for s in STAGES]}
     for method in methods:
-        for term in expected.get(method, []):
-            assert any(k.endswith(term) for k in _terms(run_dir, method)), (term, sorted(_terms(run_dir, method)))
+        assert_terms_logged(run_dir, method, expected.get(method, []))

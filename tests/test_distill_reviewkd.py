@@ -16,9 +16,7 @@ printed (`pytest -s`) as `official-diff <what>: <value>`.
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
+import functools
 
 import pytest
 import torch
@@ -26,11 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from distill_checks import (assert_terms_logged, build_method, loss_yaml, randn, record_diff, resume_equals_straight,
+                            train_logs_finite_terms)
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.reviewkd import ReviewKD, ReviewKDConfig, hcl_loss
 from kdmtl_cli.errors import KdmtlError
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-9
 pytestmark = pytest.mark.usefixtures("one_thread")
 STAGES = ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"]
@@ -133,27 +132,15 @@ def official_pooled(x):   # mdistiller models/cifar/resnet.py: avgpool over the 
 
 
 # ================================================================ helpers
-def record(what: str, ours: torch.Tensor, official: torch.Tensor) -> float:
-    assert ours.dtype == torch.float64, f"{what}: computed in {ours.dtype}, not the input's float64"
-    ours, official = ours.detach().reshape(-1), official.detach().reshape(-1)
-    diff = float((ours - official).abs().max())
-    print(f"official-diff {what}: {diff:.3e}")
-    assert diff <= ATOL, f"{what}: max abs diff {diff} > {ATOL}"
-    return diff
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+record = functools.partial(record_diff, atol=ATOL)
 
 
 def _yaml():
-    return OmegaConf.load(REPO / "conf" / "loss" / "reviewkd.yaml")
+    return loss_yaml("reviewkd")
 
 
 def _method(teacher_tasks=("cls",), **overrides):
-    cfg = OmegaConf.merge(OmegaConf.structured(ReviewKDConfig), _yaml(), overrides)
-    return ReviewKD(cfg, {}, list(teacher_tasks))
+    return build_method(ReviewKD, ReviewKDConfig, "reviewkd", {}, teacher_tasks, **overrides)
 
 
 def _maps(shapes, seed):
@@ -288,51 +275,19 @@ def test_per_task_teachers_give_one_chain_each():
 
 
 # ================================================================ through the real CLI
-def _terms(run_dir: Path, prefix: str) -> dict:
-    from conftest import read_jsonl
-
-    values = {}
-    for row in read_jsonl(run_dir / "metrics.jsonl"):
-        values.update({k: v for k, v in row.items() if f"/{prefix}/" in k or k.startswith(f"{prefix}/")})
-    return values
-
-
 @pytest.mark.parametrize("loss, methods", [("reviewkd", ["reviewkd"]), ("[kd,reviewkd]", ["kd", "reviewkd"])])
 def test_cli_train_with_the_method(loss, methods, workdir, shared_cache):
-    from conftest import FAST, run_kdmtl, show
-
-    run_dir = workdir / "run"
-    proc = run_kdmtl(["train", f"loss={loss}", *FAST, f"hydra.run.dir={run_dir}"], workdir, shared_cache)
-    assert proc.returncode == 0, show(proc)
-    json.loads((run_dir / "results.json").read_text())
-    for method in methods:
-        terms = _terms(run_dir, method)
-        assert terms, f"no {method}/ term in metrics.jsonl\n" + show(proc)
-        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in terms.values()), terms
-    assert any(k.endswith("reviewkd/hcl") for k in _terms(run_dir, "reviewkd"))
+    run_dir = train_logs_finite_terms(loss, methods, workdir, shared_cache)
+    assert_terms_logged(run_dir, "reviewkd", ["reviewkd/hcl"])
 
 
 def test_cli_resume_restores_the_abfs(workdir, shared_cache):
     """An interrupted `loss=reviewkd` run, resumed, ends with the ABFs of the uninterrupted run, bit for bit."""
-    from conftest import FAST, run_kdmtl, show
-
-    common = ["train", "loss=reviewkd", *FAST, "optim.epochs=2"]
-    straight, interrupted = workdir / "straight", workdir / "interrupted"
-    for args in ([f"hydra.run.dir={straight}"], ["stop_after_epoch=1", f"hydra.run.dir={interrupted}"]):
-        proc = run_kdmtl([*common, *args], workdir, shared_cache, fresh=True)
-        assert proc.returncode == 0, show(proc)
-    after_one = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)
-    assert after_one["epoch"] == 1
+    # the ABFs trained during the second epoch (so the restore is not trivial)
+    after_one, a, _ = resume_equals_straight("reviewkd", workdir, shared_cache,
+                                             trained=["reviewkd.hcl.abfs.1.conv1.0.weight"])
     assert {k.split(".", 1)[0] for k in after_one["objective"]} == {"reviewkd"}
     n_params = sum(v.numel() for k, v in after_one["objective"].items()
                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     print(f"reviewkd ABF parameters in the CLI run (student=small, teacher=multitask): {n_params}")
-    proc = run_kdmtl(["train", f"resume={interrupted}", "log.progress=plain"], workdir, shared_cache, fresh=True)
-    assert proc.returncode == 0 and "resuming" in proc.stdout, show(proc)
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["objective"]
-    b = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)["objective"]
-    assert set(a) == set(b) == set(after_one["objective"])
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    # the ABFs trained during the second epoch (so the restore above is not trivial)
-    key = "reviewkd.hcl.abfs.1.conv1.0.weight"
-    assert not torch.equal(after_one["objective"][key], a[key])
+    assert set(a["objective"]) == set(after_one["objective"])

@@ -20,6 +20,7 @@ abs difference of each method is printed (`pytest -s`) as `official-diff <method
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kdmtl_cli.data import TargetSpec
+from distill_checks import loss_yaml, make_tasks, randn, record_diff, settings_from_yaml
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.dist import DIST, DISTConfig
 from kdmtl_cli.distill.rkd import RelationalKD, RKDConfig
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.schema import LossConfig
-from kdmtl_cli.tasks import TASK_KINDS, Task, _load_kinds
+from kdmtl_cli.tasks import _load_kinds
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-9
@@ -55,18 +56,7 @@ RKD_OFFICIAL = {"weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0, "s
 DIST_OFFICIAL = {"weight": 2.0, "beta": 1.0, "gamma": 1.0, "tau": 1.0}
 
 
-def record(method: str, ours: torch.Tensor, official: torch.Tensor) -> float:
-    assert ours.dtype == torch.float64, f"{method}: computed in {ours.dtype}, not the input's float64"
-    diff = float((ours.detach() - official.detach()).abs().max())
-    DIFFS[method] = max(DIFFS.get(method, 0.0), diff)
-    print(f"official-diff {method}: {diff:.3e}")
-    assert diff <= ATOL, f"{method}: max abs diff {diff} > {ATOL}"
-    return diff
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+record = functools.partial(record_diff, atol=ATOL, diffs=DIFFS, flat=False)
 
 
 # ================================================================ official code, transcribed
@@ -112,16 +102,8 @@ class OfficialRKDLoss(nn.Module):
 
     @staticmethod
     def pdist(e, squared=False, eps=1e-12):
-        e_square = e.pow(2).sum(dim=1)
-        prod = e @ e.t()
-        res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
-
-        if not squared:
-            res = res.sqrt()
-
-        res = res.clone()
-        res[range(len(e)), range(len(e))] = 0
-        return res
+        # RepDistiller's body is line for line mdistiller's `_pdist` (transcribed once, below)
+        return mdistiller_pdist(e, squared, eps)
 
 
 def official_penultimate(feature_map):
@@ -249,19 +231,12 @@ class OfficialDISTSegmentation(nn.Module):
 
 
 # ================================================================ kdmtl's side
-def _yaml(name):
-    return OmegaConf.load(REPO / "conf" / "loss" / f"{name}.yaml")
-
-
-def _cfg(settings, name, **overrides):
-    return OmegaConf.merge(OmegaConf.structured(settings), _yaml(name), overrides)
+_yaml = loss_yaml
+_cfg = settings_from_yaml
 
 
 def _tasks(classes=5):
-    kind = lambda name: TASK_KINDS.get(name)()   # noqa: E731
-    return {"cls": Task("cls", kind("classification"), TargetSpec("classification", classes), "cls"),
-            "seg": Task("seg", kind("segmentation"), TargetSpec("segmentation", classes), "seg"),
-            "depth": Task("depth", kind("depth"), TargetSpec("depth", mean=2.0, std=1.0), "depth")}
+    return make_tasks(classes, classes)
 
 
 def _rkd_term(student, teacher, **overrides):

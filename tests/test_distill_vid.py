@@ -15,9 +15,8 @@ max abs difference of each comparison is printed (`pytest -s`) as `official-diff
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,11 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from distill_checks import (assert_terms_logged, build_method, loss_yaml, randn, record_diff, resume_equals_straight,
+                            settings_from_yaml, train_logs_finite_terms)
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.vid import VariationalInformationDistillation, VIDConfig, vid_loss
 from kdmtl_cli.errors import KdmtlError
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-9
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,31 +82,19 @@ class OfficialVIDLoss(nn.Module):
 
 
 # ================================================================ helpers
-def record(what: str, ours: torch.Tensor, official: torch.Tensor, rel: bool = False) -> float:
-    assert ours.dtype == torch.float64, f"{what}: computed in {ours.dtype}, not the input's float64"
-    ours, official = ours.detach().reshape(-1), official.detach().reshape(-1)
-    diff = float((ours - official).abs().max())
-    print(f"official-diff {what}: {diff:.3e}")
-    bound = ATOL * max(1.0, float(official.abs().max())) if rel else ATOL
-    assert diff <= bound, f"{what}: max abs diff {diff} > {bound}"
-    return diff
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+record = functools.partial(record_diff, atol=ATOL)
 
 
 def _yaml():
-    return OmegaConf.load(REPO / "conf" / "loss" / "vid.yaml")
+    return loss_yaml("vid")
 
 
 def _cfg(**overrides):
-    return OmegaConf.merge(OmegaConf.structured(VIDConfig), _yaml(), overrides)
+    return settings_from_yaml(VIDConfig, "vid", **overrides)
 
 
 def _method(teacher_tasks=("cls",), **overrides):
-    return VariationalInformationDistillation(_cfg(**overrides), {}, list(teacher_tasks))
+    return build_method(VariationalInformationDistillation, VIDConfig, "vid", {}, teacher_tasks, **overrides)
 
 
 def _terms_and_total(method, s_feats, t_feats):
@@ -278,56 +266,21 @@ def test_half_precision_inputs_are_computed_in_float32_even_under_autocast(low):
 
 
 # ================================================================ through the real CLI
-def _terms(run_dir: Path, prefix: str) -> dict:
-    from conftest import read_jsonl
-
-    values = {}
-    for row in read_jsonl(run_dir / "metrics.jsonl"):
-        values.update({k: v for k, v in row.items() if f"/{prefix}/" in k or k.startswith(f"{prefix}/")})
-    return values
-
-
 @pytest.mark.parametrize("loss, methods", [("vid", ["vid"]), ("[kd,vid]", ["kd", "vid"])])
 def test_cli_train_with_the_method(loss, methods, workdir, shared_cache):
-    from conftest import FAST, run_kdmtl, show
-
-    run_dir = workdir / "run"
-    proc = run_kdmtl(["train", f"loss={loss}", *FAST, f"hydra.run.dir={run_dir}"], workdir, shared_cache)
-    assert proc.returncode == 0, show(proc)
-    json.loads((run_dir / "results.json").read_text())
-    for method in methods:
-        terms = _terms(run_dir, method)
-        assert terms, f"no {method}/ term in metrics.jsonl\n" + show(proc)
-        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in terms.values()), terms
-    for term in (f"vid/{n}" for n in STAGES):
-        assert any(k.endswith(term) for k in _terms(run_dir, "vid")), (term, sorted(_terms(run_dir, "vid")))
+    run_dir = train_logs_finite_terms(loss, methods, workdir, shared_cache)
+    assert_terms_logged(run_dir, "vid", [f"vid/{n}" for n in STAGES])
 
 
 def test_cli_resume_restores_the_vid_learned_parts(workdir, shared_cache):
     """An interrupted `loss=vid` run, resumed, ends with the learned parts of the uninterrupted run, bit for bit."""
-    from conftest import FAST, run_kdmtl, show
-
-    common = ["train", "loss=vid", *FAST, "optim.epochs=2"]
-    straight, interrupted = workdir / "straight", workdir / "interrupted"
-    for args in ([f"hydra.run.dir={straight}"], ["stop_after_epoch=1", f"hydra.run.dir={interrupted}"]):
-        proc = run_kdmtl([*common, *args], workdir, shared_cache, fresh=True)
-        assert proc.returncode == 0, show(proc)
-    after_one = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)
-    assert after_one["epoch"] == 1
+    # the log-scales trained during the second epoch too (so the restore is not trivial)
+    after_one, reference, resumed = resume_equals_straight("vid", workdir, shared_cache,
+                                                           trained=["vid.trunk__stages__0.log_scale"])
     assert {k.split(".", 1)[0] for k in after_one["objective"]} == {"vid"}
     assert any(k.endswith(".log_scale") for k in after_one["objective"]), sorted(after_one["objective"])
-    proc = run_kdmtl(["train", f"resume={interrupted}", "log.progress=plain"], workdir, shared_cache, fresh=True)
-    assert proc.returncode == 0 and "resuming" in proc.stdout, show(proc)
-    resumed = torch.load(interrupted / "checkpoints" / "last.pt", weights_only=True)
-    reference = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["epoch"] == reference["epoch"] == 2
-    assert set(resumed["objective"]) == set(reference["objective"])
-    for key, value in reference["objective"].items():
-        assert torch.equal(resumed["objective"][key], value), key
     # The log-scales were trained (they left their start) and the resumed run restored them.
     start = torch.full_like(reference["objective"]["vid.trunk__stages__0.log_scale"],
                             math.log(math.exp(VID_INIT_PRED_VAR - VID_EPS) - 1.0))
     assert not torch.equal(reference["objective"]["vid.trunk__stages__0.log_scale"], start)
-    # ... and trained during the second epoch too (so the restore above is not trivial).
-    assert not torch.equal(after_one["objective"]["vid.trunk__stages__0.log_scale"],
-                           reference["objective"]["vid.trunk__stages__0.log_scale"])

@@ -16,6 +16,7 @@ per-pixel rules mean. Every comparison is at atol 1e-9; the max abs difference i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -24,13 +25,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import FAST, REPO, run_kdmtl, show
-from kdmtl_cli.data import TargetSpec
+from conftest import FAST, run_kdmtl, show
+from distill_checks import build_method, loss_yaml, make_tasks, randn, record_diff
 from kdmtl_cli.distill.dkd import DecoupledKD
 from kdmtl_cli.distill.functional import dkd_loss
 from kdmtl_cli.distill.logit import LogitKD, kl_with_temperature, standardize_logits
 from kdmtl_cli.schema import DKDConfig, KDConfig
-from kdmtl_cli.tasks import TASK_KINDS, Task, _load_kinds
 
 ATOL = 1e-9
 DIFFS = {}
@@ -38,18 +38,7 @@ TEMPERATURES = [0.5, 1.0, 2.0, 4.0, 8.0]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def record(case: str, ours: torch.Tensor, official: torch.Tensor) -> float:
-    assert ours.dtype == torch.float64, f"{case}: computed in {ours.dtype}, not the input's float64"
-    diff = float((ours.detach() - official.detach()).abs().max())
-    DIFFS[case] = max(DIFFS.get(case, 0.0), diff)
-    print(f"official-diff {case}: {diff:.3e}")
-    assert diff <= ATOL, f"{case}: max abs diff {diff} > {ATOL}"
-    return diff
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+record = functools.partial(record_diff, atol=ATOL, diffs=DIFFS, flat=False)
 
 
 def rows(x):
@@ -123,24 +112,18 @@ def official_dkd_loss(logits_student_in, logits_teacher_in, target, alpha, beta,
 
 # ================================================================ kdmtl's methods, built as the trainer does
 def _tasks():
-    _load_kinds()
-    kind = lambda name: TASK_KINDS.get(name)()  # noqa: E731
-    return {"cls": Task("cls", kind("classification"), TargetSpec("classification", 100), "cls"),
-            "seg": Task("seg", kind("segmentation"), TargetSpec("segmentation", 7), "seg"),
-            "depth": Task("depth", kind("depth"), TargetSpec("depth", mean=2.0, std=1.0), "depth"),
-            "tags": Task("tags", kind("multilabel"), TargetSpec("multilabel", 5), "tags")}
+    return make_tasks(100, 7, tags=5)
 
 
-def _yaml(name):
-    return OmegaConf.load(REPO / "conf" / "loss" / f"{name}.yaml")
+_yaml = loss_yaml
 
 
 def _kd(tasks, teacher_tasks, **overrides):
-    return LogitKD(OmegaConf.merge(OmegaConf.structured(KDConfig), _yaml("kd"), overrides), tasks, teacher_tasks)
+    return build_method(LogitKD, KDConfig, "kd", tasks, teacher_tasks, **overrides)
 
 
 def _dkd(tasks, teacher_tasks, **overrides):
-    return DecoupledKD(OmegaConf.merge(OmegaConf.structured(DKDConfig), _yaml("dkd"), overrides), tasks, teacher_tasks)
+    return build_method(DecoupledKD, DKDConfig, "dkd", tasks, teacher_tasks, **overrides)
 
 
 def _terms(method, student, teacher, targets=None):

@@ -20,6 +20,7 @@ method is printed (`pytest -s`) as `official-diff <method>: <value>`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from distill_checks import make_tasks, randn, record_diff
 from kdmtl_cli.distill.dkd import DecoupledKD, dkd_warmup
 from kdmtl_cli.distill.fitnet import FitNet
 from kdmtl_cli.distill.functional import (ConvReg, HintRegressor, TaskAdaptor, at_loss, bam_loss, dkd_loss,
@@ -43,18 +45,7 @@ DIFFS = {}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def record(method: str, ours: torch.Tensor, official: torch.Tensor) -> float:
-    assert ours.dtype == torch.float64, f"{method}: computed in {ours.dtype}, not the input's float64"
-    diff = float((ours.detach() - official.detach()).abs().max())
-    DIFFS[method] = max(DIFFS.get(method, 0.0), diff)
-    print(f"official-diff {method}: {diff:.3e}")
-    assert diff <= ATOL, f"{method}: max abs diff {diff} > {ATOL}"
-    return diff
-
-
-def randn(*shape, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+record = functools.partial(record_diff, atol=ATOL, diffs=DIFFS, flat=False)
 
 
 # ================================================================ official code, transcribed
@@ -183,9 +174,7 @@ def official_bam_losses(logits, teacher_logits, label_ids, percent_done):
 
 # ================================================================ the comparisons
 def _tasks():
-    _load_kinds()
-    return {"cls": Task("cls", TASK_KINDS.get("classification")(), TargetSpec("classification", 10), "cls"),
-            "seg": Task("seg", TASK_KINDS.get("segmentation")(), TargetSpec("segmentation", 5), "seg")}
+    return make_tasks(10, 5, depth=False)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])

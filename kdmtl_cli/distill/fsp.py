@@ -38,7 +38,7 @@ from torch import Tensor
 
 from kdmtl_cli.distill import KD_METHODS
 from kdmtl_cli.distill.logit import compute_dtype
-from kdmtl_cli.distill.nst import pooled_to_common_size
+from kdmtl_cli.distill.functional import pooled_to_common_size
 from kdmtl_cli.distill.pairs import FeaturePairMethod, FeaturePairsConfig
 from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.ranges import at_least

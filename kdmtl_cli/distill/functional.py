@@ -240,6 +240,27 @@ def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(q.reshape(feature.shape[0], -1), p=2.0, dim=1)
 
 
+def check_map_pair(what: str, student_feature: Tensor, teacher_feature: Tensor) -> None:
+    """Both features [N, C, H, W] with the same batch size (channels and sizes may differ)."""
+    if student_feature.dim() != 4 or teacher_feature.dim() != 4:
+        raise ValueError(f"{what}: features must be [N, C, H, W] (got {tuple(student_feature.shape)} "
+                         f"and {tuple(teacher_feature.shape)})")
+    if student_feature.shape[0] != teacher_feature.shape[0]:
+        raise ValueError(f"{what}: batch sizes must match (got {student_feature.shape[0]} "
+                         f"and {teacher_feature.shape[0]})")
+
+
+def pooled_to_common_size(student: Tensor, teacher: Tensor) -> Tuple[Tensor, Tensor]:
+    """Both maps at (min H, min W): the larger side adaptive-average-pooled (RepDistiller pools
+    to a square by height; the same for square maps)."""
+    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
+    if tuple(student.shape[-2:]) != size:
+        student = F.adaptive_avg_pool2d(student, size)
+    if tuple(teacher.shape[-2:]) != size:
+        teacher = F.adaptive_avg_pool2d(teacher, size)
+    return student, teacher
+
+
 def at_loss(student_feature: Tensor, teacher_feature: Tensor, p: float = 2.0) -> Tensor:
     """Attention-transfer loss of one feature pair, as RepDistiller's ``Attention.at_loss``.
 
@@ -252,19 +273,9 @@ def at_loss(student_feature: Tensor, teacher_feature: Tensor, p: float = 2.0) ->
     non-square ones.
     """
     p = _check_positive("p", p)
-    if student_feature.dim() != 4 or teacher_feature.dim() != 4:
-        raise ValueError(f"at_loss: features must be [N, C, H, W] (got {tuple(student_feature.shape)} "
-                         f"and {tuple(teacher_feature.shape)})")
-    if student_feature.shape[0] != teacher_feature.shape[0]:
-        raise ValueError(f"at_loss: batch sizes must match (got {student_feature.shape[0]} "
-                         f"and {teacher_feature.shape[0]})")
+    check_map_pair("at_loss", student_feature, teacher_feature)
     dtype = compute_dtype(student_feature)
-    s, t = student_feature.to(dtype), teacher_feature.to(dtype)
-    size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
-    if tuple(s.shape[-2:]) != size:
-        s = F.adaptive_avg_pool2d(s, size)
-    if tuple(t.shape[-2:]) != size:
-        t = F.adaptive_avg_pool2d(t, size)
+    s, t = pooled_to_common_size(student_feature.to(dtype), teacher_feature.to(dtype))
     return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
 
 

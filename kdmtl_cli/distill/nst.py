@@ -19,13 +19,14 @@ the stem: `trunk.stages.0..2` of the 3-stage convnet student and teacher. One te
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdmtl_cli.distill import KD_METHODS
+from kdmtl_cli.distill.functional import check_map_pair, pooled_to_common_size
 from kdmtl_cli.distill.logit import compute_dtype
 from kdmtl_cli.distill.pairs import FeaturePairMethod, FeaturePairsConfig
 from kdmtl_cli.ranges import at_least
@@ -39,16 +40,6 @@ class NSTConfig(FeaturePairsConfig):
     teacher: List[str] = field(default_factory=lambda: ["trunk.stages.0", "trunk.stages.1", "trunk.stages.2"])
 
 
-def pooled_to_common_size(student: Tensor, teacher: Tensor) -> Tuple[Tensor, Tensor]:
-    """Both maps at (min H, min W): the larger side adaptive-average-pooled."""
-    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
-    if tuple(student.shape[-2:]) != size:
-        student = F.adaptive_avg_pool2d(student, size)
-    if tuple(teacher.shape[-2:]) != size:
-        teacher = F.adaptive_avg_pool2d(teacher, size)
-    return student, teacher
-
-
 def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
     """Official `poly_kernel(a, b).mean()`: (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2) is
     (b a^T)^2, [N, C_b, C_a]; bmm avoids the [N, C_b, C_a, H*W] product."""
@@ -57,12 +48,7 @@ def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
 
 def nst_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """NST of one [N, C, H, W] pair, in ``compute_dtype`` of the student."""
-    if student_feature.dim() != 4 or teacher_feature.dim() != 4:
-        raise ValueError(f"nst_loss: features must be [N, C, H, W] (got {tuple(student_feature.shape)} "
-                         f"and {tuple(teacher_feature.shape)})")
-    if student_feature.shape[0] != teacher_feature.shape[0]:
-        raise ValueError(f"nst_loss: batch sizes must match (got {student_feature.shape[0]} "
-                         f"and {teacher_feature.shape[0]})")
+    check_map_pair("nst_loss", student_feature, teacher_feature)
     dtype = compute_dtype(student_feature)
     # Autocast would run the kernel matmuls in float16/bfloat16 again: keep them in `dtype`.
     with torch.autocast(student_feature.device.type, enabled=False):
