@@ -291,6 +291,7 @@ def test_cli_train_with_the_method(loss, methods, workdir, shared_cache):
     assert {"ctkd.cls.parameter", "ctkd.seg.parameter"} <= set(state)
 
 
+@pytest.mark.slow   # ~19 s: the method's state_dict round trip above stays in the default run
 def test_cli_resume_restores_the_temperature(workdir, shared_cache):
     """An interrupted `loss=ctkd` run, resumed, ends with the temperatures of the uninterrupted run, bit for bit."""
     keys = {"ctkd.cls.parameter", "ctkd.seg.parameter"}

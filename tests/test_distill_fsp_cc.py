@@ -349,6 +349,7 @@ def test_cli_train_with_the_method(loss, methods, extra, workdir, shared_cache):
         assert_terms_logged(run_dir, method, expected.get(method, []))
 
 
+@pytest.mark.slow   # ~19 s: the method's state_dict round trip above stays in the default run
 def test_cli_resume_restores_the_cc_embeddings(workdir, shared_cache):
     """An interrupted `loss=cc` run, resumed, ends with the embeddings of the uninterrupted run, bit for bit."""
     # the embeddings trained during the second epoch (so the restore is not trivial)

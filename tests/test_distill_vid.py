@@ -272,6 +272,7 @@ def test_cli_train_with_the_method(loss, methods, workdir, shared_cache):
     assert_terms_logged(run_dir, "vid", [f"vid/{n}" for n in STAGES])
 
 
+@pytest.mark.slow   # ~19 s: the method's state_dict round trip above stays in the default run
 def test_cli_resume_restores_the_vid_learned_parts(workdir, shared_cache):
     """An interrupted `loss=vid` run, resumed, ends with the learned parts of the uninterrupted run, bit for bit."""
     # the log-scales trained during the second epoch too (so the restore is not trivial)
