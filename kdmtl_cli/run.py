@@ -343,6 +343,8 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
         **mean_tests, **delta_m_of_run(baseline, data, tasks, mean_tests, f"test_mean_last{cfg.test.average_last_epochs}"),
         **({f"teacher/{k}": v for k, v in teacher_metrics.items()} if teacher_metrics else {}),
         **({f"student/{k}": v for k, v in student_cost.items()} if student_cost else {}),
+        # the methods' learned parts (regressors, embeddings, ABFs...): trained with the student, not exported with it
+        "student/distill_params": sum(p.numel() for p in objective.modules.parameters()),
         **({f"teacher/{k}": v for k, v in teacher_cost.items()} if teacher_cost else {}),
         **delta_m_of_run(baseline, data, tasks, test_metrics, "test"),
         **delta_m_of_run(baseline, data, tasks, teacher_metrics, "test", who="teacher/"),
@@ -362,7 +364,9 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
                            delta=_delta_rows(results, cfg.delta_m.convention))
     title = f"kdmtl train: {'+'.join(method_names(cfg.loss)) or 'no distillation'} | test split | " + (f"last epoch ({state.epoch})" if monitor == "last" else f"best epoch {state.best_epoch} by {monitor}")
     header = [f"- run dir: `{run_dir}`", f"- teacher: {teacher_info.get('source', 'none')}",
-              f"- student: {describe_model(cfg.student)}",
+              f"- student: {describe_model(cfg.student)}"
+              + (f"; distillation modules: {results['student/distill_params']:,} parameters, trained with it"
+                 if results["student/distill_params"] else ""),
               f"- data: {cfg.data.name} ({data.size('train')} train / {data.size('val')} val / "
               f"{data.size('test')} test)", f"- epochs: {state.epoch}, seed {cfg.seed}",
               f"- weighting: {cfg.weighting.name}",

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -290,4 +292,8 @@ def test_cli_resume_restores_the_abfs(workdir, shared_cache):
     n_params = sum(v.numel() for k, v in after_one["objective"].items()
                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     print(f"reviewkd ABF parameters in the CLI run (student=small, teacher=multitask): {n_params}")
+    # the run reports them beside the student's parameters (results.json, summary.md)
+    results = json.loads((workdir / "straight" / "results.json").read_text())["results"]
+    assert results["student/distill_params"] == n_params > 0
+    assert f"distillation modules: {n_params:,} parameters" in (workdir / "straight" / "summary.md").read_text()
     assert set(a["objective"]) == set(after_one["objective"])
