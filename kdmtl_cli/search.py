@@ -55,16 +55,14 @@ def _get(cfg, section: str, key: str):
 
 
 def direction(name: str, tasks: Mapping) -> str:
-    """`maximize` for a metric whose task kind says higher is better, else `minimize`."""
-    from kdmtl_cli.tasks import TASK_KINDS, _load_kinds
+    """`maximize` for a metric whose task kind says higher is better, else `minimize` (losses,
+    costs, and the metrics of a kind this process does not know)."""
+    from kdmtl_cli.report.table import kind_directions
 
     parts = name.split("/")
     task = tasks.get(parts[1]) if len(parts) == 3 and parts[0] == "val" else None
-    if task is None:
-        return "minimize"            # losses and costs
-    _load_kinds()
-    kind = TASK_KINDS.get(str(task["kind"]))
-    return "maximize" if kind is not None and kind.higher_is_better.get(parts[2], False) else "minimize"
+    higher = (kind_directions(str(task["kind"])) or {}).get(parts[2], False) if task is not None else False
+    return "maximize" if higher else "minimize"
 
 
 def check(cfg) -> List[str]:

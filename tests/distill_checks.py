@@ -118,3 +118,33 @@ def resume_equals_straight(loss: str, workdir: Path, cache: Path, trained: Itera
     for key in trained:   # trained during the second epoch (so the restore above is not trivial)
         assert not torch.equal(after_one["objective"][key], reference["objective"][key]), key
     return after_one, reference, resumed
+
+
+def train_at_once(runs: dict, root: Path, cache: Path) -> dict:
+    """`kdmtl train <args> FAST` for every named argument list, concurrently: {name: (run dir, process)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import WORKERS
+
+    def run(name):
+        run_dir = root / name
+        return run_dir, run_kdmtl(["train", *runs[name], *FAST, f"hydra.run.dir={run_dir}"], root, cache)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return dict(zip(runs, pool.map(run, runs)))
+
+
+def epoch_terms_are_finite(run_dir: Path, proc, terms: Iterable[str]):
+    """The run finished (exit 0, results.json readable) and logged every `train/<term>`, finite, in its
+    epoch records; returns its composed config (.hydra/config.yaml)."""
+    assert proc.returncode == 0, show(proc)
+    assert (run_dir / "results.json").is_file()
+    json.loads((run_dir / "results.json").read_text())
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    assert epochs, records
+    for term in terms:
+        values = [r[f"train/{term}"] for r in epochs if f"train/{term}" in r]
+        assert values, f"train/{term} not in {sorted(epochs[-1])}"
+        assert all(math.isfinite(v) for v in values), (term, values)
+    return OmegaConf.load(run_dir / ".hydra" / "config.yaml")

@@ -21,9 +21,7 @@ abs difference of each method is printed (`pytest -s`) as `official-diff <method
 from __future__ import annotations
 
 import functools
-import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from distill_checks import loss_yaml, make_tasks, randn, record_diff, settings_from_yaml
+from distill_checks import (epoch_terms_are_finite, loss_yaml, make_tasks, randn, record_diff, settings_from_yaml,
+                            train_at_once)
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.dist import DIST, DISTConfig
 from kdmtl_cli.distill.rkd import RelationalKD, RKDConfig
@@ -409,34 +408,12 @@ TERMS = {"rkd": ["rkd/trunk.stages.2"], "dist": ["dist/cls", "dist/seg"],
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory, shared_cache):
     """`kdmtl train debug=fast loss=rkd | loss=dist | loss=[kd,rkd,dist]` on the embedded data, at once."""
-    from conftest import FAST, WORKERS, run_kdmtl
-
-    root = tmp_path_factory.mktemp("rkd_dist_cli")
-
-    def run(name):
-        run_dir = root / name
-        return run_dir, run_kdmtl(["train", *CLI_RUNS[name], *FAST, f"hydra.run.dir={run_dir}"], root, shared_cache)
-
-    with ThreadPoolExecutor(WORKERS) as pool:
-        return dict(zip(CLI_RUNS, pool.map(run, CLI_RUNS)))
+    return train_at_once(CLI_RUNS, tmp_path_factory.mktemp("rkd_dist_cli"), shared_cache)
 
 
 @pytest.mark.parametrize("name", list(CLI_RUNS))
 def test_cli_run_logs_the_method_terms(cli_runs, name):
-    from conftest import read_jsonl, show
-
-    run_dir, proc = cli_runs[name]
-    assert proc.returncode == 0, show(proc)
-    assert (run_dir / "results.json").is_file()
-    json.loads((run_dir / "results.json").read_text())
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    epochs = [r for r in records if r.get("type") == "epoch"]
-    assert epochs, records
-    for term in TERMS[name]:
-        values = [r[f"train/{term}"] for r in epochs if f"train/{term}" in r]
-        assert values, f"train/{term} not in {sorted(epochs[-1])}"
-        assert all(math.isfinite(v) for v in values), (term, values)
-    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    config = epoch_terms_are_finite(*cli_runs[name], TERMS[name])
     if name in ("rkd", "combined"):
         assert {k: config.loss.rkd[k] for k in RKD_OFFICIAL} == RKD_OFFICIAL
     if name in ("dist", "combined"):

@@ -143,7 +143,7 @@ def _train(raw: DictConfig) -> Optional[float]:
             if found == "finished":
                 # the terminal only: the finished job's log stays as it was
                 print(f"{run_dir}: this job finished before; kept as it is", flush=True)
-                return _trial_value(hydra_cfg, run_dir)
+                return _job_return(hydra_cfg, run_dir, None)
             if found == "interrupted":
                 from kdmtl_cli.resume import check_config_unedited
 
@@ -159,15 +159,16 @@ def _train(raw: DictConfig) -> Optional[float]:
         from kdmtl_cli.run import run_training
 
         best_value = run_training(cfg, run_dir, resume=cfg.resume not in (None, False))
-        return search.trial_value(run_dir) if search.is_search(hydra_cfg) else best_value
+        return _job_return(hydra_cfg, run_dir, best_value)
     finally:
         if owner:
             run_dirs.release(run_dir)
 
 
-def _trial_value(hydra_cfg, run_dir: Path):
-    """An Optuna search's trial returns its objectives (kdmtl_cli/search.py); other jobs nothing."""
-    return search.trial_value(run_dir) if search.is_search(hydra_cfg) else None
+def _job_return(hydra_cfg, run_dir: Path, otherwise):
+    """What the job returns to Hydra: an Optuna search's trial its objectives (kdmtl_cli/search.py),
+    any other job `otherwise`."""
+    return search.trial_value(run_dir) if search.is_search(hydra_cfg) else otherwise
 
 
 def train_main() -> None:

@@ -12,7 +12,6 @@ against Optuna's own `best_trials`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -113,6 +112,8 @@ def number(value: float) -> str:
 def best_lines(found: Search, settings) -> List[str]:
     """`Pareto front (val/seg/miou ↑, student/params ↓), 3 of 20 trials:` and a line per trial on
     it (`settings(trial)`: its swept values), or the best trial of a one-objective search."""
+    from kdmtl_cli.report.sweep import _shown     # sweep.py imports this module
+
     heads = ", ".join(f"{n} {found.arrow(n)}" for n in found.objectives)
     best = found.best()
     lines = [f"Pareto front ({heads}), {len(best)} of {len(found.trials)} trials:" if found.several
@@ -121,11 +122,6 @@ def best_lines(found: Search, settings) -> List[str]:
         values = ", ".join(f"{n} {number(trial.values[n])}" for n in found.objectives)
         lines.append(f"  job {trial.name} {settings(trial)}: {values}  ({_shown(trial.run.path)})".replace(" :", ":"))
     return lines
-
-
-def _shown(path: Path) -> str:
-    relative = os.path.relpath(path)
-    return str(path) if relative.startswith("..") else relative
 
 
 def figure(found: Search, out_dir: Path) -> Path:
