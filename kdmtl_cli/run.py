@@ -244,6 +244,8 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     tasks = build_tasks(cfg.tasks, data.targets)
     teacher_tasks = teacher_task_names(cfg, tasks)
     methods = build_methods(cfg.loss, tasks, teacher_tasks)  # checks each method's settings
+    for method in methods:
+        method.bind_data(data)
     per_task_weights(cfg.loss.task_weight, tasks, "loss.task_weight")  # checked before any training
     has_val = data.size("val") > 0        # data.val_size=0: the whole training split, no selection on val
     check_monitor(cfg.checkpoint.monitor, tasks, has_val)

@@ -35,6 +35,10 @@ class Method:
         weights = per_task_weights(self.cfg.weight, task_names, f"loss.{self.name}.weight")
         return {f"{self.name}/{task}": w for task, w in weights.items()}
 
+    def bind_data(self, data) -> None:
+        """Called once with the run's DataBundle before `setup` (CRD sizes its memory bank by the
+        training split and draws negatives from its labels); most methods need nothing from it."""
+
     def setup(self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor]) -> None:
         """Called once with one batch's features, before the optimiser is built."""
 

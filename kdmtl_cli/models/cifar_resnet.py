@@ -5,8 +5,8 @@ where the shape changes. resnet8..resnet110 use widths [16, 16, 32, 64]; resnet8
 resnet32x4 use [32, 64, 128, 256].
 
 Trunk interface: `stem` then `stages` (layer1..layer3), features at 1/1, 1/2, 1/4 of the
-input: `trunk.stages.<i>` is RepDistiller's f1, f2, f3 (block outputs after the final ReLU; its
-`preact` features, the sums before that ReLU, have no module path here). The last stage is what
+input: `trunk.stages.<i>` is RepDistiller's f1, f2, f3 (block outputs after the final ReLU); its
+`preact` features, the sums before that ReLU, are `trunk.stages.<i>.<last block>.preact`. The last stage is what
 the reference classifier pools. Initialisation as RepDistiller's ResNet.__init__ (models/resnet.py
 l. 130-135): every conv kaiming-normal (fan_out, relu), BN weight 1 / bias 0; the fc keeps
 PyTorch's default (`init="pytorch"` keeps PyTorch's default everywhere). Built from scratch
@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import List
 
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kdmtl_cli.models import TRUNKS
 from kdmtl_cli.models.trunk import StagedTrunk, check_init
@@ -30,6 +31,9 @@ class CifarBasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
+        # `preact`: the sum before the final ReLU, RepDistiller's `preact` feature, hookable by module
+        # path (`trunk.stages.<i>.<last block>.preact`); that ReLU is not in place so the hooked sum survives.
+        self.preact = nn.Identity()
         self.downsample = None
         if stride != 1 or c_in != c_out:
             self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
@@ -38,7 +42,7 @@ class CifarBasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return F.relu(self.preact(out + identity))
 
 
 class CifarResNetTrunk(StagedTrunk):

@@ -27,10 +27,13 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Sequential(nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
         self.shortcut = nn.Identity() if (stride == 1 and c_in == c_out) else nn.Sequential(
             nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-        self.relu = nn.ReLU(inplace=True)
+        # `preact` names the sum before the final ReLU (a hookable feature: OFD, AB and ReviewKD
+        # distil pre-ReLU maps); the ReLU is not in place, so a hook's tensor stays the sum.
+        self.preact = nn.Identity()
+        self.relu = nn.ReLU()
 
     def forward(self, x):
-        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+        return self.relu(self.preact(self.conv2(self.conv1(x)) + self.shortcut(x)))
 
 
 class ConvNetTrunk(StagedTrunk):
