@@ -39,6 +39,11 @@ class Method:
         """Called once with the run's DataBundle before `setup` (CRD sizes its memory bank by the
         training split and draws negatives from its labels); most methods need nothing from it."""
 
+    def bind_teacher(self, teacher: torch.nn.Module) -> None:
+        """Called with the frozen teacher (under its wrappers' pass-through layers) before `setup`:
+        for methods that read teacher parameters, not only its outputs (OFD's margins from the
+        batch-norm before each ReLU). Most methods need nothing from it."""
+
     def setup(self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor]) -> None:
         """Called once with one batch's features, before the optimiser is built."""
 

@@ -111,6 +111,7 @@ def preflight(methods, student: torch.nn.Module, teacher: torch.nn.Module, batch
             s_feats = student.cpu().float()(image)["features"]
             t_feats = teacher.cpu().float()(image)["features"]
         for method in methods:
+            method.bind_teacher(_inner(teacher))
             method.setup(s_feats, t_feats)
             method.modules = torch.nn.ModuleDict()
 
@@ -159,6 +160,7 @@ class Objective:
                 raise KdmtlError(f"{side} feature for loss.{'/'.join(m.name for m in self.methods)}: "
                                  f"'{missing[0]}' was not captured; captured: {', '.join(sorted(feats)) or 'none'}")
         for method in self.methods:
+            method.bind_teacher(_inner(self.teacher))
             method.setup(s_feats, t_feats)  # each method checks the features it names
         self.modules = torch.nn.ModuleDict({m.name: m.modules for m in self.methods})
         self.modules.to(device)
