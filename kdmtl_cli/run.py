@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdmtl_cli.build import make_loader, model_meta
 from kdmtl_cli.data import build_data
 from kdmtl_cli.distill import build_methods, method_names
-from kdmtl_cli.distill.objective import Objective, check_student_modules, preflight
+from kdmtl_cli.distill.objective import Objective, check_student_modules, ensemble_groups, preflight
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.engine.checkpoint import atomic_write_text, discard_partial_writes, load_checkpoint
 from kdmtl_cli.resume import recorded_config
@@ -34,7 +34,7 @@ from kdmtl_cli.report import baselines
 from kdmtl_cli.report.delta_m import CONVENTIONS, delta_m_of_run
 from kdmtl_cli.summary import comparison_rows, markdown, print_table
 from kdmtl_cli.tasks import build_tasks, task_signature
-from kdmtl_cli.teachers import prepare_teacher, teacher_skeleton, teacher_task_names
+from kdmtl_cli.teachers import member_configs, prepare_teacher, teacher_skeleton, teacher_task_names
 from kdmtl_cli.weighting import WEIGHTINGS, build_weighting
 
 
@@ -243,14 +243,20 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
     preemption.check("while the data was prepared")
     tasks = build_tasks(cfg.tasks, data.targets)
     teacher_tasks = teacher_task_names(cfg, tasks)
-    methods = build_methods(cfg.loss, tasks, teacher_tasks)  # checks each method's settings
+    ensemble = cfg.teacher.mode == "ensemble"
+    if ensemble:
+        member_configs(cfg)   # each teacher's settings, checked before any work
+    methods = build_methods(cfg.loss, tasks, teacher_tasks,   # checks each method's settings
+                            members=len(cfg.teacher.members) if ensemble else 0)
     for method in methods:
         method.bind_data(data)
     per_task_weights(cfg.loss.task_weight, tasks, "loss.task_weight")  # checked before any training
     has_val = data.size("val") > 0        # data.val_size=0: the whole training split, no selection on val
     check_monitor(cfg.checkpoint.monitor, tasks, has_val)
     monitor = effective_monitor(cfg.checkpoint.monitor, has_val)
-    weighting = build_weighting(cfg.weighting, list(tasks), seed=cfg.seed).to(hardware.device)
+    balance = bool(cfg.teacher.balance) and ensemble and bool(methods)   # teachers as the weighting's groups
+    weighting = build_weighting(cfg.weighting, list(tasks) + ensemble_groups(methods, balance),
+                                seed=cfg.seed).to(hardware.device)
     baseline = _check_delta_m(cfg.delta_m, tasks)
 
     # The student is built before any teacher is trained, so a bad student setting fails in
@@ -285,7 +291,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
         preemption.check("after the teacher was prepared (it is cached)")
     # Reseed: training continues the same whether the teacher was trained here or loaded.
     seed_everything(cfg.seed)
-    objective = Objective(tasks, cfg.loss.task_weight, methods, teacher)
+    objective = Objective(tasks, cfg.loss.task_weight, methods, teacher, balance=balance)
     first_val = probe
     objective.setup(student, first_val, hardware.device)
     if teacher is not None and cfg.teacher.cache != "off":
@@ -294,6 +300,10 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
         seed_everything(cfg.seed)   # building the cache or not leaves training the same
     elif cfg.teacher.cache != "off":
         _say(cfg)(f"teacher.cache={cfg.teacher.cache} is not used: no distillation method runs (loss=none)")
+    # RepDistiller's init stage of two-stage methods (ab, ft, fsp), skipped when resuming from a checkpoint
+    from kdmtl_cli.engine.init_stage import run_init_stages
+
+    run_init_stages(objective, student, train_loader, hardware, cfg, run_dir, resume, ranks)
     optimizer = build_optimizer([{"params": list(student.parameters())}, *objective.param_groups(cfg.optim.lr),
                                  *weighting.param_groups(cfg.optim.lr)], cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(train_loader))

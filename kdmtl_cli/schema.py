@@ -101,7 +101,15 @@ class ModelCommon:
 
 @dataclass
 class TeacherCommon(ModelCommon):
-    mode: str = "multitask"               # multitask: one teacher for all its tasks | per_task: one teacher per task
+    # multitask: one teacher for all its tasks | per_task: one teacher per task | ensemble: several
+    # teachers for the same tasks (`members`), each distilled from on its own
+    mode: str = "multitask"
+    # ensemble: one entry per teacher, each the `teacher.*` keys it changes ({} = this teacher as it is;
+    # arch/width/..., checkpoint, optim, keep) and its training `seed` (default: the run's seed + its position)
+    members: List[Dict[str, Any]] = field(default_factory=list)
+    # ensemble: each teacher's distillation terms form their own group `teacher.<k>` that the weighting
+    # balances as it balances tasks (false: they join their task's loss, each times 1 / the number of teachers)
+    balance: bool = False
     checkpoint: Optional[str] = None      # load this teacher (.pt from kdmtl or .safetensors) instead of training
     checkpoints: Dict[str, str] = field(default_factory=dict)  # per_task: {task: path}; other tasks are trained
     tasks: Optional[List[str]] = None     # tasks the teacher covers; default: all student tasks

@@ -136,6 +136,65 @@ class TaskTeachers(torch.nn.Module):
         return {"outputs": outputs, "features": features}
 
 
+class TeacherEnsemble(torch.nn.Module):
+    """Several teachers for the same tasks (teacher=ensemble). The methods distil from each member
+    on its own (`members` in the output: one output dict per teacher); `outputs` is the members'
+    mean, what the run tests and reports as the teacher."""
+
+    def __init__(self, members: List[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, image):
+        answers = [member(image) for member in self.members]
+        outputs = {task: torch.stack([a["outputs"][task] for a in answers]).mean(0) for task in answers[0]["outputs"]}
+        return {"outputs": outputs, "features": {}, "members": answers}
+
+
+MEMBER_KEYS_REFUSED = ("mode", "members", "balance", "tasks", "checkpoints", "cache", "cache_views", "cache_topk",
+                       "cache_dtype")
+
+
+def member_configs(cfg) -> List:
+    """teacher=ensemble: one run config per teacher, its `teacher` node the ensemble's settings with the
+    member's own keys on top (mode multitask) and its `seed` the member's training seed (default: the
+    run's seed + its position). Each is checked against the schema: a bad member key is one line."""
+    from kdmtl_cli.schema import TrainConfig, validate
+
+    members = list(cfg.teacher.members or [])
+    if len(members) < 2:
+        raise KdmtlError(f"teacher=ensemble needs at least two teachers in teacher.members (got {len(members)}); "
+                         "e.g. teacher.members='[{},{}]' for two of this teacher trained with two seeds")
+    if cfg.teacher.cache != "off":
+        raise KdmtlError(f"teacher.cache={cfg.teacher.cache} is not available with teacher=ensemble; "
+                         "use teacher.cache=off")
+    if cfg.teacher.checkpoint or cfg.teacher.checkpoints:
+        raise KdmtlError("teacher=ensemble takes its checkpoints per member: "
+                         "teacher.members='[{checkpoint: A.pt},{checkpoint: B.pt}]'")
+    base = OmegaConf.to_container(cfg, resolve=True)
+    teacher = {k: v for k, v in base["teacher"].items() if k not in ("members", "balance")}
+    teacher["mode"] = "multitask"
+    configs = []
+    for k, member in enumerate(members):
+        member = OmegaConf.to_container(member, resolve=True) if not isinstance(member, dict) else dict(member)
+        if not isinstance(member, dict):
+            raise KdmtlError(f"teacher.members[{k}] must be a mapping of teacher keys (got {member!r})")
+        refused = [key for key in member if key in MEMBER_KEYS_REFUSED]
+        if refused:
+            raise KdmtlError(f"teacher.members[{k}].{refused[0]} cannot differ between the teachers of an ensemble")
+        seed = member.pop("seed", int(cfg.seed) + k)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise KdmtlError(f"teacher.members[{k}].seed must be an integer (got {seed!r})")
+        node = OmegaConf.merge(OmegaConf.create(teacher), OmegaConf.create(member))
+        one = OmegaConf.create({**base, "teacher": OmegaConf.to_container(node), "seed": seed})
+        try:
+            one = validate(one, TrainConfig)
+        except KdmtlError as err:
+            raise KdmtlError(f"teacher.members[{k}]: {err}") from None
+        configs.append(one)
+    return configs
+
+
 def _with_input_norm(model, meta: Dict, data, progress: str = "plain"):
     """Wrap the teacher when it was trained at a normalisation other than the student's data."""
     student_norm = {"mean": list(data.mean), "std": list(data.std)}
@@ -221,8 +280,17 @@ def prepare_teacher(cfg, tasks: Dict[str, Task], data, hardware, run_dir: Path):
     """
     wanted = teacher_task_names(cfg, tasks)
     mode = cfg.teacher.mode
-    if mode not in ("multitask", "per_task"):
-        raise KdmtlError(f"unknown teacher.mode '{mode}'; choose multitask or per_task")
+    if mode not in ("multitask", "per_task", "ensemble"):
+        raise KdmtlError(f"unknown teacher.mode '{mode}'; choose multitask, per_task or ensemble")
+    if mode == "ensemble":
+        members, info = [], []
+        for k, member_cfg in enumerate(member_configs(cfg)):
+            model, source = _obtain(member_cfg, tasks, wanted, data, hardware, run_dir, f"teacher {k}",
+                                    member_cfg.teacher.checkpoint, logs_dir=run_dir / "teacher" / f"member{k}")
+            members.append(model)
+            info.append({**source, "seed": int(member_cfg.seed)})
+        sources = "; ".join(f"{k}: {i['source']}" for k, i in enumerate(info))
+        return hardware.prepare_model(TeacherEnsemble(members)), {"source": sources, "members": info}
     stray = [n for n in cfg.teacher.checkpoints if n not in wanted]
     if stray:
         raise KdmtlError(f"teacher.checkpoints names {', '.join(stray)}, which the teacher does not cover "
@@ -256,6 +324,8 @@ def teacher_skeleton(cfg, tasks: Dict[str, Task]):
         return build_model(without_init_only(cfg.teacher), {n: tasks[n] for n in wanted}, key="teacher")
 
     wanted = teacher_task_names(cfg, tasks)
+    if cfg.teacher.mode == "ensemble":
+        return TeacherEnsemble([teacher_skeleton(member_cfg, tasks) for member_cfg in member_configs(cfg)])
     if cfg.teacher.mode == "per_task":
         return TaskTeachers({task: one([task], cfg.teacher.checkpoints.get(task)) for task in wanted})
     return one(wanted, cfg.teacher.checkpoint)

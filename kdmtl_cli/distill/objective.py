@@ -30,7 +30,8 @@ from kdmtl_cli.errors import KdmtlError
 def _inner(model: torch.nn.Module) -> torch.nn.Module:
     """The model under wrappers that only pass the input on (Renormalize, DDP, torch.compile)."""
     for attr in ("teacher", "module", "_orig_mod"):
-        if not hasattr(model, "_captured") and not hasattr(model, "teachers") and hasattr(model, attr):
+        if not hasattr(model, "_captured") and not hasattr(model, "teachers") and not hasattr(model, "members") \
+                and hasattr(model, attr):
             return _inner(getattr(model, attr))
     return model
 
@@ -44,6 +45,11 @@ def capture(model: torch.nn.Module, names, side: str = "student") -> None:
 
     names = sorted(set(names))
     model = _inner(model)
+    members = getattr(model, "members", None)
+    if members is not None:           # an ensemble: every teacher captures the same names
+        for member in members:
+            capture(member, names, side)
+        return
     teachers = getattr(model, "teachers", None)
     if teachers is not None:
         unknown = [n for n in names if split_name(n)[0] is not None and split_name(n)[0] not in teachers]
@@ -109,20 +115,44 @@ def preflight(methods, student: torch.nn.Module, teacher: torch.nn.Module, batch
         image = batch["image"][:2].cpu().float()
         with torch.no_grad():
             s_feats = student.cpu().float()(image)["features"]
-            t_feats = teacher.cpu().float()(image)["features"]
+            t_out = teacher.cpu().float()(image)
         for method in methods:
-            method.bind_teacher(_inner(teacher))
-            method.setup(s_feats, t_feats)
+            method.bind_teacher(teacher_part(teacher, method))
+            method.setup(s_feats, teacher_answer(t_out, method)["features"])
             method.modules = torch.nn.ModuleDict()
 
 
+def teacher_part(teacher: torch.nn.Module, method) -> torch.nn.Module:
+    """The teacher module a method distils from: its member of an ensemble, or the whole teacher
+    (under its pass-through wrappers)."""
+    teacher = _inner(teacher)
+    return teacher if method.member is None else _inner(teacher.members[method.member])
+
+
+def teacher_answer(teacher_out: dict, method) -> dict:
+    """The teacher output a method distils from: its member's (teacher=ensemble), or the teacher's."""
+    return teacher_out if method.member is None else teacher_out["members"][method.member]
+
+
+def ensemble_groups(methods, balance: bool) -> List[str]:
+    """The weighting's extra groups: with teacher.balance, one per teacher of an ensemble (`teacher.<k>`)."""
+    members = sorted({m.member for m in methods if m.member is not None})
+    return [f"teacher.{k}" for k in members] if balance else []
+
+
 class Objective:
-    def __init__(self, tasks, task_weight, methods: List = (), teacher: Optional[torch.nn.Module] = None):
+    def __init__(self, tasks, task_weight, methods: List = (), teacher: Optional[torch.nn.Module] = None,
+                 balance: bool = False):
         self.tasks = tasks
         self.methods = list(methods)
         self.teacher = teacher if self.methods else None
         self.task_weight = per_task_weights(task_weight, tasks, "loss.task_weight")
-        self.modules = torch.nn.ModuleDict({m.name: m.modules for m in self.methods})
+        self.modules = torch.nn.ModuleDict({m.label: m.modules for m in self.methods})
+        # teacher=ensemble: each teacher's terms count 1 / (number of teachers), so that an ensemble of
+        # one teacher's copies is that teacher; with `balance` they form the groups `teacher.<k>`
+        members = {m.member for m in self.methods if m.member is not None}
+        self.member_share = 1.0 / len(members) if members else 1.0
+        self.extra_groups = ensemble_groups(self.methods, balance)
         self.progress = {"fraction": 0.0, "epoch": 0.0}
         self.cache = None                 # a TeacherOutputCache, set by the run when teacher.cache is on
         if self.methods and teacher is None:
@@ -151,18 +181,19 @@ class Objective:
             student.eval()
             image = batch["image"][:2]            # shapes are all it learns: two images will do
             s_feats = student(image)["features"]
-            t_feats = self.teacher(image)["features"]
+            t_out = self.teacher(image)
             student.train(was_training)
-        for feats, names, side in ((s_feats, student_names, "student"), (t_feats, teacher_names, "teacher")):
+        answers = [teacher_answer(t_out, m)["features"] for m in self.methods]
+        for feats, names, side in [(s_feats, student_names, "student")] + [(a, teacher_names, "teacher") for a in answers]:
             # a name is captured as given, or (per-task teachers) as `<task>:<name>` in every task's teacher
             missing = [n for n in names if n not in feats and not any(k.endswith(":" + n) for k in feats)]
             if missing:
                 raise KdmtlError(f"{side} feature for loss.{'/'.join(m.name for m in self.methods)}: "
                                  f"'{missing[0]}' was not captured; captured: {', '.join(sorted(feats)) or 'none'}")
-        for method in self.methods:
-            method.bind_teacher(_inner(self.teacher))
+        for method, t_feats in zip(self.methods, answers):
+            method.bind_teacher(teacher_part(self.teacher, method))
             method.setup(s_feats, t_feats)  # each method checks the features it names
-        self.modules = torch.nn.ModuleDict({m.name: m.modules for m in self.methods})
+        self.modules = torch.nn.ModuleDict({m.label: m.modules for m in self.methods})
         self.modules.to(device)
 
     def param_groups(self, base_lr: float) -> List[dict]:
@@ -190,6 +221,8 @@ class Objective:
         """({task: L_t}, extra or None, every named term) for one batch (see the module docstring)."""
         terms = self.task_terms(student_out["outputs"], batch["targets"])
         groups = {name: self.task_weight[name] * terms[f"task/{name}"] for name in self.tasks}
+        for name in self.extra_groups:
+            groups[name] = None
         extra = None
         if self.methods:
             if self.cache is not None and self.cache.covers(batch):
@@ -198,14 +231,22 @@ class Objective:
                 with torch.no_grad():
                     teacher_out = self.teacher(batch["image"])
             for method in self.methods:
-                for name, value in method(student_out, teacher_out, batch, self.progress).items():
-                    terms[name] = value
-                    weighted = method.weight(name, self.progress) * value
+                answer = teacher_answer(teacher_out, method)
+                share = 1.0 if method.member is None else self.member_share
+                for name, value in method(student_out, answer, batch, self.progress).items():
+                    weighted = method.weight(name, self.progress) * share * value
                     task = name.partition("/")[2]
-                    if task in groups:
-                        groups[task] = groups[task] + weighted
+                    if method.member is not None:      # `kd/cls` of teacher 1 is `kd:t1/cls`
+                        name = f"{method.label}/{task}" if task else f"{name}:t{method.member}"
+                    terms[name] = value
+                    group = f"teacher.{method.member}" if self.extra_groups else task
+                    if group in groups:
+                        groups[group] = weighted if groups[group] is None else groups[group] + weighted
                     else:
                         extra = weighted if extra is None else extra + weighted
+        for name in self.extra_groups:      # a teacher whose methods gave no term this batch
+            if groups[name] is None:
+                groups[name] = 0.0 * groups[next(iter(self.tasks))]
         main = [name for name, task in self.tasks.items() if not getattr(task, "auxiliary", False)]
         terms["loss/task"] = sum(terms[f"task/{name}"] for name in main).detach()
         return groups, extra, terms

@@ -22,7 +22,7 @@ CACHE_FORMAT_VERSION = 1
 # `keep` is added below only when it is not the default (keys of teachers kept at `best` are
 # those of before the setting existed).
 _NOT_IN_KEY = ("checkpoint", "checkpoints", "mode", "tasks", "cache", "cache_views", "cache_topk", "cache_dtype",
-               "keep")
+               "keep", "members", "balance")
 
 
 def teacher_key(teacher_cfg, task_signature: Dict, data_cfg, data_fingerprint: str, seed: int,

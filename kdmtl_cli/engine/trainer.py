@@ -418,7 +418,7 @@ class Trainer:
             sums = mean_across_ranks(sums)
         metrics = {f"train/{k}": float(v) / counts[k] for k, v in sums.items()}
         # DWA and friends adapt once per epoch from the epoch-mean loss of each task.
-        self.weighting.end_epoch({name: metrics[f"train/group/{name}"] for name in self.tasks})
+        self.weighting.end_epoch({name: metrics[f"train/group/{name}"] for name in self.weighting.task_names})
         metrics.update({f"train/{k}": v for k, v in self.objective.epoch_metrics().items()})
         metrics["train/samples_per_s"] = samples / max(elapsed, 1e-9)
         metrics["train/epoch_time_s"] = elapsed
