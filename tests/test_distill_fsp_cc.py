@@ -4,7 +4,9 @@ The `official_*` code below is transcribed from HobbitLong/RepDistiller at
 b84f547c5db6a35318d4671d7d5c4de74c822403 (not from kdmtl's code):
 
 - distiller_zoo/FSP.py `FSP` (L8-48: __init__'s channel check, forward, compute_loss, compute_fsp);
-- train_student.py L254-258 + helper/pretrain.py L72-74: FSP on feat[:-1] (f0 = stem .. f3), summed;
+- train_student.py L254-261 + helper/pretrain.py L72-74: FSP on feat[:-1] (f0 = stem .. f3), summed, in the
+  init stage only (helper/loops.py L174-176: `loss_kd = 0` in the main stage; its init loop is transcribed
+  in tests/test_init_stage.py);
 - distiller_zoo/CC.py `Correlation.forward` (L14-17);
 - models/util.py `LinearEmbed` (L185-194), built by train_student.py L211-218 as
   `LinearEmbed(feat[-1].shape[1], opt.feat_dim)` for student and teacher; helper/loops.py L162-165
@@ -42,6 +44,9 @@ STEM_AND_STAGES = ["trunk.stem", "trunk.stages.0", "trunk.stages.1", "trunk.stag
 # ================================================================ official defaults, transcribed
 # scripts/run_cifar_distill.sh L25: `--distill fsp --model_s resnet8x4 -a 0 -b 50`
 FSP_BETA = 50.0
+# train_student.py L47: `parser.add_argument('--init_epochs', type=int, default=30, ...)`; helper/pretrain.py
+# L26-27: the init stage's lr = opt.learning_rate (init_lr null: optim.lr)
+FSP_INIT_EPOCHS = 30
 # scripts/run_cifar_distill.sh L13: `--distill correlation --model_s resnet8x4 -a 0 -b 0.02`
 CC_BETA = 0.02
 # train_student.py L81: `parser.add_argument('--feat_dim', default=128, type=int, ...)`
@@ -143,6 +148,7 @@ def _terms_and_total(method, s_feats, t_feats):
 def test_yaml_defaults_are_the_official_ones():
     fsp, cc = _cfg("fsp"), _cfg("cc")
     assert fsp.weight == FSP_BETA
+    assert (fsp.init_epochs, fsp.init_lr, fsp.main_stage) == (FSP_INIT_EPOCHS, None, False)
     assert (cc.weight, cc.feat_dim) == (CC_BETA, CC_FEAT_DIM)
     # fsp: feat[:-1] (stem and every stage); cc: feat[-1] (the pooled last stage).
     assert list(fsp.student) == list(fsp.teacher) == STEM_AND_STAGES
@@ -173,11 +179,22 @@ def test_fsp_equals_repdistiller(t_shapes):
     official = OfficialFSP([f.shape for f in g_s], [f.shape for f in g_t])(g_s, g_t)
     for i in range(3):
         record("fsp (RepDistiller FSP.compute_loss)", fsp_loss(g_s[i], g_s[i + 1], g_t[i], g_t[i + 1]), official[i])
-    # The method over feat[:-1]: three consecutive-pair terms, each weight beta.
-    method = _method("fsp")
-    method.setup(dict(zip(STEM_AND_STAGES, g_s)), dict(zip(STEM_AND_STAGES, g_t)))
-    terms, total = _terms_and_total(method, dict(zip(STEM_AND_STAGES, g_s)), dict(zip(STEM_AND_STAGES, g_t)))
+    # The method over feat[:-1]: three consecutive-pair terms. The init stage minimises their plain sum
+    # (helper/pretrain.py L72-74); the main stage adds none (helper/loops.py L174-176: loss_kd = 0).
+    s_feats, t_feats = dict(zip(STEM_AND_STAGES, g_s)), dict(zip(STEM_AND_STAGES, g_t))
     names = [f"fsp/{a}+{b}" for a, b in zip(STEM_AND_STAGES[:-1], STEM_AND_STAGES[1:])]
+    method = _method("fsp")
+    method.setup(s_feats, t_feats)
+    init_terms = method.init_terms({"features": s_feats}, {"features": t_feats}, {})
+    assert list(init_terms) == names
+    for name, value in zip(names, official):
+        record("fsp init term (RepDistiller FSP.compute_loss)", init_terms[name], value)
+    record("fsp init loss (RepDistiller sum(FSP(feat_s[:-1], feat_t[:-1])))", sum(init_terms.values()), sum(official))
+    assert _terms_and_total(method, s_feats, t_feats)[0] == {}
+    # main_stage: true (kdmtl's option): the same terms, each weight beta, in the main training too.
+    method = _method("fsp", main_stage=True)
+    method.setup(s_feats, t_feats)
+    terms, total = _terms_and_total(method, s_feats, t_feats)
     assert list(terms) == names
     for name, value in zip(names, official):
         record("fsp (RepDistiller FSP.compute_loss)", terms[name], value)
@@ -227,7 +244,7 @@ def test_fsp_per_task_teachers_give_one_chain_per_task():
                for i, (n, shape) in enumerate(zip(STEM_AND_STAGES, FSP_STUDENT))}
     method = _method("fsp", teacher_tasks=("cls", "seg"))
     method.setup(g_s, t_feats)
-    terms, _ = _terms_and_total(method, g_s, t_feats)
+    terms = method.init_terms({"features": g_s}, {"features": t_feats}, {})
     assert len(terms) == 6
     for task in ("cls", "seg"):
         g_t = [t_feats[f"{task}:{n}"] for n in STEM_AND_STAGES]
@@ -338,8 +355,10 @@ def test_half_precision_inputs_are_computed_in_float32_even_under_autocast(name,
 
 
 # ================================================================ through the real CLI
-# FSP needs the teacher's channel counts: the default teacher (convnet width 32) with a width-32 student.
-@pytest.mark.parametrize("loss, methods, extra", [("fsp", ["fsp"], ["student.width=32"]), ("cc", ["cc"], []),
+# FSP needs the teacher's channel counts: the default teacher (convnet width 32) with a width-32 student;
+# its terms are those of its init stage (`init/fsp/...`, two epochs here; tests/test_init_stage.py).
+@pytest.mark.parametrize("loss, methods, extra", [("fsp", ["fsp"], ["student.width=32", "loss.fsp.init_epochs=2"]),
+                                                  ("cc", ["cc"], []),
                                                   ("[kd,cc]", ["kd", "cc"], [])])
 def test_cli_train_with_the_method(loss, methods, extra, workdir, shared_cache):
     run_dir = train_logs_finite_terms(loss, methods, workdir, shared_cache, extra=extra)

@@ -12,18 +12,22 @@ RepDistiller takes feat[:-1] (train_student.py L254-256 and helper/pretrain.py L
 output and every stage output (f0, f1, f2, f3 of the CIFAR ResNets) = `trunk.stem`,
 `trunk.stages.0..2` here. `loss.fsp.student` / `.teacher` list the features in network order, paired
 by position; term i, `fsp/<student i>+<student i+1>` (with `@<task>` for per-task teachers), compares
-the matrices between listed features i and i+1, weighted by `loss.fsp.weight` = beta
-(scripts/run_cifar_distill.sh `--distill fsp -a 0 -b 50`). No learned part.
+the matrices between listed features i and i+1. No learned part.
+
+The schedule is RepDistiller's two stages (train_student.py L254-263, helper/pretrain.py,
+helper/loops.py L174-176): an init stage of `init_epochs` = 30 epochs (train_student.py L47
+`--init_epochs 30`) trains only the student's trunk (`model_s.get_feat_modules()`: stem and
+layer1..3 = `trunk` here, not the heads) on the plain sum of the FSP terms (pretrain.py L72-74, no
+beta), with SGD at optim.lr (`init_lr: null`: pretrain.py L26-27 `lr = opt.learning_rate`; momentum
+and weight decay from optim, L28-31) (engine/init_stage.py); the main training then runs on the task
+loss alone (loops.py L174-176: `loss_kd = 0` for fsp, so `-b 50` multiplies zero there): here
+`main_stage: false` adds no `fsp` term there.
 
 Named differences from RepDistiller:
 
-- The init stage is NOT run. RepDistiller trains FSP in two stages: `init(...)` (train_student.py
-  L254-258, helper/pretrain.py) first trains only the student's feature modules (`get_feat_modules`:
-  stem and layer1..3) on sum(FSP terms), unweighted, for `--init_epochs 30` (train_student.py L47)
-  with SGD at `opt.learning_rate` (0.05; 0.01 for MobileNet/ShuffleNet students, train_student.py
-  L93-94), momentum 0.9, weight decay 5e-4 (pretrain.py L24-32); then trains on the task loss alone
-  (helper/loops.py L174-176: `loss_kd = 0` for fsp, so `-b 50` multiplies zero there). kdmtl has one
-  training stage: here the FSP terms are added to the task loss throughout it, weighted by beta = 50.
+- `main_stage: true` (an option, off by default): the FSP terms are also added to the task loss in
+  the main training, each weighted by `loss.fsp.weight` = beta = 50 (scripts/run_cifar_distill.sh L25
+  `--distill fsp -a 0 -b 50`).
 - Spatial sizes: RepDistiller compares heights only and pools to a square (t_H, t_H); here both maps
   go to (min H, min W) (the same for square maps).
 """
@@ -31,7 +35,7 @@ Named differences from RepDistiller:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -41,15 +45,18 @@ from kdmtl_cli.distill.logit import compute_dtype
 from kdmtl_cli.distill.functional import pooled_to_common_size
 from kdmtl_cli.distill.pairs import FeaturePairMethod, FeaturePairsConfig
 from kdmtl_cli.errors import KdmtlError
-from kdmtl_cli.ranges import at_least
+from kdmtl_cli.ranges import above, at_least
 
 STEM_AND_STAGES = ["trunk.stem", "trunk.stages.0", "trunk.stages.1", "trunk.stages.2"]
 
 
 @dataclass
 class FSPConfig(FeaturePairsConfig):
-    """FSP matrices as RepDistiller (conf/loss/fsp.yaml); weight is beta; features in network order."""
+    """FSP matrices as RepDistiller (conf/loss/fsp.yaml); weight is beta (main stage only); features in network order."""
     weight: float = at_least(0, default=50.0)
+    init_epochs: int = at_least(0, default=30)          # epochs of the init stage (0: none)
+    init_lr: Optional[float] = above(0, default=None)    # the init stage's SGD lr; null: optim.lr
+    main_stage: bool = False                            # also add the terms (times weight) in the main training
     student: List[str] = field(default_factory=lambda: list(STEM_AND_STAGES))
     teacher: List[str] = field(default_factory=lambda: list(STEM_AND_STAGES))
 
@@ -112,8 +119,20 @@ class FlowOfSolutionProcedure(FeaturePairMethod):
                 self.fsp_terms.append(FSPTerm(name, bottom.student, top.student, bottom.teacher, top.teacher))
         self._weights = {term.name: float(self.cfg.weight) for term in self.fsp_terms}
 
-    def __call__(self, student_out, teacher_out, batch, progress):
+    def _terms(self, student_out, teacher_out):
         s_feats, t_feats = student_out["features"], teacher_out["features"]
         return {term.name: fsp_loss(s_feats[term.student_bottom], s_feats[term.student_top],
                                     t_feats[term.teacher_bottom], t_feats[term.teacher_top])
                 for term in self.fsp_terms}
+
+    # ---- init stage: the student's trunk on the plain sum of the FSP terms
+    def init_modules(self, student):
+        return [self.student_trunk(student)]
+
+    def init_terms(self, student_out, teacher_out, batch):
+        return self._terms(student_out, teacher_out)
+
+    def __call__(self, student_out, teacher_out, batch, progress):
+        if not self.cfg.main_stage:
+            return {}                  # RepDistiller helper/loops.py L174-176: loss_kd = 0
+        return self._terms(student_out, teacher_out)
