@@ -98,10 +98,11 @@ def assert_terms_logged(run_dir: Path, method: str, suffixes: Iterable[str]) -> 
         assert any(k.endswith(term) for k in terms), (term, sorted(terms))
 
 
-def resume_equals_straight(loss: str, workdir: Path, cache: Path, trained: Iterable[str]):
-    """2 epochs of `loss=LOSS` straight vs stopped after 1 and resumed: equal learned parts bit for bit,
-    the `trained` ones changed in epoch 2; returns the (after one epoch, straight, resumed) checkpoints."""
-    common = ["train", f"loss={loss}", *FAST, "optim.epochs=2"]
+def resume_equals_straight(loss: str, workdir: Path, cache: Path, trained: Iterable[str], extra=()):
+    """2 epochs of `loss=LOSS` (+ `extra` overrides) straight vs stopped after 1 and resumed: equal learned
+    parts bit for bit, the `trained` ones changed in epoch 2; returns the (after one epoch, straight,
+    resumed) checkpoints."""
+    common = ["train", f"loss={loss}", *extra, *FAST, "optim.epochs=2"]
     straight, interrupted = workdir / "straight", workdir / "interrupted"
     for args in ([f"hydra.run.dir={straight}"], ["stop_after_epoch=1", f"hydra.run.dir={interrupted}"]):
         proc = run_kdmtl([*common, *args], workdir, cache, fresh=True)
