@@ -23,7 +23,8 @@ from kdmtl_cli.schema import train_schema, validate
 
 
 def apply_debug(cfg: DictConfig, overrides=()) -> DictConfig:
-    """`debug=fast`: one epoch of a few batches on small splits, for any experiment.
+    """`debug=fast`: one epoch of a few batches on small splits (and init stages of at most that many
+    epochs), for any experiment.
     Values the user set on the command line win over the debug values."""
     if cfg.debug is None:
         return cfg
@@ -34,6 +35,9 @@ def apply_debug(cfg: DictConfig, overrides=()) -> DictConfig:
     shrink = {"optim.epochs": d.epochs, "teacher.optim.epochs": d.epochs,
               "limit_train_batches": d.max_batches, "limit_eval_batches": d.max_batches,
               "data.train_size": d.train_size, "data.val_size": d.val_size, "data.test_size": d.test_size}
+    for name, node in (cfg.get("loss") or {}).items():   # an init stage (ab, ft, fsp) shrinks like the epochs
+        if isinstance(node, DictConfig) and int(node.get("init_epochs", 0) or 0) > d.epochs:
+            shrink[f"loss.{name}.init_epochs"] = d.epochs
     if cfg.data.val_size == 0:                     # no validation split stays none
         shrink.pop("data.val_size")
     if cfg.test.average_last_epochs:               # the mean over at most the epochs run
