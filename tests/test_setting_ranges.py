@@ -30,7 +30,7 @@ from kdmtl_cli.errors import KdmtlError
 from kdmtl_cli.ranges import Range, check_ranges, field_range
 
 CONF = REPO / "conf"
-LOSS_METHODS = ("kd", "dkd", "fitnet", "at", "kd4mtl", "bam", "rkd", "dist", "pkt", "sp", "nst", "fsp", "cc", "cwd", "kdsvd", "reviewkd", "vid", "ctkd", "ofd", "ab", "ft", "crd")
+LOSS_METHODS = ("kd", "dkd", "fitnet", "at", "kd4mtl", "bam", "rkd", "dist", "pkt", "sp", "nst", "fsp", "cc", "cwd", "kdsvd", "reviewkd", "vid", "ctkd", "ofd", "ab", "ft", "crd", "pairwise")
 
 # Numeric fields left without a range, and why (anything else numeric must declare one).
 UNRANGED = {
