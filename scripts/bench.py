@@ -6,7 +6,7 @@
       Objective + Trainer.fit) against a minimal hand-written PyTorch loop on the same
       model, batch, data and teacher, in one process; prints the ratio. Goal: >= 0.97.
 
-  python scripts/bench.py methods [--losses none,kd,dkd,fitnet,at,kd4mtl,bam]
+  python scripts/bench.py methods [--losses none,kd,dkd,fitnet,at,kd4mtl,bam]   (`crd:loss.crd.nce_k=1024`: a loss with its overrides)
       Training throughput and step time of each distillation method through the engine,
       relative to the vanilla student (same model, data, batch; teacher forward included).
 
@@ -171,10 +171,14 @@ def methods(args) -> None:
     from kdmtl_cli.engine.optim import build_optimizer
 
     results = {}
-    for loss in args.losses.split(","):
+    for entry in args.losses.split(","):   # `crd:loss.crd.nce_k=1024`: a loss with its own overrides (+-separated)
+        loss, _, extra = entry.partition(":")
         speeds = []
         for _ in range(args.epochs):  # fresh models, hooks and learned parts every epoch
-            cfg, hardware, data, tasks, teacher, model, loader, val_loader, methods_ = _setup(loss, teacher=True)
+            cfg, hardware, data, tasks, teacher, model, loader, val_loader, methods_ = _setup(
+                loss, teacher=True, overrides=extra.split("+") if extra else ())
+            for method in methods_:
+                method.bind_data(data)    # as run.py: CRD sizes its memory by the training split
             objective = Objective(tasks, cfg.loss.task_weight, methods_ if loss != "none" else [], teacher)
             objective.setup(model, next(iter(val_loader)), hardware.device)
             optimizer = build_optimizer([{"params": list(model.parameters())},

@@ -61,6 +61,11 @@ class Method:
     def __call__(self, student_out: dict, teacher_out: dict, batch: dict, progress: dict) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def adds_main_terms(self) -> bool:
+        """Whether the method adds terms in the main training (ab and fsp, as RepDistiller, only train in
+        their init stage): when no method does, the main training runs without the teacher."""
+        return True
+
     # ---- init stage (RepDistiller helper/pretrain.py `init`), run by engine/init_stage.py -----------
     # A method with an init stage has the settings `init_epochs` (0: none) and `init_lr` (null: optim.lr)
     # and overrides `init_modules` and `init_terms`; by default a method has none.

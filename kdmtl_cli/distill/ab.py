@@ -142,6 +142,9 @@ class ActivationBoundaries(FeaturePairMethod):
             p.requires_grad_(False)
         return []
 
+    def adds_main_terms(self) -> bool:
+        return bool(self.cfg.main_stage)
+
     def __call__(self, student_out, teacher_out, batch, progress):
         if not self.cfg.main_stage:
             return {}                      # RepDistiller helper/loops.py L171-173: loss_kd = 0

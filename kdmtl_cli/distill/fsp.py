@@ -132,6 +132,9 @@ class FlowOfSolutionProcedure(FeaturePairMethod):
     def init_terms(self, student_out, teacher_out, batch):
         return self._terms(student_out, teacher_out)
 
+    def adds_main_terms(self) -> bool:
+        return bool(self.cfg.main_stage)
+
     def __call__(self, student_out, teacher_out, batch, progress):
         if not self.cfg.main_stage:
             return {}                  # RepDistiller helper/loops.py L174-176: loss_kd = 0

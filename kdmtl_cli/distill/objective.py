@@ -224,13 +224,14 @@ class Objective:
         for name in self.extra_groups:
             groups[name] = None
         extra = None
-        if self.methods:
+        methods = [m for m in self.methods if m.adds_main_terms()]
+        if methods:
             if self.cache is not None and self.cache.covers(batch):
                 teacher_out = self.cache.teacher_outputs(batch)
             else:
                 with torch.no_grad():
                     teacher_out = self.teacher(batch["image"])
-            for method in self.methods:
+            for method in methods:
                 answer = teacher_answer(teacher_out, method)
                 share = 1.0 if method.member is None else self.member_share
                 for name, value in method(student_out, answer, batch, self.progress).items():
