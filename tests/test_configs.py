@@ -379,6 +379,7 @@ CIFAR100_LOSS = {
 # resnet32x4 -> resnet8x4; RepDistiller has no per-pair flags, so every pair uses them): -a 0 -b beta, -r left
 # at 1 (train_student.py L73 `-r/--gamma default=1`): FitNet L7 -b 100, AT L9 -b 1000, SP L11 -b 3000,
 # CC L13 -b 0.02, VID L15 -b 1, RKD L17 -b 1, PKT L19 -b 30000, FSP L25 -b 50, NST L27 -b 50.
+_CRD = {"crd.feat_dim": 128, "crd.negatives": "other_class", "crd.nce_k": 16384, "crd.nce_t": 0.07, "crd.nce_m": 0.5}
 CIFAR100_FEATURE_LOSS = {
     "fitnet": {"task_weight": 1.0, "fitnet.weight": 100.0},
     "at": {"task_weight": 1.0, "at.weight": 1000.0, "at.p": 2.0},                     # AT.py Attention(p=2)
@@ -389,22 +390,55 @@ CIFAR100_FEATURE_LOSS = {
     "pkt": {"task_weight": 1.0, "pkt.weight": 30000.0},
     "fsp": {"task_weight": 1.0, "fsp.weight": 50.0},
     "nst": {"task_weight": 1.0, "nst.weight": 50.0},
+    # CRD L29 -a 0 -b 0.8; train_student.py L81-85 (feat_dim 128, mode exact, nce_k 16384, nce_t 0.07, nce_m 0.5).
+    "crd": {"task_weight": 1.0, "crd.weight": 0.8, **_CRD},
+    # AB L21 -a 0 -b 1 (AB.py L11 margin 1.0); its loss only in the init stage: helper/loops.py L171-173 `loss_kd = 0`,
+    # train_student.py L47 init_epochs 30, helper/pretrain.py L26-27 lr = opt.learning_rate.
+    "ab": {"task_weight": 1.0, "ab.weight": 1.0, "ab.margin": 1.0, "ab.main_stage": False, "ab.init_epochs": 30,
+           "ab.init_lr": None},
+    # FT L23 -a 0 -b 200 (FT.py L9 p1 2, p2 1; models/util.py L9, L45 k 0.5); init stage train_student.py L47
+    # init_epochs 30, helper/pretrain.py L22-25 lr 0.01 for CIFAR ResNet / WRN students (vgg8: L26-27, optim.lr).
+    "ft": {"task_weight": 1.0, "ft.weight": 200.0, "ft.p1": 2, "ft.p2": 1, "ft.rate": 0.5, "ft.init_epochs": 30,
+           "ft.init_lr": 0.01},
+    # CRD+KD L32 -a 1 -b 0.8 (-r 1): helper/loops.py L184 gamma CE + alpha KL(kd_T 4, train_student.py L78) + beta CRD.
+    "crd_kd": {"task_weight": 1.0, "kd.weight": 1.0, "kd.temperature": 4.0, "kd.standardize": False, "crd.weight": 0.8,
+               **_CRD},
 }
+# The init-stage lr RepDistiller gives students outside its ResNet / WRN list (helper/pretrain.py L22-27).
+CIFAR100_PAIR_LOSS = {("vgg13_vgg8", "ft"): {"ft.init_lr": None}}
 # Where each method reads its features (RepDistiller helper/loops.py L125-170: hint feat[2] (train_student.py
 # L88 --hint_layer 2), AT / NST / VID feat[1:-1], SP feat[-2], CC / RKD / PKT feat[-1] (pooled), FSP feat[:-1]
 # (train_student.py L255)) in kdmtl's trunks: ResNet (models/resnet.py) f0 = stem, f1..f3 = trunk.stages.0..2;
 # WRN (models/wrn.py L103-122) f1, f2 = trunk.stages.0, .1, f3 (before the final BN + ReLU) = trunk.stages.2.0,
 # f4 = pooled trunk.stages.2; VGG (models/vgg.py L64-98) f0..f4 = trunk.stages.0..4, f5 = pooled trunk.stages.4.
+# CRD feat[-1] (pooled; loops.py L131-132) as CC; FT feat[-2] (loops.py L178-179) as SP; AB feat[1:-1] with preact=True
+# (pretrain.py L57-65, models/resnet.py L184-198, models/vgg.py L69-96): the ResNets' `preact` of each stage's last
+# block (per (student, teacher) arch below), VGG's last BN of each block 1..4 (block.<len - 2>). No AB for WRN: its
+# f1 / f2 preact (models/wrn.py L119-120, the next group's first bn1) has no intact hook point in kdmtl's wrn trunk
+# (WideBasicBlock.relu1 is in place and overwrites the bn1 output), so no wrn_40_2_wrn_16_2_ab is shipped.
 _S = [f"trunk.stages.{i}" for i in range(5)]
 CIFAR100_FEATURES = {
     "resnet": {"fitnet": _S[1:2], "at": _S[:3], "nst": _S[:3], "vid": _S[:3], "sp": _S[2:3], "cc": _S[2:3],
-               "rkd": _S[2:3], "pkt": _S[2:3], "fsp": ["trunk.stem", *_S[:3]]},
+               "rkd": _S[2:3], "pkt": _S[2:3], "fsp": ["trunk.stem", *_S[:3]], "crd": _S[2:3], "ft": _S[2:3]},
     "wrn": {"fitnet": _S[1:2], "at": [*_S[:2], "trunk.stages.2.0"], "nst": [*_S[:2], "trunk.stages.2.0"],
             "vid": [*_S[:2], "trunk.stages.2.0"], "sp": ["trunk.stages.2.0"], "cc": _S[2:3], "rkd": _S[2:3],
-            "pkt": _S[2:3], "fsp": ["trunk.stem", *_S[:2], "trunk.stages.2.0"]},
+            "pkt": _S[2:3], "fsp": ["trunk.stem", *_S[:2], "trunk.stages.2.0"], "crd": _S[2:3],
+            "ft": ["trunk.stages.2.0"]},
     "vgg": {"fitnet": _S[2:3], "at": _S[1:], "nst": _S[1:], "vid": _S[1:], "sp": _S[4:], "cc": _S[4:], "rkd": _S[4:],
-            "pkt": _S[4:], "fsp": _S},
+            "pkt": _S[4:], "fsp": _S, "crd": _S[4:], "ft": _S[4:]},
 }
+_LAST_BLOCK = {"resnet20": 2, "resnet56": 8, "resnet32": 4, "resnet110": 17, "resnet8x4": 0, "resnet32x4": 4}  # (depth-2)/6 - 1
+_VGG_PREACT = {"vgg8": 1, "vgg13": 4}   # index of the last BN in each VGG block (one / two convs per block)
+
+
+def _ab_features(arch: str) -> list:
+    if arch in _VGG_PREACT:
+        return [f"trunk.stages.{i}.block.{_VGG_PREACT[arch]}" for i in range(1, 5)]
+    return [f"trunk.stages.{i}.{_LAST_BLOCK[arch]}.preact" for i in range(3)]
+
+
+CIFAR100_FEATURE_METHOD = {"crd_kd": "crd"}   # the feature loss of a combined experiment
+CIFAR100_UNSHIPPED = {("wrn_40_2_wrn_16_2", "ab")}
 # Methods shipped for resnet32x4 -> resnet8x4 only, with their papers' recipes:
 # kd_ls / dkd_ls: sunshangquan/logit-standardization-KD@f6e5aa5 README.md L57 / L66 (--logit-stand --base-temp 2
 #   --kd-weight 9), tools/train.py L102-104, L110-118, their engine/cfg.py L64 (KD CE 0.1), L164-168 (DKD CE 1,
@@ -424,15 +458,18 @@ CIFAR100_EXTRA_LOSS = {
     "dist": {"task_weight": 1.0, "dist.weight": 2.0, "dist.beta": 1.0, "dist.gamma": 1.0, "dist.tau": 4.0},
     "reviewkd": {"task_weight": 1.0, "reviewkd.weight": 5.0, "reviewkd.warmup_epochs": 20.0},
 }
-CIFAR100_LOSS_GROUP = {"kd_ls": "kd", "dkd_ls": "dkd"}   # the loss option an experiment's method uses
+# the loss options an experiment's method uses
+CIFAR100_LOSS_GROUP = {"kd_ls": ["kd"], "dkd_ls": ["dkd"], "crd_kd": ["crd", "kd"]}
 CIFAR100_LOSS.update(CIFAR100_FEATURE_LOSS)
 CIFAR100_LOSS.update(CIFAR100_EXTRA_LOSS)
 CIFAR100_EXPERIMENTS = [f"cifar100_{pair}_{method}" for pair in CIFAR100_PAIRS for method in CIFAR100_LOSS
-                        if method not in CIFAR100_EXTRA_LOSS or pair == "resnet32x4_resnet8x4"]
+                        if (method not in CIFAR100_EXTRA_LOSS or pair == "resnet32x4_resnet8x4")
+                        and (pair, method) not in CIFAR100_UNSHIPPED]
 
 # Published top-1 (fractions) and the epoch each paper reports, typed in from the sources:
 # CRD Table 1 = HobbitLong/RepDistiller README.md L79 (teacher / student), L80 (KD), L81 FitNet, L82 AT, L83 SP,
-# L84 CC, L85 VID, L86 RKD, L87 PKT, L90 FSP, L91 NST (last epoch: train_teacher.py L162, issue #16);
+# L84 CC, L85 VID, L86 RKD, L87 PKT, L88 AB, L89 FT, L90 FSP, L91 NST, L92 CRD (last epoch: train_teacher.py L162,
+# issue #16); CRD+KD: CRD Table 1, a row RepDistiller's README lacks, = alldbi/SuperMix@d63d25a README.md L129;
 # DKD: megvii-research/mdistiller README.md L52-55 (best test epoch, issue #30); logit standardisation and
 # CTKD: sunshangquan/logit-standardization-KD README.md L90 (KD+Ours), L91 (CTKD), L94 (DKD+Ours);
 # DIST: hunto/DIST_KD README.md L97; ReviewKD: Chen et al. CVPR 2021 (via paperswithcode; no README lists it).
@@ -444,6 +481,8 @@ _CRD_ROWS = {   # README table 1 columns wrn-40-2/wrn-16-2, resnet56/20, resnet1
     "cc": (73.56, 69.63, 71.48, 72.97, 70.71), "vid": (74.11, 70.38, 72.61, 73.09, 71.23),
     "rkd": (73.35, 69.61, 71.82, 71.90, 71.48), "pkt": (74.54, 70.34, 72.61, 73.64, 72.88),
     "fsp": (72.91, 69.95, 71.89, 72.62, 70.23), "nst": (73.68, 69.60, 71.96, 73.30, 71.53),
+    "ab": (72.50, 69.47, 70.98, 73.17, 70.94), "ft": (73.25, 69.84, 72.37, 72.86, 70.58),
+    "crd": (75.48, 71.16, 73.48, 75.51, 73.94), "crd_kd": (75.64, 71.63, 73.75, 75.46, 74.29),
 }
 _BEST = {   # papers that report the best test epoch
     "dkd": dict(zip(_CRD_COLUMNS, (76.23, 71.97, 74.11, 76.32, 74.68))),
@@ -489,14 +528,19 @@ def test_cifar100_experiment_is_the_official_recipe(name, hydra_compose):
     wrong += [f"data.{m}" for m in _differences(cfg["data"], CIFAR100_DATA)]
     wrong += _differences(cfg, CIFAR100_PROTOCOL)
     expected_loss = dict(CIFAR100_LOSS[method], **({"dkd.beta": beta} if method == "dkd" else {}))
+    expected_loss.update(CIFAR100_PAIR_LOSS.get((pair, method), {}))
     if method in CIFAR100_FEATURE_LOSS:
         family = "wrn" if teacher.startswith("wrn") else "vgg" if teacher.startswith("vgg") else "resnet"
-        positions = CIFAR100_FEATURES[family][method]
-        expected_loss.update({f"{method}.student": positions, f"{method}.teacher": positions})
+        feature = CIFAR100_FEATURE_METHOD.get(method, method)
+        if feature == "ab":
+            expected_loss.update({"ab.student": _ab_features(student), "ab.teacher": _ab_features(teacher)})
+        else:
+            positions = CIFAR100_FEATURES[family][feature]
+            expected_loss.update({f"{feature}.student": positions, f"{feature}.teacher": positions})
     wrong += [f"loss.{m}" for m in _differences(cfg["loss"], expected_loss)]
-    group = CIFAR100_LOSS_GROUP.get(method, method)
+    groups = sorted(CIFAR100_LOSS_GROUP.get(method, [method]))
     methods = sorted(k for k, v in cfg["loss"].items() if k != "task_weight" and v is not None)
-    wrong += [] if methods == ([] if method == "vanilla" else [group]) else [f"loss methods {methods}"]
+    wrong += [] if methods == ([] if method == "vanilla" else groups) else [f"loss methods {methods}"]
     if (cfg["teacher"]["arch"], cfg["student"]["arch"]) != (teacher, student):
         wrong.append(f"pair {cfg['teacher']['arch']} -> {cfg['student']['arch']}")
     assert not wrong, f"{name} differs from the official recipe: " + "; ".join(wrong)

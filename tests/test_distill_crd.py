@@ -506,7 +506,9 @@ def test_cli_train_with_the_method(loss, methods, extra, workdir, shared_cache):
 def test_cli_refuses_a_k_the_split_cannot_give(workdir, shared_cache):
     from conftest import assert_one_line_error
 
-    proc = run_kdmtl(["train", "loss=crd", *FAST, f"hydra.run.dir={workdir / 'run'}"], workdir, shared_cache)
+    # set on the command line, so debug=fast (which shrinks nce_k to a quarter of its split) leaves it
+    proc = run_kdmtl(["train", "loss=crd", "loss.crd.nce_k=16384", *FAST, f"hydra.run.dir={workdir / 'run'}"],
+                     workdir, shared_cache)
     assert_one_line_error(proc, "loss.crd.nce_k (16384) exceeds")
 
 

@@ -291,13 +291,14 @@ def test_cli_resume_after_the_first_main_epoch_equals_the_straight_run(workdir, 
     assert log.count("[init ft] epoch 30/30") == 1 and "init stage of ft: skipped" in log, log[-3000:]
 
 
-def test_debug_fast_shrinks_init_stages_unless_the_command_line_sets_them():
+def test_debug_fast_shrinks_init_stages_and_crd_negatives_unless_the_command_line_sets_them():
     from kdmtl_cli.commands.train import apply_debug
 
     def config(init_epochs):
         return OmegaConf.create({
             "debug": {"epochs": 1, "max_batches": 2, "train_size": 128, "val_size": 64, "test_size": 64},
-            "loss": {"task_weight": 1.0, "fsp": {"init_epochs": init_epochs}, "kd": {"weight": 0.5}},
+            "loss": {"task_weight": 1.0, "fsp": {"init_epochs": init_epochs}, "kd": {"weight": 0.5},
+                     "crd": {"nce_k": 16384}},
             "data": {"val_size": 1000, "train_size": 4000, "test_size": 2000}, "test": {"average_last_epochs": 0},
             "optim": {"epochs": 6}, "teacher": {"optim": {"epochs": 8}},
             "limit_train_batches": None, "limit_eval_batches": None})
@@ -306,3 +307,5 @@ def test_debug_fast_shrinks_init_stages_unless_the_command_line_sets_them():
     assert apply_debug(config(0)).loss.fsp.init_epochs == 0          # no init stage stays none
     assert apply_debug(config(3), ["loss.fsp.init_epochs=3"]).loss.fsp.init_epochs == 3
     assert "init_epochs" not in apply_debug(config(30)).loss.kd
+    assert apply_debug(config(30)).loss.crd.nce_k == 128 // 4                 # CRD's negatives fit the split
+    assert apply_debug(config(30), ["loss.crd.nce_k=16384"]).loss.crd.nce_k == 16384

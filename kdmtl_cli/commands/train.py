@@ -23,8 +23,8 @@ from kdmtl_cli.schema import train_schema, validate
 
 
 def apply_debug(cfg: DictConfig, overrides=()) -> DictConfig:
-    """`debug=fast`: one epoch of a few batches on small splits (and init stages of at most that many
-    epochs), for any experiment.
+    """`debug=fast`: one epoch of a few batches on small splits (init stages of at most that many epochs,
+    CRD with at most a quarter of the small training split as negatives), for any experiment.
     Values the user set on the command line win over the debug values."""
     if cfg.debug is None:
         return cfg
@@ -35,9 +35,13 @@ def apply_debug(cfg: DictConfig, overrides=()) -> DictConfig:
     shrink = {"optim.epochs": d.epochs, "teacher.optim.epochs": d.epochs,
               "limit_train_batches": d.max_batches, "limit_eval_batches": d.max_batches,
               "data.train_size": d.train_size, "data.val_size": d.val_size, "data.test_size": d.test_size}
-    for name, node in (cfg.get("loss") or {}).items():   # an init stage (ab, ft, fsp) shrinks like the epochs
-        if isinstance(node, DictConfig) and int(node.get("init_epochs", 0) or 0) > d.epochs:
+    for name, node in (cfg.get("loss") or {}).items():   # an init stage (ab, ft, fsp) shrinks like the epochs,
+        if not isinstance(node, DictConfig):               # CRD's negatives like the training split
+            continue
+        if int(node.get("init_epochs", 0) or 0) > d.epochs:
             shrink[f"loss.{name}.init_epochs"] = d.epochs
+        if int(node.get("nce_k", 0) or 0) > d.train_size // 4:
+            shrink[f"loss.{name}.nce_k"] = d.train_size // 4
     if cfg.data.val_size == 0:                     # no validation split stays none
         shrink.pop("data.val_size")
     if cfg.test.average_last_epochs:               # the mean over at most the epochs run
