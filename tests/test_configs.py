@@ -406,6 +406,18 @@ CIFAR100_FEATURE_LOSS = {
 }
 # The init-stage lr RepDistiller gives students outside its ResNet / WRN list (helper/pretrain.py L22-27).
 CIFAR100_PAIR_LOSS = {("vgg13_vgg8", "ft"): {"ft.init_lr": None}}
+# Logit standardisation's per-pair runs: sunshangquan/logit-standardization-KD@f6e5aa5 README.md L90 (KD+Ours) / L94
+# (DKD+Ours) link one log per pair, named KD_TYPE,TEACHER,STUDENT,BASE_TEMPERATURE,KD_WEIGHT[,BETA] (L83); tools/train.py
+# L113-114 (KD: weight, T), L116-118 (DKD: alpha = 1 x weight, beta = BETA x weight, T). KD+Ours: only vgg13 -> vgg8
+# differs from the resnet32x4 recipe (logs/KD/kd,vgg13,vgg8,3,9.txt: T 3). DKD+Ours: logs/DKD/dkd,resnet56,resnet20,3,18,2.0,
+# dkd,resnet110,resnet32,2,15,2.0, dkd,wrn_40_2,wrn_16_2,2,12,2.0, dkd,vgg13,vgg8,2,15,2.0.
+CIFAR100_PAIR_LOSS.update({
+    ("vgg13_vgg8", "kd_ls"): {"kd.temperature": 3.0},
+    ("resnet56_resnet20", "dkd_ls"): {"dkd.alpha": 18.0, "dkd.beta": 36.0, "dkd.temperature": 3.0},
+    ("resnet110_resnet32", "dkd_ls"): {"dkd.alpha": 15.0, "dkd.beta": 30.0, "dkd.temperature": 2.0},
+    ("wrn_40_2_wrn_16_2", "dkd_ls"): {"dkd.alpha": 12.0, "dkd.beta": 24.0, "dkd.temperature": 2.0},
+    ("vgg13_vgg8", "dkd_ls"): {"dkd.alpha": 15.0, "dkd.beta": 30.0, "dkd.temperature": 2.0},
+})
 # Where each method reads its features (RepDistiller helper/loops.py L125-170: hint feat[2] (train_student.py
 # L88 --hint_layer 2), AT / NST / VID feat[1:-1], SP feat[-2], CC / RKD / PKT feat[-1] (pooled), FSP feat[:-1]
 # (train_student.py L255)) in kdmtl's trunks: ResNet (models/resnet.py) f0 = stem, f1..f3 = trunk.stages.0..2;
@@ -439,7 +451,8 @@ def _ab_features(arch: str) -> list:
 
 CIFAR100_FEATURE_METHOD = {"crd_kd": "crd"}   # the feature loss of a combined experiment
 CIFAR100_UNSHIPPED = {("wrn_40_2_wrn_16_2", "ab")}
-# Methods shipped for resnet32x4 -> resnet8x4 only, with their papers' recipes:
+# Methods from later papers, with their recipes for resnet32x4 -> resnet8x4 (the other pairs: CIFAR100_EXTRA_PAIRS below,
+# their per-pair settings CIFAR100_PAIR_LOSS above):
 # kd_ls / dkd_ls: sunshangquan/logit-standardization-KD@f6e5aa5 README.md L57 / L66 (--logit-stand --base-temp 2
 #   --kd-weight 9), tools/train.py L102-104, L110-118, their engine/cfg.py L64 (KD CE 0.1), L164-168 (DKD CE 1,
 #   alpha 1, beta 8, warm-up 20: alpha and beta times 9);
@@ -462,8 +475,14 @@ CIFAR100_EXTRA_LOSS = {
 CIFAR100_LOSS_GROUP = {"kd_ls": ["kd"], "dkd_ls": ["dkd"], "crd_kd": ["crd", "kd"]}
 CIFAR100_LOSS.update(CIFAR100_FEATURE_LOSS)
 CIFAR100_LOSS.update(CIFAR100_EXTRA_LOSS)
+# The pairs each of those methods' authors publish a CIFAR-100 number for (README tables / logs): logit
+# standardisation README.md L87-94 (every pair); CTKD README.md L40-43 (all but resnet32x4 -> resnet8x4, which
+# logit-standardization-KD README.md L91 adds); DIST_KD README.md L93-100 (resnet56 -> resnet20 and
+# resnet32x4 -> resnet8x4 only); ReviewKD: no README or log of ReviewKD / mdistiller gives one (resnet32x4 only).
+CIFAR100_EXTRA_PAIRS = {"kd_ls": set(CIFAR100_PAIRS), "dkd_ls": set(CIFAR100_PAIRS), "ctkd": set(CIFAR100_PAIRS),
+                        "dist": {"resnet32x4_resnet8x4", "resnet56_resnet20"}, "reviewkd": {"resnet32x4_resnet8x4"}}
 CIFAR100_EXPERIMENTS = [f"cifar100_{pair}_{method}" for pair in CIFAR100_PAIRS for method in CIFAR100_LOSS
-                        if (method not in CIFAR100_EXTRA_LOSS or pair == "resnet32x4_resnet8x4")
+                        if pair in CIFAR100_EXTRA_PAIRS.get(method, CIFAR100_PAIRS)
                         and (pair, method) not in CIFAR100_UNSHIPPED]
 
 # Published top-1 (fractions) and the epoch each paper reports, typed in from the sources:
@@ -473,6 +492,9 @@ CIFAR100_EXPERIMENTS = [f"cifar100_{pair}_{method}" for pair in CIFAR100_PAIRS f
 # DKD: megvii-research/mdistiller README.md L52-55 (best test epoch, issue #30); logit standardisation and
 # CTKD: sunshangquan/logit-standardization-KD README.md L90 (KD+Ours), L91 (CTKD), L94 (DKD+Ours);
 # DIST: hunto/DIST_KD README.md L97; ReviewKD: Chen et al. CVPR 2021 (via paperswithcode; no README lists it).
+# The other pairs: logit-standardization-KD README.md L90 (KD+Ours), L94 (DKD+Ours); CTKD: zhengli97/CTKD@7d52522
+# README.md L40 (columns RN-56/RN-20, RN-110/RN-32, RN-110/RN-20, WRN-40-2/WRN-16-2, WRN-40-1, VGG-13/VGG-8), L43 (+CTKD);
+# DIST: DIST_KD README.md L96 (ResNet-20 from ResNet-56).
 _CRD_COLUMNS = ("wrn_40_2_wrn_16_2", "resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "vgg13_vgg8")
 _CRD_ROWS = {   # README table 1 columns wrn-40-2/wrn-16-2, resnet56/20, resnet110/32, resnet32x4/8x4, vgg13/vgg8
     "teacher": (75.61, 72.34, 74.31, 79.42, 74.64), "vanilla": (73.26, 69.06, 71.14, 72.50, 70.36),
@@ -486,8 +508,10 @@ _CRD_ROWS = {   # README table 1 columns wrn-40-2/wrn-16-2, resnet56/20, resnet1
 }
 _BEST = {   # papers that report the best test epoch
     "dkd": dict(zip(_CRD_COLUMNS, (76.23, 71.97, 74.11, 76.32, 74.68))),
-    "kd_ls": {"resnet32x4_resnet8x4": 76.62}, "dkd_ls": {"resnet32x4_resnet8x4": 77.01},
-    "ctkd": {"resnet32x4_resnet8x4": 73.39}, "dist": {"resnet32x4_resnet8x4": 76.31},
+    "kd_ls": dict(zip(_CRD_COLUMNS, (76.11, 71.43, 74.17, 76.62, 74.36))),
+    "dkd_ls": dict(zip(_CRD_COLUMNS, (76.39, 72.32, 74.29, 77.01, 74.81))),
+    "ctkd": dict(zip(_CRD_COLUMNS, (75.45, 71.19, 73.52, 73.39, 73.52))),
+    "dist": {"resnet32x4_resnet8x4": 76.31, "resnet56_resnet20": 71.75},
     "reviewkd": {"resnet32x4_resnet8x4": 75.63},
 }
 CIFAR100_PUBLISHED = {(pair, method): (round(values[i] / 100, 4), "last")

@@ -83,30 +83,8 @@ class OfficialABLoss(nn.Module):
         return torch.abs(loss).sum()
 
 
-# models/util.py ConvReg
-class OfficialConvReg(nn.Module):
-    def __init__(self, s_shape, t_shape, use_relu=True):
-        super().__init__()
-        self.use_relu = use_relu
-        s_N, s_C, s_H, s_W = s_shape
-        t_N, t_C, t_H, t_W = t_shape
-        if s_H == 2 * t_H:
-            self.conv = nn.Conv2d(s_C, t_C, kernel_size=3, stride=2, padding=1)
-        elif s_H * 2 == t_H:
-            self.conv = nn.ConvTranspose2d(s_C, t_C, kernel_size=4, stride=2, padding=1)
-        elif s_H >= t_H:
-            self.conv = nn.Conv2d(s_C, t_C, kernel_size=(1+s_H-t_H, 1+s_W-t_W))
-        else:
-            raise NotImplementedError('student size {}, teacher size {}'.format(s_H, t_H))
-        self.bn = nn.BatchNorm2d(t_C)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.use_relu:
-            return self.relu(self.bn(x))
-        else:
-            return self.bn(x)
+# models/util.py ConvReg: the transcription in tests/test_official_distill.py (FitNet's regressor)
+from test_official_distill import OfficialConvReg  # noqa: E402
 
 
 # models/util.py Connector

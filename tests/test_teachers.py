@@ -96,7 +96,8 @@ def test_teacher_mode_errors(workdir, shared_cache):
         (["teacher=per_task", "teacher.checkpoint=/x.pt"], "teacher.checkpoints.<task>"),
         (["teacher.checkpoints.seg=/x.pt"], "teacher=per_task"),
         (["teacher=per_task", "teacher.tasks=[seg]", "teacher.checkpoints.depth=/x.pt"], "does not cover"),
-        (["teacher.mode=ensemble"], "multitask or per_task"),
+        (["teacher.mode=bagging"], "multitask, per_task or ensemble"),
+        (["teacher.mode=ensemble"], "at least two teachers"),      # teacher=ensemble lists two members
         # an unknown teacher task is named before any method looks it up
         (["teacher.tasks=[foo]", "loss=dkd"], "teacher.tasks names foo"),
     ]
