@@ -16,6 +16,7 @@ from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.objective import Objective, check_student_modules, ensemble_groups, preflight
 from kdmtl_cli.distill.weights import per_task_weights
 from kdmtl_cli.engine.checkpoint import atomic_write_text, discard_partial_writes, load_checkpoint
+from kdmtl_cli.engine.init_stage import check_init_stages
 from kdmtl_cli.resume import recorded_config
 import torch
 
@@ -250,6 +251,7 @@ def _run_training(cfg: DictConfig, run_dir: Path, resume: bool, ranks) -> Option
                             members=len(cfg.teacher.members) if ensemble else 0)
     for method in methods:
         method.bind_data(data)
+    check_init_stages(methods, ranks)   # before any teacher is trained
     per_task_weights(cfg.loss.task_weight, tasks, "loss.task_weight")  # checked before any training
     has_val = data.size("val") > 0        # data.val_size=0: the whole training split, no selection on val
     check_monitor(cfg.checkpoint.monitor, tasks, has_val)

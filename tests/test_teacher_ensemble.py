@@ -201,3 +201,11 @@ def test_an_ensemble_run_resumes_exactly(workdir, shared_cache):
     assert any(k.startswith("fitnet:t1.") for k in a["objective"])
     for part in ("model", "objective"):
         assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+
+def test_an_init_stage_with_an_ensemble_is_refused_before_any_teacher_is_trained(workdir, tmp_path):
+    cache = tmp_path / "cache"
+    proc = run_kdmtl(["train", "loss=ab", "teacher=ensemble", *FAST, f"hydra.run.dir={workdir / 'run'}"],
+                     workdir, cache)
+    assert_one_line_error(proc, "init stage of loss.ab", "teacher=ensemble", "loss.ab.init_epochs=0")
+    assert not (cache / "teachers").exists()

@@ -41,6 +41,17 @@ def has_init_stage(methods) -> bool:
     return any(m.init_epochs() > 0 for m in methods)
 
 
+def check_init_stages(methods, ranks) -> None:
+    """Refuse, in one line, the init stages kdmtl cannot run yet (called before any work too)."""
+    methods = [m for m in methods if m.init_epochs() > 0]
+    if any(getattr(m, "member", None) is not None for m in methods):
+        raise KdmtlError(f"the init stage of loss.{methods[0].name} is not supported with teacher=ensemble yet; "
+                         f"set loss.{methods[0].name}.init_epochs=0")
+    if methods and ranks.active:
+        raise KdmtlError(f"the init stage of loss.{methods[0].name} is not supported with several processes yet; "
+                         f"run on one process or set loss.{methods[0].name}.init_epochs=0")
+
+
 def _drop_init_records(run_dir: Path) -> None:
     """metrics.jsonl without the records of an init stage that was stopped before it ended."""
     from kdmtl_cli.engine.checkpoint import atomic_write_text
@@ -71,12 +82,7 @@ def run_init_stages(objective, student: torch.nn.Module, loader, hardware, cfg, 
         say(progress_mode, f"init stage of {', '.join(m.name for m in methods)}: skipped (the checkpoint "
                            "resumed holds its result)")
         return
-    if any(getattr(m, "member", None) is not None for m in methods):
-        raise KdmtlError(f"the init stage of loss.{methods[0].name} is not supported with teacher=ensemble yet; "
-                         f"set loss.{methods[0].name}.init_epochs=0")
-    if ranks.active:
-        raise KdmtlError(f"the init stage of loss.{methods[0].name} is not supported with several processes yet; "
-                         f"run on one process or set loss.{methods[0].name}.init_epochs=0")
+    check_init_stages(methods, ranks)
     log = MetricsLog(run_dir, tensorboard=False) if ranks.is_main else None
     if log is not None:
         _drop_init_records(run_dir)
