@@ -68,6 +68,15 @@ def build_method(method_cls, settings, name: str, tasks: dict, teacher_tasks: It
     return method_cls(settings_from_yaml(settings, name, **overrides), tasks, list(teacher_tasks))
 
 
+def assert_same_terms(method, other, student_features: dict, teacher_features: dict) -> None:
+    """Both methods (e.g. one restored from the other's state) give bit-identical terms on these features."""
+    batch = ({"features": student_features}, {"features": teacher_features}, {}, {})
+    ours, theirs = method(*batch), other(*batch)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
 # ================================================================ through the real CLI
 def cli_terms(run_dir: Path, prefix: str) -> dict:
     """Every `<prefix>/` metric of a run's metrics.jsonl (the last value of each)."""

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from scipy.stats import norm
 
-from distill_checks import (assert_terms_logged, build_method, loss_yaml, randn, record_diff, resume_equals_straight,
-                            settings_from_yaml, train_logs_finite_terms)
+from distill_checks import (assert_same_terms, assert_terms_logged, build_method, loss_yaml, randn, record_diff,
+                            resume_equals_straight, settings_from_yaml, train_logs_finite_terms)
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.ofd import OFDConfig, OverhaulFeatureDistillation, margins_from_bn, ofd_loss
 from kdmtl_cli.errors import KdmtlError
@@ -282,6 +282,17 @@ def test_connectors_start_as_build_feature_connector():
 
 
 # ================================================================ value and gradients
+def _prepared(teacher, s_feats, t_feats):
+    """kdmtl's ofd set up on these features (float64, random connector weights), the official connectors
+    with the same weights, and the official margins read from the teacher's BNs."""
+    method = _method(teacher)
+    method.setup(s_feats, t_feats)
+    method.modules.double()
+    _randomise(method)
+    modules = dict(teacher.named_modules())
+    return method, _officials(method), [official_margin_buffer(modules[bn]) for bn in TEACHER_BN]
+
+
 @pytest.mark.parametrize("s_channels, t_channels, sizes", [
     ((4, 8, 16), (4, 8, 16), (8, 4, 2)),       # same widths
     ((3, 5, 7), (4, 8, 16), (8, 4, 2)),        # narrower student
@@ -290,13 +301,7 @@ def test_connectors_start_as_build_feature_connector():
 def test_ofd_equals_clovaai(s_channels, t_channels, sizes):
     teacher = _convnet_teacher()
     s_feats, t_feats = _features(5, s_channels, t_channels, sizes, sizes, seed=20)
-    method = _method(teacher)
-    method.setup(s_feats, t_feats)
-    method.modules.double()
-    _randomise(method)
-    connectors = _officials(method)
-    modules = dict(teacher.named_modules())
-    margins = [official_margin_buffer(modules[bn]) for bn in TEACHER_BN]
+    method, connectors, margins = _prepared(teacher, s_feats, t_feats)
     for term, margin in zip(method.terms, margins):
         record("margin buffer (clovaai Distiller margin<i>)", method.modules[term.key].margin, margin)
     terms, total = _terms_and_total(method, s_feats, t_feats)     # connector BNs in train mode, as the official
@@ -337,13 +342,7 @@ def test_ofd_pools_the_teacher_and_takes_a_kernel_as_mdistiller(kernel, s_size, 
 def test_ofd_gradients_reach_the_student_and_the_connector_as_clovaai():
     teacher = _convnet_teacher(seed=2)
     s_feats, t_feats = _features(4, (3, 5, 7), (4, 8, 16), (6, 3, 2), (6, 3, 2), seed=60)
-    method = _method(teacher)
-    method.setup(s_feats, t_feats)
-    method.modules.double()
-    _randomise(method)
-    connectors = _officials(method)
-    modules = dict(teacher.named_modules())
-    margins = [official_margin_buffer(modules[bn]) for bn in TEACHER_BN]
+    method, connectors, margins = _prepared(teacher, s_feats, t_feats)
     ours_in = {n: v.clone().requires_grad_() for n, v in s_feats.items()}
     theirs_in = {n: v.clone().requires_grad_() for n, v in s_feats.items()}
     _, total = _terms_and_total(method, ours_in, t_feats)
@@ -503,10 +502,7 @@ def test_connectors_are_trained_and_a_state_dict_restores_them():
     fresh.setup(s_feats, t_feats)
     fresh.modules.load_state_dict(state)
     method.modules.eval(), fresh.modules.eval()
-    batch = ({"features": s_feats}, {"features": t_feats}, {}, {})
-    ours, restored = method(*batch), fresh(*batch)
-    for name in ours:
-        assert torch.equal(ours[name], restored[name]), name
+    assert_same_terms(method, fresh, s_feats, t_feats)
 
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])

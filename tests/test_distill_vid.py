@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from distill_checks import (assert_terms_logged, build_method, loss_yaml, randn, record_diff, resume_equals_straight,
-                            settings_from_yaml, train_logs_finite_terms)
+from distill_checks import (assert_same_terms, assert_terms_logged, build_method, loss_yaml, randn, record_diff,
+                            resume_equals_straight, settings_from_yaml, train_logs_finite_terms)
 from kdmtl_cli.distill import build_methods, method_names
 from kdmtl_cli.distill.vid import VariationalInformationDistillation, VIDConfig, vid_loss
 from kdmtl_cli.errors import KdmtlError
@@ -245,10 +245,7 @@ def test_learned_parts_are_trained_and_a_state_dict_restores_them():
     fresh.modules.load_state_dict(state)
     for key, value in fresh.modules.state_dict().items():
         assert torch.equal(value, state[key]), key
-    batch = ({"features": s_feats}, {"features": t_feats}, {}, {})
-    ours, restored = method(*batch), fresh(*batch)
-    for name in ours:
-        assert torch.equal(ours[name], restored[name]), name
+    assert_same_terms(method, fresh, s_feats, t_feats)
 
 
 # ================================================================ precision
