@@ -40,7 +40,7 @@ from kdmtl_cli.distill.fsp import FlowOfSolutionProcedure, FSPConfig
 from kdmtl_cli.distill.ft import FactorTransfer, FTConfig
 from kdmtl_cli.distill.objective import Objective
 from kdmtl_cli.engine.distributed import Ranks
-from kdmtl_cli.engine.init_stage import run_init_stages
+from kdmtl_cli.engine.init_stage import check_init_stages, run_init_stages
 from kdmtl_cli.models import build_model
 
 ATOL = 1e-9
@@ -233,7 +233,7 @@ def test_init_stage_refuses_several_processes_in_one_line(tmp_path):
 
     objective, method, student, teacher, loader = _setup("fsp", student_width=32)
     with pytest.raises(KdmtlError, match="init stage of loss.fsp is not supported with several processes"):
-        run_init_stages(objective, student, loader, HARDWARE, _cfg(), tmp_path, False, Ranks(rank=0, world=2))
+        check_init_stages(objective.methods, Ranks(rank=0, world=2))   # run.py, before any teacher is trained
     objective, method, student, teacher, loader = _setup("fsp", student_width=32, init_epochs=0)
     before = _state(student)
     run_init_stages(objective, student, loader, HARDWARE, _cfg(), tmp_path, False, Ranks(rank=0, world=2))

@@ -37,14 +37,10 @@ from kdmtl_cli.engine.logging import MetricsLog, say
 from kdmtl_cli.errors import KdmtlError
 
 
-def has_init_stage(methods) -> bool:
-    return any(m.init_epochs() > 0 for m in methods)
-
-
 def check_init_stages(methods, ranks) -> None:
     """Refuse, in one line, the init stages kdmtl cannot run yet (called before any work too)."""
     methods = [m for m in methods if m.init_epochs() > 0]
-    if any(getattr(m, "member", None) is not None for m in methods):
+    if any(m.member is not None for m in methods):
         raise KdmtlError(f"the init stage of loss.{methods[0].name} is not supported with teacher=ensemble yet; "
                          f"set loss.{methods[0].name}.init_epochs=0")
     if methods and ranks.active:
@@ -73,7 +69,8 @@ def _drop_init_records(run_dir: Path) -> None:
 def run_init_stages(objective, student: torch.nn.Module, loader, hardware, cfg, run_dir: Path,
                     resume: bool, ranks) -> None:
     """Each method's init stage, in config order (see the module docstring); nothing when none has
-    one or when the run resumes from a checkpoint of its main stage."""
+    one or when the run resumes from a checkpoint of its main stage. What it cannot run was refused
+    by check_init_stages before any work (run.py)."""
     methods = [m for m in objective.methods if m.init_epochs() > 0]
     if not methods:
         return
@@ -82,7 +79,6 @@ def run_init_stages(objective, student: torch.nn.Module, loader, hardware, cfg, 
         say(progress_mode, f"init stage of {', '.join(m.name for m in methods)}: skipped (the checkpoint "
                            "resumed holds its result)")
         return
-    check_init_stages(methods, ranks)
     log = MetricsLog(run_dir, tensorboard=False) if ranks.is_main else None
     if log is not None:
         _drop_init_records(run_dir)
