@@ -153,6 +153,8 @@ class Objective:
         members = {m.member for m in self.methods if m.member is not None}
         self.member_share = 1.0 / len(members) if members else 1.0
         self.extra_groups = ensemble_groups(self.methods, balance)
+        # the methods with terms in the main training (ab and fsp train only in their init stage)
+        self.main_methods = [m for m in self.methods if m.adds_main_terms()]
         self.progress = {"fraction": 0.0, "epoch": 0.0}
         self.cache = None                 # a TeacherOutputCache, set by the run when teacher.cache is on
         if self.methods and teacher is None:
@@ -224,14 +226,13 @@ class Objective:
         for name in self.extra_groups:
             groups[name] = None
         extra = None
-        methods = [m for m in self.methods if m.adds_main_terms()]
-        if methods:
+        if self.main_methods:
             if self.cache is not None and self.cache.covers(batch):
                 teacher_out = self.cache.teacher_outputs(batch)
             else:
                 with torch.no_grad():
                     teacher_out = self.teacher(batch["image"])
-            for method in methods:
+            for method in self.main_methods:
                 answer = teacher_answer(teacher_out, method)
                 share = 1.0 if method.member is None else self.member_share
                 for name, value in method(student_out, answer, batch, self.progress).items():
